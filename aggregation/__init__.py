@@ -1,0 +1,1 @@
+"""Pure functions from client updates (named numpy arrays) to a global update."""

@@ -1,0 +1,1 @@
+"""The edge client: Flower ClientApp that trains on local data and returns low-rank updates."""

@@ -1,0 +1,1 @@
+"""The coordinator: Flower ServerApp, strategy, central evaluation and results."""

@@ -1,0 +1,1 @@
+"""Offsite emulators: compressed stand-ins of the backbone with trainable adapters."""

@@ -1,0 +1,1 @@
+"""Wire format: named tensors, update codecs and artifact manifests."""
