@@ -1,0 +1,95 @@
+"""The Fedsite ClientApp: thin Flower handlers around the kernel's training and evaluation.
+
+Both handlers read the run's configuration from the message (the coordinator decides what
+each client does), the client's own data from its node config, and never send data back:
+only LoRA arrays and metrics leave the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from finetune.cache import lora_model
+from finetune.config import FedsiteConfig, from_mapping
+from finetune.evaluate import evaluate
+from finetune.lora import get_lora_arrays, set_lora_arrays
+from finetune.sources import client_splits
+from finetune.train import TrainSettings, train
+from protos.tensors import from_array_record, nbytes, to_array_record
+
+log = logging.getLogger("fedsite.client")
+
+app = ClientApp()
+
+ROUND_KEY = "server-round"
+
+
+def run_config_from(record: ConfigRecord) -> tuple[FedsiteConfig, int]:
+    """Split the message's ConfigRecord into the run config and the round number."""
+    values = dict(record)
+    server_round = int(values.pop(ROUND_KEY, 0))
+    return from_mapping(values), server_round
+
+
+def client_label(context: Context) -> str:
+    return str(context.node_config.get("partition-id", context.node_id))
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    """Load the global LoRA arrays, train locally, reply with the new arrays and metrics."""
+    config, server_round = run_config_from(msg.content["config"])
+    model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed)
+    set_lora_arrays(model, from_array_record(msg.content["arrays"]))
+    train_examples, _ = client_splits(config, context.node_config)
+    settings = TrainSettings(
+        steps=config.local_steps,
+        epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        max_seq_len=config.max_seq_len,
+        # a different data order every round and client, reproducible from the run seed
+        seed=zlib.crc32(f"{config.seed}/{server_round}/{client_label(context)}".encode()),
+    )
+    result = train(model, tokenizer, train_examples, settings)
+    arrays = get_lora_arrays(model)
+    log.info("client %s round %d: %d steps, loss %.3f, %.1fs", client_label(context), server_round, result.steps, result.final_loss, result.seconds)
+    metrics = MetricRecord(
+        {
+            "num-examples": result.examples,
+            "train-loss": result.loss,
+            "train-loss-final": result.final_loss,
+            "steps": result.steps,
+            "train-seconds": result.seconds,
+            "upload-bytes": nbytes(arrays),
+            "client-id": int(context.node_config.get("partition-id", -1)),
+        }
+    )
+    content = RecordDict({"arrays": to_array_record(arrays), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Loss and exact-match accuracy of the global adapter on this client's test split."""
+    started = time.perf_counter()
+    config, _ = run_config_from(msg.content["config"])
+    model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed)
+    set_lora_arrays(model, from_array_record(msg.content["arrays"]))
+    _, test_examples = client_splits(config, context.node_config)
+    test_examples = test_examples[: config.client_eval_examples]
+    metrics: dict[str, float | int] = {"num-examples": len(test_examples)}
+    if test_examples:
+        result = evaluate(model, tokenizer, test_examples, config.max_seq_len, config.max_new_tokens)
+        metrics.update({"eval-loss": result.loss, "eval-accuracy": result.accuracy})
+    metrics["eval-seconds"] = time.perf_counter() - started
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+

@@ -1,0 +1,131 @@
+"""The Fedsite strategy: Flower's FedAvg sampling, with validated, recorded LoRA aggregation.
+
+Every reply is checked against the current global arrays before it can reach the aggregate;
+a bad one is rejected with a reason in the round's metrics and the round goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from aggregation.fedavg import weighted_mean
+from coordinator.results import RunRecorder
+from protos.tensors import from_array_record, to_array_record
+
+log = logging.getLogger("fedsite.coordinator")
+
+
+def check_update(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> str | None:
+    """Why `update` cannot be aggregated with `reference`'s keys and shapes, or None."""
+    unknown = sorted(set(update) - set(reference))
+    missing = sorted(set(reference) - set(update))
+    if unknown:
+        return f"unknown key {unknown[0]}"
+    if missing:
+        return f"missing key {missing[0]}"
+    for key, ref in reference.items():
+        value = update[key]
+        if value.shape != ref.shape:
+            return f"{key}: shape {value.shape}, expected {ref.shape}"
+        if value.dtype != ref.dtype:
+            return f"{key}: dtype {value.dtype}, expected {ref.dtype}"
+        if not np.all(np.isfinite(value)):
+            return f"{key}: contains NaN or Inf"
+    return None
+
+
+class FedsiteStrategy(FedAvg):
+    """FedAvg over LoRA arrays, weighted by each client's number of training examples."""
+
+    def __init__(self, recorder: RunRecorder, *, fraction_train: float, fraction_evaluate: float, min_train_clients: int) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_clients,
+            min_evaluate_nodes=1 if fraction_evaluate > 0 else 0,
+            min_available_nodes=min_train_clients,
+        )
+        self.recorder = recorder
+        self._global: dict[str, np.ndarray] = {}
+        self._round_started = 0.0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._round_started = time.perf_counter()
+        self._global = from_array_record(arrays)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.recorder.record(sampled=len(messages))
+        log.info("round %d: training on %d clients", server_round, len(messages))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        started = time.perf_counter()
+        accepted: list[tuple[int, dict[str, np.ndarray], dict]] = []
+        rejected: list[dict] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            reason, update, metrics = self._read_reply(msg)
+            entry = {"round": server_round, "node_id": node, **{k.replace("-", "_"): v for k, v in metrics.items()}}
+            if reason is None:
+                accepted.append((node, update, metrics))
+                entry["status"] = "accepted"
+            else:
+                rejected.append({"node_id": node, "reason": reason})
+                entry.update(status="rejected", reason=reason)
+                log.warning("round %d: rejected update from node %d: %s", server_round, node, reason)
+            self.recorder.record_client(entry)
+
+        if not accepted:
+            log.warning("round %d: no valid update; the global adapter stays as it was", server_round)
+            self.recorder.record(contributors=[], rejected=rejected, upload_bytes=0, aggregation_seconds=0.0)
+            return None, None
+
+        weights = [float(m["num-examples"]) for _, _, m in accepted]
+        new_global = weighted_mean([u for _, u, _ in accepted], weights)
+        total = sum(weights)
+        train_loss = sum(float(m.get("train-loss", 0.0)) * w for (_, _, m), w in zip(accepted, weights)) / total
+        upload = int(sum(int(m.get("upload-bytes", 0)) for _, _, m in accepted))
+        self.recorder.record(
+            contributors=[node for node, _, _ in accepted],
+            rejected=rejected,
+            train_loss=train_loss,
+            train_examples=int(total),
+            upload_bytes=upload,
+            aggregation_seconds=time.perf_counter() - started,
+        )
+        log.info("round %d: aggregated %d updates (%d rejected), train loss %.3f", server_round, len(accepted), len(rejected), train_loss)
+        return to_array_record(new_global), MetricRecord({"train-loss": train_loss, "num-examples": int(total), "upload-bytes": upload})
+
+    def _read_reply(self, msg: Message) -> tuple[str | None, dict[str, np.ndarray], dict]:
+        """(reason or None, update, metrics) of one reply; never raises on a bad client."""
+        if msg.has_error():
+            return f"client error: {msg.error.reason}", {}, {}
+        try:
+            metrics = dict(msg.content["metrics"])
+            update = from_array_record(msg.content["arrays"])
+        except (KeyError, TypeError, ValueError) as err:
+            return f"malformed reply: {err}", {}, {}
+        examples = metrics.get("num-examples")
+        if not isinstance(examples, (int, float)) or not examples > 0:
+            return f"num-examples must be positive, got {examples!r}", update, metrics
+        return check_update(update, self._global), update, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = [m for m in replies if not m.has_error() and "eval-accuracy" in m.content["metrics"]]
+        if not replies:
+            return None
+        rows = [m.content["metrics"] for m in replies]
+        total = sum(float(r["num-examples"]) for r in rows)
+        accuracy = sum(float(r["eval-accuracy"]) * float(r["num-examples"]) for r in rows) / total
+        loss = sum(float(r["eval-loss"]) * float(r["num-examples"]) for r in rows) / total
+        self.recorder.record(federated_eval_accuracy=accuracy, federated_eval_loss=loss, federated_eval_clients=len(rows))
+        return MetricRecord({"eval-accuracy": accuracy, "eval-loss": loss})
+
+    def round_seconds(self) -> float:
+        return time.perf_counter() - self._round_started

@@ -1,0 +1,3 @@
+from fedsite.cli import main
+import sys
+sys.exit(main())

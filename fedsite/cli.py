@@ -1,0 +1,96 @@
+"""The `fedsite` command: argument parsing only; each subcommand calls into its package."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from finetune.config import ConfigError, FedsiteConfig, field_help, from_mapping, load_toml
+
+FIELD_HELP = {
+    "model": "backbone: 'smollm2' (embedded, default), 'tiny' (random Llama for tests) or a local model folder",
+    "lora-rank": "LoRA rank r",
+    "lora-alpha": "LoRA alpha (scaling = alpha / r)",
+    "lora-dropout": "LoRA dropout",
+    "lora-targets": "comma-separated module names that get LoRA",
+    "data": "'builtin' (generated task suite), a .jsonl file (instruction/input/output) or a datasets folder",
+    "train-per-task": "built-in suite: training examples per task family",
+    "test-per-task": "built-in suite: held-out examples per task family",
+    "test-fraction": "user data: share held out for evaluation",
+    "partitioning": "how data is split over clients: iid, dirichlet or shards",
+    "dirichlet-alpha": "Dirichlet concentration over task families (smaller = more skewed)",
+    "shards-per-client": "shards partitioning: shards dealt to each client",
+    "max-seq-len": "tokens per training example (prompt is cut from the left)",
+    "seed": "seed for data, partitions and LoRA initialisation",
+    "clients": "number of simulated clients",
+    "num-server-rounds": "federated rounds (alias --rounds)",
+    "fraction-train": "share of clients sampled for training each round",
+    "min-train-clients": "minimum clients sampled for training",
+    "fraction-evaluate": "share of clients sampled for federated evaluation (0 = central only)",
+    "round-timeout": "seconds to wait for client replies each round",
+    "local-steps": "optimizer steps per client per round",
+    "local-epochs": "if > 0, whole passes over the client's data instead of --local-steps",
+    "batch-size": "examples per local step",
+    "lr": "AdamW learning rate on clients",
+    "weight-decay": "AdamW weight decay",
+    "max-grad-norm": "gradient clipping norm (0 = off)",
+    "eval-examples": "held-out examples in the coordinator's evaluation",
+    "client-eval-examples": "test examples per client in federated evaluation",
+    "max-new-tokens": "tokens generated per answer in exact-match evaluation",
+    "out": "results folder (metrics.jsonl, adapter/, summary.md, ...)",
+    "workers": "simulation worker processes (each holds one backbone)",
+}
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per config field, generated from the dataclass so none is forgotten."""
+    for key, (default, kind) in field_help().items():
+        names = [f"--{key}"] + (["--rounds"] if key == "num-server-rounds" else [])
+        parser.add_argument(*names, dest=key, default=None, metavar=kind.upper(), help=f"{FIELD_HELP.get(key, key)} (default: {default})")
+    parser.add_argument("--config", metavar="TOML", help="experiment file whose keys are the options above; flags override it")
+
+
+def config_from_args(args: argparse.Namespace) -> FedsiteConfig:
+    base = load_toml(args.config) if args.config else FedsiteConfig()
+    values: dict[str, Any] = {key: getattr(args, key) for key in field_help() if getattr(args, key) is not None}
+    return from_mapping(values, base)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.runner import simulate
+
+    config = config_from_args(args)
+    out = simulate(config, verbose=args.verbose)
+    print(f"results: {out}  (metrics.jsonl, summary.md, curves.png, adapter/)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsite", description="Federated and offsite fine-tuning of language models on Flower.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    simulate = sub.add_parser(
+        "simulate",
+        help="run a federation of simulated clients on this machine",
+        description="Run a federated LoRA fine-tuning of the backbone with simulated clients (Flower simulation engine).",
+    )
+    add_config_options(simulate)
+    simulate.add_argument("--verbose", action="store_true", help="show Flower's debug logs")
+    simulate.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"fedsite: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

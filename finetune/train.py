@@ -1,0 +1,82 @@
+"""Local training: AdamW on the trainable parameters, gradient clipping, a fixed step budget."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from finetune.batches import batch_stream, encode_example
+from finetune.examples import Example
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 10
+    epochs: int = 0  # > 0: as many steps as `epochs` passes over the data take
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_seq_len: int = 128
+    seed: int = 0
+
+    def num_steps(self, num_examples: int) -> int:
+        if self.epochs > 0:
+            return self.epochs * math.ceil(num_examples / self.batch_size)
+        return self.steps
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    examples: int
+    loss: float  # mean training loss over the steps
+    final_loss: float  # mean over the last quarter of steps
+    seconds: float
+
+
+def train(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    settings: TrainSettings,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train the parameters that require grad for the configured steps; return loss and timing."""
+    started = time.perf_counter()
+    encoded = [encode_example(tokenizer, ex, settings.max_seq_len) for ex in examples]
+    batches = batch_stream(encoded, settings.batch_size, tokenizer.pad_token_id, settings.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("train: the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = settings.num_steps(len(encoded))
+    losses: list[float] = []
+    model.train()
+    for step in range(steps):
+        batch = next(batches)
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"train: loss became {loss.item()} at step {step + 1}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
+    model.eval()
+    tail = losses[-max(1, len(losses) // 4):]
+    return TrainResult(
+        steps=steps,
+        examples=len(encoded),
+        loss=sum(losses) / len(losses),
+        final_loss=sum(tail) / len(tail),
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,39 @@
+import pytest
+
+from finetune.config import ConfigError, FedsiteConfig, from_mapping, load_toml
+
+
+def test_defaults_are_valid():
+    assert FedsiteConfig().validate().model == "smollm2"
+
+
+def test_kebab_and_snake_keys_and_coercion():
+    config = from_mapping({"local-steps": "5", "lora_rank": 4, "lr": "0.01", "model": "tiny"})
+    assert (config.local_steps, config.lora_rank, config.lr, config.model) == (5, 4, 0.01, "tiny")
+    assert from_mapping(config.to_flat()) == config
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(ConfigError, match="unknown config field 'lora-rnak'"):
+        from_mapping({"lora-rnak": 4})
+
+
+def test_wrong_type_and_range_are_named():
+    with pytest.raises(ConfigError, match="'local-steps'"):
+        from_mapping({"local-steps": "many"})
+    with pytest.raises(ConfigError, match="'partitioning'"):
+        from_mapping({"partitioning": "random"})
+    with pytest.raises(ConfigError, match="'fraction-train'"):
+        from_mapping({"fraction-train": 0})
+
+
+def test_toml_file(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text('model = "tiny"\nclients = 6\nlocal-steps = 3\n')
+    config = load_toml(path)
+    assert (config.model, config.clients, config.local_steps) == ("tiny", 6, 3)
+    with pytest.raises(ConfigError, match="not found"):
+        load_toml(tmp_path / "missing.toml")
+    path.write_text("model = [")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_toml(path)
