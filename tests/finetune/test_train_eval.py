@@ -1,0 +1,76 @@
+import numpy as np
+import torch
+
+from finetune.batches import IGNORE_INDEX, batch_stream, encode_example, format_prompt
+from finetune.evaluate import evaluate, normalize_answer
+from finetune.examples import Example
+from finetune.lora import LoraSettings, attach_lora, get_lora_arrays
+from finetune.train import TrainSettings, train
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EXAMPLES = [Example("Reverse the word.", w, w[::-1], "reverse") for w in ["abc", "dog", "tree", "sun", "moon", "star"]]
+
+
+def test_labels_cover_only_the_answer(tiny):
+    _, tokenizer = tiny
+    item = encode_example(tokenizer, EXAMPLES[0], max_len=128)
+    prompt_len = len(tokenizer(format_prompt(tokenizer, EXAMPLES[0]), add_special_tokens=False)["input_ids"])
+    assert all(label == IGNORE_INDEX for label in item["labels"][:prompt_len])
+    answer = [t for t in item["labels"] if t != IGNORE_INDEX]
+    assert answer[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(answer[:-1]) == "cba"
+
+
+def test_long_prompts_are_cut_from_the_left(tiny):
+    _, tokenizer = tiny
+    long = Example("x" * 500, "", "keep", "t")
+    item = encode_example(tokenizer, long, max_len=32)
+    assert len(item["input_ids"]) == 32
+    assert tokenizer.decode([t for t in item["labels"] if t != IGNORE_INDEX][:-1]) == "keep"
+
+
+def test_batch_stream_is_deterministic_and_covers_each_epoch(tiny):
+    _, tokenizer = tiny
+    encoded = [encode_example(tokenizer, ex, 64) for ex in EXAMPLES]
+    a = [next(s)["input_ids"] for s in [batch_stream(encoded, 3, 0, seed=1)] for _ in range(2)]
+    stream = batch_stream(encoded, 3, 0, seed=1)
+    b = [next(stream)["input_ids"] for _ in range(2)]
+    assert torch.equal(a[0], b[0])
+    seen = {tuple(row[row != 0].tolist()) for batch in b for row in batch}
+    assert len(seen) == len(EXAMPLES)
+
+
+def test_training_lowers_the_loss_and_changes_only_lora(tiny):
+    model, tokenizer = tiny
+    model = attach_lora(model, LoraSettings(rank=4, targets=ALL_LINEAR))
+    base_before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    lora_before = get_lora_arrays(model)
+    before = evaluate(model, tokenizer, EXAMPLES, max_new_tokens=4).loss
+    result = train(model, tokenizer, EXAMPLES, TrainSettings(steps=60, batch_size=6, lr=3e-3))
+    after = evaluate(model, tokenizer, EXAMPLES, max_new_tokens=4).loss
+    assert result.steps == 60 and result.examples == len(EXAMPLES)
+    assert after < before * 0.8
+    for key, value in model.state_dict().items():
+        if "lora_" not in key:
+            assert torch.equal(value, base_before[key]), key
+    assert any(not np.array_equal(v, lora_before[k]) for k, v in get_lora_arrays(model).items())
+
+
+def test_epochs_set_the_step_count():
+    assert TrainSettings(epochs=2, batch_size=4).num_steps(10) == 6
+    assert TrainSettings(steps=7).num_steps(10) == 7
+
+
+def test_exact_match_scores_memorised_answers(tiny):
+    model, tokenizer = tiny
+    model = attach_lora(model, LoraSettings(rank=8, targets=ALL_LINEAR))
+    data = EXAMPLES[:2]
+    train(model, tokenizer, data, TrainSettings(steps=100, batch_size=2, lr=5e-3))
+    result = evaluate(model, tokenizer, data, max_new_tokens=6)
+    assert result.accuracy == 1.0, result.predictions
+    assert result.per_task == {"reverse": 1.0}
+
+
+def test_normalize_answer():
+    assert normalize_answer("\n  42 \nmore") == "42"
+    assert normalize_answer("   ") == ""
