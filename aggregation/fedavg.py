@@ -30,3 +30,22 @@ def weighted_mean(updates: Sequence[NamedArrays], weights: Sequence[float]) -> d
             acc += np.asarray(update[key], dtype=np.float64) * (weight / total)
         out[key] = acc.astype(first.dtype)
     return out
+
+
+def normalized_weights(weights: Sequence[float], count: int, *, who: str = "weights") -> np.ndarray:
+    """Return `weights / sum(weights)` as float64, checking there is one non-negative weight per update.
+
+    Shared by the rules that need the normalised weights themselves (FLoRA scales each
+    client's B by its weight), so every rule rejects bad weights with the same message.
+    """
+    if count == 0:
+        raise ValueError(f"{who}: no updates to aggregate")
+    if len(weights) != count:
+        raise ValueError(f"{who}: {count} updates but {len(weights)} weights")
+    w = np.asarray(weights, dtype=np.float64)
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"{who}: weights must be finite and non-negative, got {list(weights)}")
+    total = float(w.sum())
+    if not total > 0:
+        raise ValueError(f"{who}: weights must sum to a positive number, got {total}")
+    return w / total
