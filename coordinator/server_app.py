@@ -38,6 +38,8 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_clients=min(config.min_train_clients, config.clients),
+        max_update_norm=config.max_update_norm,
+        max_update_bytes=int(config.max_update_mb * 1e6),
     )
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -16,35 +16,26 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from aggregation.fedavg import weighted_mean
+from aggregation.validate import validate_update
 from coordinator.results import RunRecorder
 from protos.tensors import from_array_record, to_array_record
 
 log = logging.getLogger("fedsite.coordinator")
 
 
-def check_update(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> str | None:
-    """Why `update` cannot be aggregated with `reference`'s keys and shapes, or None."""
-    unknown = sorted(set(update) - set(reference))
-    missing = sorted(set(reference) - set(update))
-    if unknown:
-        return f"unknown key {unknown[0]}"
-    if missing:
-        return f"missing key {missing[0]}"
-    for key, ref in reference.items():
-        value = update[key]
-        if value.shape != ref.shape:
-            return f"{key}: shape {value.shape}, expected {ref.shape}"
-        if value.dtype != ref.dtype:
-            return f"{key}: dtype {value.dtype}, expected {ref.dtype}"
-        if not np.all(np.isfinite(value)):
-            return f"{key}: contains NaN or Inf"
-    return None
-
-
 class FedsiteStrategy(FedAvg):
     """FedAvg over LoRA arrays, weighted by each client's number of training examples."""
 
-    def __init__(self, recorder: RunRecorder, *, fraction_train: float, fraction_evaluate: float, min_train_clients: int) -> None:
+    def __init__(
+        self,
+        recorder: RunRecorder,
+        *,
+        fraction_train: float,
+        fraction_evaluate: float,
+        min_train_clients: int,
+        max_update_norm: float = 0.0,
+        max_update_bytes: int = 0,
+    ) -> None:
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -53,6 +44,8 @@ class FedsiteStrategy(FedAvg):
             min_available_nodes=min_train_clients,
         )
         self.recorder = recorder
+        # 0 disables a bound; the norm bounds the distance from the current global arrays
+        self.bounds = {"max_norm": max_update_norm or None, "max_bytes": max_update_bytes or None, "relative": True}
         self._global: dict[str, np.ndarray] = {}
         self._round_started = 0.0
 
@@ -114,7 +107,7 @@ class FedsiteStrategy(FedAvg):
         examples = metrics.get("num-examples")
         if not isinstance(examples, (int, float)) or not examples > 0:
             return f"num-examples must be positive, got {examples!r}", update, metrics
-        return check_update(update, self._global), update, metrics
+        return validate_update(update, self._global, **self.bounds), update, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = [m for m in replies if not m.has_error() and "eval-accuracy" in m.content["metrics"]]

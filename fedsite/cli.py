@@ -31,6 +31,8 @@ FIELD_HELP = {
     "min-train-clients": "minimum clients sampled for training",
     "fraction-evaluate": "share of clients sampled for federated evaluation (0 = central only)",
     "round-timeout": "seconds to wait for client replies each round",
+    "max-update-norm": "reject a client update whose L2 distance from the global adapter exceeds this (0 = off)",
+    "max-update-mb": "reject a client update larger than this many MB (0 = off)",
     "local-steps": "optimizer steps per client per round",
     "local-epochs": "if > 0, whole passes over the client's data instead of --local-steps",
     "batch-size": "examples per local step",

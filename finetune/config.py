@@ -46,6 +46,8 @@ class FedsiteConfig:
     min_train_clients: int = 2
     fraction_evaluate: float = 0.0
     round_timeout: float = 3600.0
+    max_update_norm: float = 0.0  # reject updates farther than this (L2) from the global; 0 = off
+    max_update_mb: float = 0.0  # reject updates larger than this; 0 = off
     # local training on each client
     local_steps: int = 10
     local_epochs: int = 0  # > 0: train whole epochs instead of `local_steps`
