@@ -19,6 +19,7 @@ from finetune.backbone import resolve_model_path
 from finetune.cache import lora_model
 from finetune.config import FedsiteConfig, from_mapping
 from finetune.evaluate import evaluate
+from finetune.logs import setup_logging
 from finetune.lora import export_adapter, get_lora_arrays, set_lora_arrays
 from finetune.sources import central_eval_set
 from protos.tensors import from_array_record, to_array_record
@@ -99,5 +100,5 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run .`: the run config comes from pyproject.toml (and overrides)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     run_federation(grid, from_mapping(context.run_config))

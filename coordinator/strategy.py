@@ -23,6 +23,12 @@ from protos.tensors import from_array_record, to_array_record
 log = logging.getLogger("fedsite.coordinator")
 
 
+def client_name(msg: Message, metrics: dict) -> int:
+    """A simulated client's partition id (readable), else the Flower node id."""
+    client_id = metrics.get("client-id", -1)
+    return int(client_id) if isinstance(client_id, int) and client_id >= 0 else int(msg.metadata.src_node_id)
+
+
 class FedsiteStrategy(FedAvg):
     """FedAvg over LoRA arrays, weighted by each client's number of training examples."""
 
@@ -62,16 +68,16 @@ class FedsiteStrategy(FedAvg):
         accepted: list[tuple[int, dict[str, np.ndarray], dict]] = []
         rejected: list[dict] = []
         for msg in replies:
-            node = msg.metadata.src_node_id
             reason, update, metrics = self._read_reply(msg)
-            entry = {"round": server_round, "node_id": node, **{k.replace("-", "_"): v for k, v in metrics.items()}}
+            node = client_name(msg, metrics)
+            entry = {"round": server_round, "node_id": msg.metadata.src_node_id, **{k.replace("-", "_"): v for k, v in metrics.items()}}
             if reason is None:
                 accepted.append((node, update, metrics))
                 entry["status"] = "accepted"
             else:
-                rejected.append({"node_id": node, "reason": reason})
+                rejected.append({"client": node, "reason": reason})
                 entry.update(status="rejected", reason=reason)
-                log.warning("round %d: rejected update from node %d: %s", server_round, node, reason)
+                log.warning("round %d: rejected update from client %d: %s", server_round, node, reason)
             self.recorder.record_client(entry)
 
         if not accepted:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from finetune.logs import setup_logging
 from finetune.config import ConfigError, FedsiteConfig, field_help, from_mapping, load_toml
 
 FIELD_HELP = {
@@ -85,13 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"fedsite: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if type(err).__name__ != "SimulationError":
+            raise
+        print(f"fedsite: error: {err}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        # Flower's ServerApp thread may still wait for replies that will never come.
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,24 @@ from finetune.config import FedsiteConfig
 log = logging.getLogger("fedsite")
 
 
+class SimulationError(RuntimeError):
+    """The simulation engine failed; Flower's server thread may still be blocked on replies."""
+
+
 def backend_config(config: FedsiteConfig) -> dict:
-    """Ray resources: `workers` concurrent clients, each with an equal share of the CPU threads."""
-    threads = max(1, (os.cpu_count() or 1) // config.workers)
+    """Ray resources: `workers` concurrent clients (one worker process each)."""
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": config.workers,
-            "include_dashboard": False,
-            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}},
-        },
+        "init_args": {"num_cpus": config.workers, "include_dashboard": False},
     }
+
+
+def share_threads(workers: int) -> None:
+    """Give each worker an equal share of the cores; Ray's workers inherit this environment."""
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = threads
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def simulate(config: FedsiteConfig, verbose: bool = False) -> Path:
@@ -37,14 +44,20 @@ def simulate(config: FedsiteConfig, verbose: bool = False) -> Path:
     config.validate()
     out = Path(config.out)
     log.info("[fedsite] simulating %d clients for %d rounds on '%s' -> %s", config.clients, config.num_server_rounds, config.model, out)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_simulation(
-        server_app=make_server_app(config),
-        client_app=client_app,
-        num_supernodes=config.clients,
-        backend_config=backend_config(config),
-        verbose_logging=verbose,
-    )
+    share_threads(config.workers)
+    try:
+        run_simulation(
+            server_app=make_server_app(config),
+            client_app=client_app,
+            num_supernodes=config.clients,
+            backend_config=backend_config(config),
+            verbose_logging=verbose,
+        )
+    except RuntimeError as err:
+        cause = err.__cause__ or err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise SimulationError(f"simulation failed: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from err
     if not (out / "metrics.jsonl").is_file() or not (out / "adapter" / "adapter_model.safetensors").is_file():
         raise RuntimeError(f"simulation ended without results in {out}; see the log above")
     return out

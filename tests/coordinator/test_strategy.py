@@ -57,7 +57,7 @@ def test_bad_updates_are_rejected_and_recorded(tmp_path):
     strategy.recorder.finish_round(1, {"eval_loss": 1.0, "eval_accuracy": 0.0})
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert row["contributors"] == [2]
-    reasons = {r["node_id"]: r["reason"] for r in row["rejected"]}
+    reasons = {r["client"]: r["reason"] for r in row["rejected"]}
     assert "NaN" in reasons[3] and "shape" in reasons[4] and "unknown key x" in reasons[5]
     assert "out of memory" in reasons[7] and "num-examples" in reasons[6]
     statuses = [json.loads(line)["status"] for line in (tmp_path / "clients.jsonl").read_text().splitlines()]
