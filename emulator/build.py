@@ -1,0 +1,242 @@
+"""Build an offsite emulator from a Llama-family backbone, and plug trained adapters back in.
+
+The emulator is a standalone causal LM of the same class: deep copies of the embeddings,
+final norm and lm_head, the 2k adapter blocks and only the kept middle blocks, renumbered
+0..n-1 (attention `layer_idx` fixed so the KV cache works). Its adapter blocks trainable,
+everything else frozen. Adapter weights travel as named arrays keyed by ORIGINAL block
+index (`model.layers.29.mlp.down_proj.weight`), so the coordinator can aggregate them and
+load them into the full model without knowing emulator positions.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from emulator.layers import LayerMap
+from emulator.quantize import canonical, fake_quantize
+from finetune.lora import LoraSettings
+
+LAYER_PREFIX = "model.layers."
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The transformer blocks of a Llama-family causal LM (`model.model.layers`)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"emulator: {type(model).__name__} is not a Llama-family causal LM (no model.layers)")
+    return layers
+
+
+def build_emulator(model: PreTrainedModel, layer_map: LayerMap, *, quantize: str | None = None) -> PreTrainedModel:
+    """A new model with only `layer_map.emulator_layers()`; the backbone is left untouched.
+
+    `quantize` ("int8", "nf4"/"4bit") rounds the kept middle Linear weights as the package
+    will store them (see `emulator.quantize`); distil first, then `quantize_middle`.
+    """
+    if isinstance(model, PeftModel):
+        raise ValueError("emulator: build from the plain backbone, not a PeftModel")
+    layers = decoder_layers(model)
+    if len(layers) != layer_map.num_layers:
+        raise ValueError(f"emulator: layer map is for {layer_map.num_layers} blocks, model has {len(layers)}")
+    emulator = copy.deepcopy(model, {id(layers): nn.ModuleList()})  # everything but the blocks
+    kept = [copy.deepcopy(layers[i]) for i in layer_map.emulator_layers()]
+    for position, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = position
+    emulator.model.layers = nn.ModuleList(kept)
+    config = emulator.config
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layer_map.emulator_layers()]
+    config.emulator_quantization = ""
+    config.emulator_distilled = False
+    freeze_non_adapter(emulator, layer_map)
+    if canonical(quantize):
+        quantize_middle(emulator, layer_map, quantize)
+    return emulator.eval()
+
+
+def freeze_non_adapter(emulator: PreTrainedModel, layer_map: LayerMap) -> None:
+    """Only the adapter blocks train; embeddings, middle, norm and lm_head stay frozen."""
+    adapters = {layer_map.emulator_index()[i] for i in layer_map.adapter_layers()}
+    emulator.requires_grad_(False)
+    for position, layer in enumerate(decoder_layers(emulator)):
+        layer.requires_grad_(position in adapters)
+
+
+def middle_linear_weights(emulator: PreTrainedModel, layer_map: LayerMap) -> dict[str, nn.Parameter]:
+    """State-dict name -> weight of every Linear in the kept middle blocks (emulator positions)."""
+    layers = decoder_layers(emulator)
+    out = {}
+    for position in layer_map.middle_positions():
+        for name, module in layers[position].named_modules():
+            if isinstance(module, nn.Linear):
+                out[f"{LAYER_PREFIX}{position}.{name}.weight"] = module.weight
+    return out
+
+
+@torch.no_grad()
+def quantize_middle(emulator: PreTrainedModel, layer_map: LayerMap, method: str) -> None:
+    """Round the middle Linear weights in place to what `method` stores (compute stays fp32)."""
+    method = canonical(method)
+    if not method:
+        return
+    if emulator.config.emulator_quantization not in ("", method):
+        raise ValueError(f"emulator: middle already quantized as {emulator.config.emulator_quantization}")
+    for weight in middle_linear_weights(emulator, layer_map).values():
+        weight.copy_(fake_quantize(weight, method))
+    emulator.config.emulator_quantization = method
+
+
+def text_batches(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 8, max_length: int = 64
+) -> list[dict[str, torch.Tensor]]:
+    """Padded token batches (input_ids, attention_mask) of `texts` for `distill_middle`."""
+    return [
+        dict(tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True, max_length=max_length))
+        for i in range(0, len(texts), batch_size)
+    ]
+
+
+def distill_middle(
+    emulator: PreTrainedModel,
+    full_model: PreTrainedModel,
+    layer_map: LayerMap,
+    batches: Iterable[Mapping[str, torch.Tensor] | torch.Tensor],
+    *,
+    steps: int = 100,
+    lr: float = 1e-4,
+) -> list[float]:
+    """Layer-wise distillation (the paper's NLKD idea): train the kept middle blocks so the
+    emulator's hidden state entering the top adapter matches the full model's (MSE over real
+    tokens), then freeze them again. Returns the loss of each step. Run before quantizing."""
+    if emulator.config.emulator_quantization:
+        raise ValueError("emulator: distil before quantizing the middle")
+    batches = [b if isinstance(b, Mapping) else {"input_ids": b} for b in batches]
+    if not batches or steps < 1:
+        raise ValueError("emulator: distillation needs at least one batch and one step")
+    emulator_in, full_in = layer_map.k + len(layer_map.middle_kept), layer_map.top[0]
+    layers = decoder_layers(emulator)
+    params = [p for pos in layer_map.middle_positions() for p in layers[pos].parameters()]
+    was_training = emulator.training
+    emulator.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    emulator.train()
+    full_model.eval()
+    losses = []
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        with torch.no_grad():
+            target = full_model.model(**inputs, output_hidden_states=True).hidden_states[full_in]
+        hidden = emulator.model(**inputs, output_hidden_states=True).hidden_states[emulator_in]
+        mask = inputs["attention_mask"]
+        weight = torch.ones(hidden.shape[:2]) if mask is None else mask.to(hidden.dtype)
+        loss = (((hidden - target) ** 2).mean(-1) * weight).sum() / weight.sum().clamp(min=1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    freeze_non_adapter(emulator, layer_map)
+    emulator.train(was_training)
+    emulator.config.emulator_distilled = True
+    return losses
+
+
+def attach_adapter_lora(emulator: PreTrainedModel, layer_map: LayerMap, settings: LoraSettings, seed: int = 0) -> PeftModel:
+    """LoRA (via PEFT) on the adapter blocks only, for clients that train LoRA instead of full blocks."""
+    peft_config = settings.to_peft()
+    peft_config.layers_to_transform = sorted(layer_map.emulator_index()[i] for i in layer_map.adapter_layers())
+    peft_config.layers_pattern = "layers"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(emulator, peft_config)
+
+
+def _plain(model: PreTrainedModel, layer_map: LayerMap) -> PreTrainedModel:
+    """`model` itself, or for a PeftModel a merged copy (LoRA outside the adapter blocks is an error)."""
+    if not isinstance(model, PeftModel):
+        return model
+    adapters = {layer_map.emulator_index().get(i, i) for i in layer_map.adapter_layers()}
+    for name, _ in model.named_modules():
+        if name.endswith("lora_A"):
+            parts = name.split(".layers.")
+            position = int(parts[1].split(".")[0]) if len(parts) > 1 else -1
+            if position not in adapters:
+                raise ValueError(f"emulator: LoRA module '{name}' is outside the adapter blocks and would be lost")
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def _positions(model: PreTrainedModel, layer_map: LayerMap) -> dict[int, int]:
+    """Original adapter index -> block position in `model` (emulator or full backbone)."""
+    n = len(decoder_layers(model))
+    if n == layer_map.num_layers:
+        return {i: i for i in layer_map.adapter_layers()}
+    if n == len(layer_map.emulator_layers()):
+        return {i: layer_map.emulator_index()[i] for i in layer_map.adapter_layers()}
+    raise ValueError(f"emulator: model has {n} blocks, layer map expects {layer_map.num_layers} or {len(layer_map.emulator_layers())}")
+
+
+def adapter_state(model: PreTrainedModel, layer_map: LayerMap) -> dict[str, np.ndarray]:
+    """The adapter blocks' parameters as fp32 numpy copies keyed by ORIGINAL block index.
+
+    Works on the emulator, the full backbone, or either wrapped with LoRA (merged first).
+    """
+    plain = _plain(model, layer_map)
+    layers = decoder_layers(plain)
+    out = {}
+    for original, position in _positions(plain, layer_map).items():
+        for name, tensor in layers[position].state_dict().items():
+            out[f"{LAYER_PREFIX}{original}.{name}"] = tensor.detach().cpu().to(torch.float32).numpy().copy()
+    return out
+
+
+@torch.no_grad()
+def load_adapter_state(model: PreTrainedModel, arrays: Mapping[str, np.ndarray], layer_map: LayerMap) -> None:
+    """Load `adapter_state` arrays into the adapter blocks of an emulator or full backbone, exactly."""
+    if isinstance(model, PeftModel):
+        raise ValueError("emulator: load adapter state into the plain model, before attaching LoRA")
+    layers = decoder_layers(model)
+    targets = {}
+    for original, position in _positions(model, layer_map).items():
+        for name, tensor in layers[position].state_dict(keep_vars=True).items():
+            targets[f"{LAYER_PREFIX}{original}.{name}"] = tensor
+    missing, unknown = sorted(set(targets) - set(arrays)), sorted(set(arrays) - set(targets))
+    if missing or unknown:
+        what = f"missing {missing[0]!r}" if missing else f"unknown {unknown[0]!r}"
+        raise ValueError(f"emulator: adapter arrays do not match the adapter blocks ({what})")
+    for key, target in targets.items():
+        value = np.asarray(arrays[key])
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"emulator: {key} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+        target.copy_(torch.from_numpy(np.array(value, copy=True)).to(target.dtype))
+
+
+def plug_in(full_model: PreTrainedModel, emulator: PreTrainedModel, layer_map: LayerMap) -> PreTrainedModel:
+    """A copy of the full backbone with the emulator's (trained, LoRA-merged) adapter blocks."""
+    if isinstance(full_model, PeftModel):
+        raise ValueError("emulator: plug into the plain backbone, not a PeftModel")
+    target = copy.deepcopy(full_model)
+    load_adapter_state(target, adapter_state(emulator, layer_map), layer_map)
+    return target
+
+
+def unique_parameters(model: nn.Module) -> tuple[int, int]:
+    """(parameter count, bytes) counting tied tensors once."""
+    seen, count, nbytes = set(), 0, 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            count += p.numel()
+            nbytes += p.numel() * p.element_size()
+    return count, nbytes

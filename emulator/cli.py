@@ -1,0 +1,136 @@
+"""What `fedsite emulator build|verify` run: argument parsing lives in `fedsite/`, logic here.
+
+Keys: `build` signs with `key_path` (created there if it does not exist) or, without one,
+with `<out's parent>/keys/signing_key.pem` (created once, reused by later builds). The
+private key never goes inside the package. The package carries `public_key.pem` so that
+`verify DIR` works out of the box, but that copy proves nothing on its own: real
+deployments pin the coordinator's public key out of band and pass it as `--public-key`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from emulator.build import build_emulator, distill_middle, quantize_middle, text_batches, unique_parameters
+from emulator.layers import make_layer_map
+from emulator.package import (
+    PUBLIC_KEY,
+    PackageError,
+    generate_signing_key,
+    key_id,
+    load_signing_key,
+    public_key_pem,
+    verify_package,
+    write_package,
+)
+from emulator.quantize import canonical
+from finetune.backbone import SMOLLM2_ID, load_backbone
+
+MB = 1024 * 1024
+
+
+def build_command(
+    model_spec: str,
+    out: str,
+    adapter_layers: int = 2,
+    stride: int = 2,
+    quantize: str | None = None,
+    key_path: str | None = None,
+    *,
+    distill_steps: int = 0,
+) -> dict[str, Any]:
+    """Build, sign and write the emulator package `out` for backbone `model_spec`; print and return a summary.
+
+    `distill_steps` > 0 first distils the kept middle on the built-in instruction tasks.
+    """
+    out_dir = Path(out).expanduser().resolve()
+    key_file = Path(key_path).expanduser().resolve() if key_path else out_dir.parent / "keys" / "signing_key.pem"
+    if key_file == out_dir or out_dir in key_file.parents:
+        raise PackageError(f"{key_file}: the signing key must not live inside the package folder {out_dir}")
+    quantize = canonical(quantize)
+    model, tokenizer = load_backbone(model_spec)
+    layer_map = make_layer_map(model.config.num_hidden_layers, adapter_layers, stride)
+    emulator = build_emulator(model, layer_map)
+    if distill_steps > 0:
+        losses = distill_middle(emulator, model, layer_map, _distill_batches(tokenizer), steps=distill_steps, lr=1e-4)
+        print(f"distillation: MSE {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps")
+    if quantize:
+        quantize_middle(emulator, layer_map, quantize)
+    created = not key_file.exists()
+    signing_key = generate_signing_key(key_file) if created else load_signing_key(key_file)
+    (key_file.parent / "public_key.pem").write_bytes(public_key_pem(signing_key.public_key()))
+    backbone_params, backbone_bytes = unique_parameters(model)
+    manifest = write_package(
+        emulator, tokenizer, layer_map, out_dir, signing_key, _backbone_id(model_spec, model), backbone_bytes,
+        backbone_params=backbone_params,
+    )
+    package_bytes = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+    summary = {
+        "package": str(out_dir),
+        "backbone_id": manifest.backbone_id,
+        "layer_map": layer_map.to_dict(),
+        "dropped": list(layer_map.dropped()),
+        "quantization": manifest.quantization or "none",
+        "distilled": manifest.distilled,
+        "emulator_bytes": manifest.emulator_bytes,
+        "backbone_bytes": backbone_bytes,
+        "package_bytes": package_bytes,
+        "ratio": manifest.emulator_bytes / backbone_bytes,
+        "emulator_params": manifest.emulator_params,
+        "adapter_params": manifest.adapter_params,
+        "backbone_params": backbone_params,
+        "signing_key": str(key_file),
+        "signing_key_created": created,
+        "key_id": key_id(signing_key.public_key()),
+    }
+    print(_describe(summary))
+    return summary
+
+
+def verify_command(directory: str, public_key_path: str | None = None) -> int:
+    """0 if the package verifies; else 1 with a one-line reason on stderr."""
+    package = Path(directory).expanduser()
+    key = Path(public_key_path).expanduser() if public_key_path else package / PUBLIC_KEY
+    if public_key_path is None:
+        print(f"note: verifying with the package's own {PUBLIC_KEY}; pin the coordinator's key with --public-key", file=sys.stderr)
+    try:
+        manifest = verify_package(package, key)
+    except PackageError as err:
+        print(f"error: {package}: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"ok: {package} — {manifest.backbone_id}, blocks {len(manifest.bottom) + len(manifest.middle_kept) + len(manifest.top)}"
+        f"/{manifest.num_layers}, {len(manifest.files)} files, signer {manifest.signer_key_id[:16]}"
+    )
+    return 0
+
+
+def _backbone_id(spec: str, model: Any) -> str:
+    if spec == "smollm2":
+        return SMOLLM2_ID
+    if spec == "tiny":
+        return "tiny"
+    return str(getattr(model.config, "_name_or_path", "") or Path(spec).name)
+
+
+def _distill_batches(tokenizer: Any) -> list:
+    from finetune.tasks import generate_suite
+
+    texts = [f"{e.instruction}\n{e.input}\n{e.output}" for e in generate_suite(per_task=16, seed=0)]
+    return text_batches(tokenizer, texts, batch_size=8, max_length=96)
+
+
+def _describe(s: dict[str, Any]) -> str:
+    lm = s["layer_map"]
+    return "\n".join(
+        [
+            f"emulator package: {s['package']}",
+            f"  backbone   {s['backbone_id']}: {lm['num_layers']} blocks, {s['backbone_bytes'] / MB:.2f} MB",
+            f"  layer map  adapters {lm['bottom']} + {lm['top']}, middle kept {lm['middle_kept']}, dropped {len(s['dropped'])}",
+            f"  emulator   {s['emulator_bytes'] / MB:.2f} MB ({s['ratio']:.1%} of the backbone), "
+            f"quantization {s['quantization']}, distilled {s['distilled']}",
+            f"  signed by  {s['signing_key']} (key id {s['key_id'][:16]}{', new' if s['signing_key_created'] else ''})",
+        ]
+    )

@@ -1,0 +1,79 @@
+import dataclasses
+
+import pytest
+
+from emulator.layers import LayerMap, make_layer_map
+
+
+def test_stride_two_keeps_every_second_middle_block_starting_at_k():
+    lm = make_layer_map(8, 2, 2)
+    assert lm.bottom == (0, 1) and lm.top == (6, 7)
+    assert lm.middle_kept == (2, 4)
+    assert lm.dropped() == (3, 5)
+    assert lm.emulator_layers() == (0, 1, 2, 4, 6, 7)
+    assert lm.adapter_layers() == (0, 1, 6, 7)
+    assert lm.emulator_index() == {0: 0, 1: 1, 2: 2, 4: 3, 6: 4, 7: 5}
+    assert lm.middle_positions() == (2, 3)
+
+
+def test_smollm2_shape():
+    lm = make_layer_map(30, 2, 2)
+    assert lm.middle_kept == tuple(range(2, 28, 2))
+    assert lm.dropped() == tuple(range(3, 28, 2))
+    assert len(lm.emulator_layers()) == 17
+
+
+@pytest.mark.parametrize(
+    "L,k,n,middle",
+    [
+        (4, 1, 1, (1, 2)),  # stride 1 keeps the whole middle
+        (3, 1, 1, (1,)),  # smallest valid backbone
+        (10, 2, 3, (2, 5)),  # last middle block (7) dropped: 7-2 not a multiple of 3
+        (10, 2, 100, (2,)),  # stride past the middle keeps only its first block
+        (9, 4, 2, (4,)),
+    ],
+)
+def test_edge_cases(L, k, n, middle):
+    lm = make_layer_map(L, k, n)
+    assert lm.middle_kept == middle
+    assert set(lm.emulator_layers()) | set(lm.dropped()) == set(range(L))
+    assert not set(lm.emulator_layers()) & set(lm.dropped())
+
+
+@pytest.mark.parametrize(
+    "L,k,n,needle",
+    [(8, 0, 2, "adapter_layers must be >= 1"), (8, 4, 1, "2*adapter_layers must be < num_layers"), (2, 1, 1, "< num_layers"), (8, 2, 0, "stride must be >= 1")],
+)
+def test_bad_arguments_raise_one_line(L, k, n, needle):
+    with pytest.raises(ValueError, match=needle) as err:
+        make_layer_map(L, k, n)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "fields,needle",
+    [
+        ((8, (0,), (2,), (6, 7)), "same k"),
+        ((8, (1, 2), (3,), (6, 7)), "first k blocks"),
+        ((8, (0, 1), (3,), (5, 6)), "last k blocks"),
+        ((8, (0, 1), (), (6, 7)), "middle_kept"),
+        ((8, (0, 1), (4, 3), (6, 7)), "middle_kept"),
+        ((8, (0, 1), (1, 3), (6, 7)), "middle_kept"),
+        ((8, (0, 1), (3, 6), (6, 7)), "middle_kept"),
+        ((4, (0, 1), (2,), (2, 3)), "2k must be < num_layers"),
+    ],
+)
+def test_invalid_maps_are_rejected(fields, needle):
+    with pytest.raises(ValueError, match=needle):
+        LayerMap(*fields)
+
+
+def test_dict_round_trip_and_frozen():
+    lm = make_layer_map(12, 3, 2)
+    data = lm.to_dict()
+    assert data == {"num_layers": 12, "bottom": [0, 1, 2], "middle_kept": [3, 5, 7], "top": [9, 10, 11]}
+    assert LayerMap.from_dict(data) == lm
+    with pytest.raises(ValueError, match="missing field 'top'"):
+        LayerMap.from_dict({k: v for k, v in data.items() if k != "top"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lm.num_layers = 3  # type: ignore[misc]

@@ -1,0 +1,53 @@
+"""`flwr run .` (Flower's own front door) on the tiny Llama through a managed local SuperLink.
+
+The SuperLink that `flwr run` starts keeps running after the run; this test gives it a private
+FLWR_HOME and stops it afterwards, so nothing is left behind.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+
+def stop_processes(marker: str) -> None:
+    found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    for pid in found:
+        try:
+            os.kill(int(pid), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 20
+    while time.time() < deadline and subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 0:
+        time.sleep(0.5)
+    subprocess.run(["pkill", "-9", "-f", marker])
+
+
+@pytest.fixture()
+def flwr_home(tmp_path):
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    yield home
+    stop_processes(str(home))  # the managed SuperLink's command line names its log file in FLWR_HOME
+
+
+def test_flwr_run_dot_simulates_and_writes_results(flwr_home, tmp_path):
+    out = tmp_path / "run"
+    overrides = f"model='tiny' num-server-rounds=2 local-steps=3 train-per-task=20 test-per-task=4 eval-examples=12 max-new-tokens=4 out='{out}'"
+    env = {**os.environ, "FLWR_HOME": str(flwr_home)}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), "run", ".", "--run-config", overrides, "--federation-config", "num-supernodes=3", "--stream"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert len(rows[-1]["contributors"]) == 3
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
