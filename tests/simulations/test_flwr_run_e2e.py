@@ -6,6 +6,7 @@ FLWR_HOME and stops it afterwards, so nothing is left behind.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,9 +43,12 @@ def test_flwr_run_dot_simulates_and_writes_results(flwr_home, tmp_path):
     out = tmp_path / "run"
     overrides = f"model='tiny' num-server-rounds=2 local-steps=3 train-per-task=20 test-per-task=4 eval-examples=12 max-new-tokens=4 out='{out}'"
     env = {**os.environ, "FLWR_HOME": str(flwr_home)}
+    # flwr migrates (rewrites) the pyproject.toml it runs from: run a copy of the app
+    app = tmp_path / "app"
+    shutil.copytree(ROOT, app, ignore=shutil.ignore_patterns(".venv", ".git", "results", "__pycache__", "*.egg-info", ".pytest_cache"))
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "flwr"), "run", ".", "--run-config", overrides, "--federation-config", "num-supernodes=3", "--stream"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540,
+        cwd=app, env=env, capture_output=True, text=True, timeout=540,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
