@@ -20,7 +20,9 @@ from finetune.evaluate import evaluate
 from finetune.lora import get_lora_arrays, set_lora_arrays
 from finetune.sources import client_splits
 from finetune.train import TrainSettings, train
-from protos.tensors import from_array_record, nbytes, to_array_record
+from protos.codecs import ErrorFeedback, encoded_nbytes
+from protos.tensors import from_array_record, to_array_record
+from protos.updates import encode_update
 
 log = logging.getLogger("fedsite.client")
 
@@ -45,7 +47,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     """Load the global LoRA arrays, train locally, reply with the new arrays and metrics."""
     config, server_round = run_config_from(msg.content["config"])
     model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed)
-    set_lora_arrays(model, from_array_record(msg.content["arrays"]))
+    received = from_array_record(msg.content["arrays"])
+    set_lora_arrays(model, received)
     train_examples, _ = client_splits(config, context.node_config)
     settings = TrainSettings(
         steps=config.local_steps,
@@ -59,7 +62,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         seed=zlib.crc32(f"{config.seed}/{server_round}/{client_label(context)}".encode()),
     )
     result = train(model, tokenizer, train_examples, settings)
-    arrays = get_lora_arrays(model)
+    payload = encode_upload(get_lora_arrays(model), received, config, context)
     log.info("client %s round %d: %d steps, loss %.3f, %.1fs", client_label(context), server_round, result.steps, result.final_loss, result.seconds)
     metrics = MetricRecord(
         {
@@ -68,12 +71,27 @@ def train_handler(msg: Message, context: Context) -> Message:
             "train-loss-final": result.final_loss,
             "steps": result.steps,
             "train-seconds": result.seconds,
-            "upload-bytes": nbytes(arrays),
+            "upload-bytes": encoded_nbytes(payload),
             "client-id": int(context.node_config.get("partition-id", -1)),
         }
     )
-    content = RecordDict({"arrays": to_array_record(arrays), "metrics": metrics})
+    content = RecordDict({"arrays": to_array_record(payload), "metrics": metrics})
     return Message(content=content, reply_to=msg)
+
+
+FEEDBACK_KEY = "error-feedback"
+
+
+def encode_upload(trained: dict, received: dict, config: FedsiteConfig, context: Context) -> dict:
+    """Encode the delta with the run's codec; error-feedback state lives in the node's context."""
+    feedback = None
+    if config.error_feedback:
+        stored = context.state.get(FEEDBACK_KEY)
+        feedback = ErrorFeedback(from_array_record(stored) if stored is not None else None)
+    payload = encode_update(trained, received, config.upload_codec, config.upload_topk or None, feedback)
+    if feedback is not None:
+        context.state[FEEDBACK_KEY] = to_array_record(feedback.state_dict())
+    return payload
 
 
 @app.evaluate()

@@ -18,7 +18,9 @@ from flwr.serverapp.strategy import FedAvg
 from aggregation.fedavg import weighted_mean
 from aggregation.validate import validate_update
 from coordinator.results import RunRecorder
+from protos.codecs import CodecError
 from protos.tensors import from_array_record, to_array_record
+from protos.updates import decode_update
 
 log = logging.getLogger("fedsite.coordinator")
 
@@ -107,7 +109,9 @@ class FedsiteStrategy(FedAvg):
             return f"client error: {msg.error.reason}", {}, {}
         try:
             metrics = dict(msg.content["metrics"])
-            update = from_array_record(msg.content["arrays"])
+            update = decode_update(from_array_record(msg.content["arrays"]), self._global)
+        except CodecError as err:
+            return f"undecodable update: {err}", {}, {}
         except (KeyError, TypeError, ValueError) as err:
             return f"malformed reply: {err}", {}, {}
         examples = metrics.get("num-examples")

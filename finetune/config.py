@@ -55,6 +55,10 @@ class FedsiteConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    # upload: codec for the client's delta, optional top-k sparsification and error feedback
+    upload_codec: str = "fp32"  # fp32 | fp16 | int8 | 4bit
+    upload_topk: float = 0.0  # keep this fraction of largest entries per tensor; 0 = dense
+    error_feedback: bool = False
     # evaluation
     eval_examples: int = 60
     client_eval_examples: int = 16
@@ -90,6 +94,8 @@ class FedsiteConfig:
             ("dirichlet-alpha", self.dirichlet_alpha > 0, "positive"),
             ("test-fraction", 0.0 < self.test_fraction < 1.0, "in (0, 1)"),
             ("workers", self.workers >= 1, "at least 1"),
+            ("upload-codec", self.upload_codec in ("fp32", "fp16", "int8", "4bit"), "fp32, fp16, int8 or 4bit"),
+            ("upload-topk", 0.0 <= self.upload_topk <= 1.0, "in [0, 1]"),
         ]
         for key, ok, expected in checks:
             if not ok:

@@ -11,6 +11,7 @@ from coordinator.results import RunRecorder
 from coordinator.strategy import FedsiteStrategy
 from finetune.config import FedsiteConfig
 from protos.tensors import from_array_record, to_array_record
+from protos.updates import encode_update
 
 GLOBAL = {"l.lora_A.weight": np.zeros((2, 3), np.float32), "l.lora_B.weight": np.zeros((3, 2), np.float32)}
 
@@ -20,9 +21,12 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
 
 
-def reply(node: int, arrays: dict, examples: int = 10) -> Message:
+def reply(node: int, arrays: dict, examples: int = 10, codec: str = "fp32") -> Message:
+    """A client's reply carrying `arrays` as trained weights, encoded as clients do."""
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
-    content = RecordDict({"arrays": to_array_record(arrays), "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0, "upload-bytes": 48})})
+    base = {k: GLOBAL[k] if k in GLOBAL and GLOBAL[k].shape == v.shape else np.zeros_like(v) for k, v in arrays.items()}
+    payload = encode_update(arrays, base, codec)
+    content = RecordDict({"arrays": to_array_record(payload), "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0, "upload-bytes": 48})})
     return Message(content=content, reply_to=request)
 
 
@@ -62,6 +66,23 @@ def test_bad_updates_are_rejected_and_recorded(tmp_path):
     assert "out of memory" in reasons[7] and "num-examples" in reasons[6]
     statuses = [json.loads(line)["status"] for line in (tmp_path / "clients.jsonl").read_text().splitlines()]
     assert statuses.count("accepted") == 1 and statuses.count("rejected") == 5
+
+
+def test_compressed_replies_are_decoded(tmp_path):
+    strategy = make_strategy(tmp_path)
+    arrays, _ = strategy.aggregate_train(1, [reply(2, full(1.0), codec="int8"), reply(3, full(3.0), codec="4bit")])
+    assert np.allclose(from_array_record(arrays)["l.lora_A.weight"], 2.0, atol=1e-2)
+
+
+def test_tampered_payload_is_rejected(tmp_path):
+    strategy = make_strategy(tmp_path)
+    bad = reply(3, full(1.0), codec="int8")
+    payload = from_array_record(bad.content["arrays"])
+    payload["l.lora_A.weight::q"] = payload["l.lora_A.weight::q"][:2]
+    bad.content["arrays"] = to_array_record(payload)
+    arrays, _ = strategy.aggregate_train(1, [reply(2, full(1.0)), bad])
+    assert np.allclose(from_array_record(arrays)["l.lora_A.weight"], 1.0)
+    assert "undecodable" in json.loads((tmp_path / "clients.jsonl").read_text().splitlines()[1])["reason"]
 
 
 def test_round_with_only_bad_updates_keeps_the_global(tmp_path):

@@ -1,0 +1,44 @@
+"""A client's update on the wire: its change from the global arrays it received, encoded.
+
+Sending the delta (not the trained weights) is what makes lossy codecs and top-k useful: a
+delta is small and sparse-ish, the weights are not. The coordinator adds the decoded delta
+back onto the same global arrays, so aggregation rules still see whole LoRA factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from protos.codecs import ErrorFeedback, decode, encode
+
+
+def encode_update(
+    trained: Mapping[str, np.ndarray],
+    received: Mapping[str, np.ndarray],
+    codec: str = "fp32",
+    topk: float | None = None,
+    feedback: ErrorFeedback | None = None,
+) -> dict[str, np.ndarray]:
+    """Encode `trained - received` with `codec` (through error feedback when given)."""
+    delta = {key: np.asarray(value, np.float32) - np.asarray(received[key], np.float32) for key, value in trained.items()}
+    if feedback is not None:
+        return feedback.encode(delta, codec, topk)
+    return encode(delta, codec, topk)
+
+
+def decode_update(payload: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The client's trained arrays: `received + decoded delta`, in the received dtypes.
+
+    Keys or shapes that do not match `received` are passed through unchanged so that update
+    validation rejects them with its own reason. Raises CodecError on a malformed payload.
+    """
+    out: dict[str, np.ndarray] = {}
+    for key, delta in decode(payload).items():
+        base = received.get(key)
+        if base is None or base.shape != delta.shape:
+            out[key] = delta
+        else:
+            out[key] = (base.astype(np.float32) + delta).astype(base.dtype)
+    return out
