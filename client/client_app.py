@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from finetune.cache import lora_model
 from finetune.config import FedsiteConfig, from_mapping
 from finetune.evaluate import evaluate
-from finetune.lora import get_lora_arrays, set_lora_arrays
+from finetune.lora import get_lora_arrays, set_lora_arrays, set_trainable_factors
 from finetune.sources import client_splits
 from finetune.train import TrainSettings, train
 from protos.codecs import ErrorFeedback, encoded_nbytes
@@ -28,14 +28,17 @@ log = logging.getLogger("fedsite.client")
 
 app = ClientApp()
 
+# Per-round instructions the coordinator adds to the run config in the ConfigRecord.
 ROUND_KEY = "server-round"
+FACTORS_KEY = "train-factors"
 
 
-def run_config_from(record: ConfigRecord) -> tuple[FedsiteConfig, int]:
-    """Split the message's ConfigRecord into the run config and the round number."""
+def run_config_from(record: ConfigRecord) -> tuple[FedsiteConfig, int, str]:
+    """Split the message's ConfigRecord into the run config, the round and the factors to train."""
     values = dict(record)
     server_round = int(values.pop(ROUND_KEY, 0))
-    return from_mapping(values), server_round
+    factors = str(values.pop(FACTORS_KEY, "AB"))
+    return from_mapping(values), server_round, factors
 
 
 def client_label(context: Context) -> str:
@@ -45,10 +48,11 @@ def client_label(context: Context) -> str:
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """Load the global LoRA arrays, train locally, reply with the new arrays and metrics."""
-    config, server_round = run_config_from(msg.content["config"])
+    config, server_round, factors = run_config_from(msg.content["config"])
     model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed)
     received = from_array_record(msg.content["arrays"])
     set_lora_arrays(model, received)
+    set_trainable_factors(model, factors)
     train_examples, _ = client_splits(config, context.node_config)
     settings = TrainSettings(
         steps=config.local_steps,
@@ -58,10 +62,14 @@ def train_handler(msg: Message, context: Context) -> Message:
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         max_seq_len=config.max_seq_len,
+        proximal_mu=config.proximal_mu if config.aggregation == "fedprox" else 0.0,
         # a different data order every round and client, reproducible from the run seed
         seed=zlib.crc32(f"{config.seed}/{server_round}/{client_label(context)}".encode()),
     )
-    result = train(model, tokenizer, train_examples, settings)
+    try:
+        result = train(model, tokenizer, train_examples, settings)
+    finally:
+        set_trainable_factors(model, "AB")  # the cached model is shared with the next client
     payload = encode_upload(get_lora_arrays(model), received, config, context)
     log.info("client %s round %d: %d steps, loss %.3f, %.1fs", client_label(context), server_round, result.steps, result.final_loss, result.seconds)
     metrics = MetricRecord(
@@ -98,7 +106,7 @@ def encode_upload(trained: dict, received: dict, config: FedsiteConfig, context:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Loss and exact-match accuracy of the global adapter on this client's test split."""
     started = time.perf_counter()
-    config, _ = run_config_from(msg.content["config"])
+    config, _, _ = run_config_from(msg.content["config"])
     model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed)
     set_lora_arrays(model, from_array_record(msg.content["arrays"]))
     _, test_examples = client_splits(config, context.node_config)

@@ -13,6 +13,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from coordinator.aggregate import Aggregator
 from coordinator.results import RunRecorder
 from coordinator.strategy import FedsiteStrategy
 from finetune.backbone import resolve_model_path
@@ -34,8 +35,10 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
     model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed)
     initial = get_lora_arrays(model)
     eval_set = central_eval_set(config)
+    aggregator = Aggregator(config.aggregation, config.server_lr, config.server_momentum, config.trim_fraction)
     strategy = FedsiteStrategy(
         recorder,
+        aggregator,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_clients=min(config.min_train_clients, config.clients),

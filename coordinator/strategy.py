@@ -15,8 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from aggregation.fedavg import weighted_mean
 from aggregation.validate import validate_update
+from coordinator.aggregate import Aggregator, train_factors
 from coordinator.results import RunRecorder
 from protos.codecs import CodecError
 from protos.tensors import from_array_record, to_array_record
@@ -37,6 +37,7 @@ class FedsiteStrategy(FedAvg):
     def __init__(
         self,
         recorder: RunRecorder,
+        aggregator: Aggregator | None = None,
         *,
         fraction_train: float,
         fraction_evaluate: float,
@@ -52,6 +53,7 @@ class FedsiteStrategy(FedAvg):
             min_available_nodes=min_train_clients,
         )
         self.recorder = recorder
+        self.aggregator = aggregator or Aggregator()
         # 0 disables a bound; the norm bounds the distance from the current global arrays
         self.bounds = {"max_norm": max_update_norm or None, "max_bytes": max_update_bytes or None, "relative": True}
         self._global: dict[str, np.ndarray] = {}
@@ -60,6 +62,7 @@ class FedsiteStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._round_started = time.perf_counter()
         self._global = from_array_record(arrays)
+        config["train-factors"] = train_factors(self.aggregator.rule, server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.recorder.record(sampled=len(messages))
         log.info("round %d: training on %d clients", server_round, len(messages))
@@ -84,15 +87,16 @@ class FedsiteStrategy(FedAvg):
 
         if not accepted:
             log.warning("round %d: no valid update; the global adapter stays as it was", server_round)
-            self.recorder.record(contributors=[], rejected=rejected, upload_bytes=0, aggregation_seconds=0.0)
+            self.recorder.record(aggregation=self.aggregator.rule, contributors=[], rejected=rejected, upload_bytes=0, aggregation_seconds=0.0)
             return None, None
 
         weights = [float(m["num-examples"]) for _, _, m in accepted]
-        new_global = weighted_mean([u for _, u, _ in accepted], weights)
+        new_global = self.aggregator(self._global, [u for _, u, _ in accepted], weights, server_round)
         total = sum(weights)
         train_loss = sum(float(m.get("train-loss", 0.0)) * w for (_, _, m), w in zip(accepted, weights)) / total
         upload = int(sum(int(m.get("upload-bytes", 0)) for _, _, m in accepted))
         self.recorder.record(
+            aggregation=self.aggregator.rule,
             contributors=[node for node, _, _ in accepted],
             rejected=rejected,
             train_loss=train_loss,

@@ -46,6 +46,12 @@ class FedsiteConfig:
     min_train_clients: int = 2
     fraction_evaluate: float = 0.0
     round_timeout: float = 3600.0
+    # aggregation rule (see aggregation/rules.py) and its knobs
+    aggregation: str = "fedavg"
+    server_lr: float = 0.01
+    server_momentum: float = 0.9
+    trim_fraction: float = 0.1
+    proximal_mu: float = 0.01
     max_update_norm: float = 0.0  # reject updates farther than this (L2) from the global; 0 = off
     max_update_mb: float = 0.0  # reject updates larger than this; 0 = off
     # local training on each client
@@ -81,7 +87,12 @@ class FedsiteConfig:
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> FedsiteConfig:
+        from aggregation.rules import RULES
+
         checks = [
+            ("aggregation", self.aggregation in RULES, "one of " + ", ".join(RULES)),
+            ("trim-fraction", 0.0 <= self.trim_fraction < 0.5, "in [0, 0.5)"),
+            ("proximal-mu", self.proximal_mu >= 0.0, "non-negative"),
             ("lora-rank", self.lora_rank >= 1, "a positive integer"),
             ("clients", self.clients >= 1, "at least 1"),
             ("num-server-rounds", self.num_server_rounds >= 1, "at least 1"),

@@ -69,6 +69,17 @@ def set_lora_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> None:
     set_peft_model_state_dict(model, tensors)
 
 
+def set_trainable_factors(model: PeftModel, factors: str = "AB") -> None:
+    """Train only lora_A, only lora_B, or both ("A", "B", "AB"): FFA-LoRA and RoLoRA freeze one."""
+    if factors not in ("A", "B", "AB"):
+        raise ValueError(f"lora: train-factors must be 'A', 'B' or 'AB', got {factors!r}")
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad = "A" in factors
+        elif "lora_B" in name:
+            param.requires_grad = "B" in factors
+
+
 def trainable_lora_parameters(model: PeftModel) -> list[torch.nn.Parameter]:
     return [p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name]
 

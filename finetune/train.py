@@ -24,6 +24,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     max_seq_len: int = 128
     seed: int = 0
+    proximal_mu: float = 0.0  # FedProx: mu/2 ||w - w_start||^2 keeps clients near the global
 
     def num_steps(self, num_examples: int) -> int:
         if self.epochs > 0:
@@ -38,6 +39,11 @@ class TrainResult:
     loss: float  # mean training loss over the steps
     final_loss: float  # mean over the last quarter of steps
     seconds: float
+
+
+def proximal_term(params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx (Li et al. 2020): mu/2 times the squared distance from the round's starting point."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
 
 
 def train(
@@ -55,6 +61,7 @@ def train(
     if not params:
         raise ValueError("train: the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    anchors = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
     steps = settings.num_steps(len(encoded))
     losses: list[float] = []
     model.train()
@@ -64,7 +71,8 @@ def train(
         if not torch.isfinite(loss):
             raise FloatingPointError(f"train: loss became {loss.item()} at step {step + 1}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective = loss + proximal_term(params, anchors, settings.proximal_mu) if anchors else loss
+        objective.backward()
         if settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()

@@ -13,6 +13,7 @@ from pathlib import Path
 from flwr.simulation import run_simulation
 
 from client.client_app import app as client_app
+from coordinator.aggregate import check_rule
 from coordinator.server_app import make_server_app
 from finetune.config import FedsiteConfig
 
@@ -42,6 +43,7 @@ def share_threads(workers: int) -> None:
 def simulate(config: FedsiteConfig, verbose: bool = False) -> Path:
     """Run `config.clients` simulated clients for `config.num_server_rounds` rounds; return the results folder."""
     config.validate()
+    check_rule(config.aggregation)
     out = Path(config.out)
     log.info("[fedsite] simulating %d clients for %d rounds on '%s' -> %s", config.clients, config.num_server_rounds, config.model, out)
     share_threads(config.workers)

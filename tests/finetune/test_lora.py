@@ -58,3 +58,16 @@ def test_export_loads_with_stock_peft(tiny, tmp_path):
     loaded = PeftModel.from_pretrained(build_tiny_llama(), tmp_path / "adapter")
     for key, value in get_lora_arrays(loaded).items():
         assert np.array_equal(value, arrays[key]), key
+
+
+def test_trainable_factors_can_freeze_a_or_b(tiny):
+    from finetune.lora import set_trainable_factors
+
+    model = attach_lora(tiny[0], LoraSettings())
+    set_trainable_factors(model, "B")
+    grads = {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
+    assert not any(v for n, v in grads.items() if "lora_A" in n) and all(v for n, v in grads.items() if "lora_B" in n)
+    set_trainable_factors(model, "AB")
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    with pytest.raises(ValueError, match="train-factors"):
+        set_trainable_factors(model, "C")

@@ -74,3 +74,16 @@ def test_exact_match_scores_memorised_answers(tiny):
 def test_normalize_answer():
     assert normalize_answer("\n  42 \nmore") == "42"
     assert normalize_answer("   ") == ""
+
+
+def test_proximal_term_keeps_the_update_closer_to_the_start(tiny):
+    from finetune.backbone import build_tiny_llama
+
+    distances = []
+    for mu in (0.0, 50.0):
+        model = attach_lora(build_tiny_llama(), LoraSettings(rank=4, targets=ALL_LINEAR))
+        start = get_lora_arrays(model)
+        train(model, tiny[1], EXAMPLES, TrainSettings(steps=15, batch_size=6, lr=1e-2, proximal_mu=mu))
+        end = get_lora_arrays(model)
+        distances.append(sum(float(np.sum((end[k] - start[k]) ** 2)) for k in start))
+    assert distances[1] < distances[0] * 0.8

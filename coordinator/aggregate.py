@@ -1,0 +1,77 @@
+"""The coordinator's aggregation step: one rule from `aggregation/`, selected by name.
+
+Holds the only state a rule needs across rounds (the server optimizer's moments), and tells
+clients which LoRA factors to train, since FFA-LoRA and RoLoRA freeze one of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aggregation import server_opt
+from aggregation.fedavg import weighted_mean
+from aggregation.hetero_rank import hetlora
+from aggregation.lora import ffa_lora, rolora, rolora_trainable
+from aggregation.robust import coordinate_median, trimmed_mean
+from aggregation.rules import get_rule
+
+# Rules in aggregation/ that also change the frozen base weights (FedEx residual, FLoRA merge):
+# they need a base-weight channel to clients that the federation does not have yet.
+NOT_IN_FEDERATION = {"fedex-lora", "flora"}
+
+NamedArrays = dict[str, np.ndarray]
+
+
+def check_rule(name: str) -> None:
+    """Raise a one-line ValueError if `name` is unknown or cannot run in the federation."""
+    get_rule(name)
+    if name in NOT_IN_FEDERATION:
+        raise ValueError(f"aggregation rule {name!r} changes the frozen base weights, which the federation cannot ship to clients yet")
+
+
+def train_factors(rule: str, server_round: int) -> str:
+    """Which LoRA factors clients train this round: "AB", or only "A"/"B"."""
+    if rule == "ffa-lora":
+        return "B"
+    if rule == "rolora":
+        return rolora_trainable(server_round)
+    return "AB"
+
+
+@dataclass
+class Aggregator:
+    rule: str = "fedavg"
+    server_lr: float = 0.01  # eta of FedAdam / FedYogi
+    server_momentum: float = 0.9  # FedAvgM
+    trim_fraction: float = 0.1  # trimmed mean: share cut from each side
+    state: server_opt.ServerOptState | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        check_rule(self.rule)
+
+    def __call__(self, current: NamedArrays, updates: Sequence[NamedArrays], weights: Sequence[float], server_round: int) -> NamedArrays:
+        """The new global arrays from validated client updates (trained arrays, not deltas)."""
+        spec = get_rule(self.rule)
+        if spec.server_optimizer:
+            mean = weighted_mean(updates, weights)
+            new, self.state = server_opt.apply(spec.server_optimizer, current, mean, self.state, **self._hparams(spec.server_optimizer))
+            return {k: v.astype(current[k].dtype) for k, v in new.items()}
+        if self.rule == "ffa-lora":
+            return ffa_lora(updates, weights)
+        if self.rule == "rolora":
+            return rolora(updates, weights, server_round, current)
+        if self.rule == "hetlora":
+            return hetlora(updates, weights)
+        if self.rule == "median":
+            return coordinate_median(updates)
+        if self.rule == "trimmed-mean":
+            return trimmed_mean(updates, self.trim_fraction)
+        return weighted_mean(updates, weights)  # fedavg, fedprox (its proximal term is client-side)
+
+    def _hparams(self, optimizer: str) -> dict:
+        if optimizer == "fedavgm":
+            return {"server_momentum": self.server_momentum}
+        return {"eta": self.server_lr}
