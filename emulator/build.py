@@ -167,7 +167,7 @@ def _plain(model: PreTrainedModel, layer_map: LayerMap) -> PreTrainedModel:
     """`model` itself, or for a PeftModel a merged copy (LoRA outside the adapter blocks is an error)."""
     if not isinstance(model, PeftModel):
         return model
-    adapters = {layer_map.emulator_index().get(i, i) for i in layer_map.adapter_layers()}
+    adapters = set(_positions(model.get_base_model(), layer_map).values())
     for name, _ in model.named_modules():
         if name.endswith("lora_A"):
             parts = name.split(".layers.")

@@ -1,7 +1,8 @@
 """What `fedsite emulator build|verify` run: argument parsing lives in `fedsite/`, logic here.
 
 Keys: `build` signs with `key_path` (created there if it does not exist) or, without one,
-with `<out's parent>/keys/signing_key.pem` (created once, reused by later builds). The
+with `<out's parent>/keys/signing_key.pem` (created once, reused by later builds), and writes
+the public half beside it (`keys/public_key.pem`, or `<key>.pub.pem` for a named key). The
 private key never goes inside the package. The package carries `public_key.pem` so that
 `verify DIR` works out of the box, but that copy proves nothing on its own: real
 deployments pin the coordinator's public key out of band and pass it as `--public-key`.
@@ -60,7 +61,8 @@ def build_command(
         quantize_middle(emulator, layer_map, quantize)
     created = not key_file.exists()
     signing_key = generate_signing_key(key_file) if created else load_signing_key(key_file)
-    (key_file.parent / "public_key.pem").write_bytes(public_key_pem(signing_key.public_key()))
+    public_file = key_file.with_name("public_key.pem") if key_file.name == "signing_key.pem" else key_file.with_suffix(".pub.pem")
+    public_file.write_bytes(public_key_pem(signing_key.public_key()))  # the copy to pin on clients
     backbone_params, backbone_bytes = unique_parameters(model)
     manifest = write_package(
         emulator, tokenizer, layer_map, out_dir, signing_key, _backbone_id(model_spec, model), backbone_bytes,
@@ -82,6 +84,7 @@ def build_command(
         "adapter_params": manifest.adapter_params,
         "backbone_params": backbone_params,
         "signing_key": str(key_file),
+        "public_key": str(public_file),
         "signing_key_created": created,
         "key_id": key_id(signing_key.public_key()),
     }

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from google.protobuf.message import DecodeError
 from peft import PeftModel
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from emulator.build import freeze_non_adapter, middle_linear_weights, unique_parameters
+from emulator.build import decoder_layers, freeze_non_adapter, middle_linear_weights, unique_parameters
 from emulator.keys import (  # noqa: F401 - key helpers re-exported as part of the package API
     PackageError,
     generate_signing_key,
@@ -39,7 +40,7 @@ from emulator.keys import (  # noqa: F401 - key helpers re-exported as part of t
     public_key_pem,
 )
 from emulator.layers import LayerMap
-from emulator.quantize import dequantize_tensor, quantize_tensor
+from emulator.quantize import METHODS, dequantize_tensor, quantize_tensor
 from protos import manifest_pb2
 
 FORMAT_VERSION = "1"
@@ -66,7 +67,7 @@ def write_package(
     if isinstance(emulator_model, PeftModel):
         raise PackageError("emulator: write the plain emulator, not a PeftModel (merge or drop LoRA first)")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists())):
         raise PackageError(f"{out_dir}: exists and is not an emulator package; refusing to overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
@@ -83,7 +84,7 @@ def write_package(
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         params, _ = unique_parameters(emulator_model)
         adapter_params = sum(
-            p.numel() for i in layer_map.adapter_layers() for p in emulator_model.model.layers[layer_map.emulator_index()[i]].parameters()
+            p.numel() for i in layer_map.adapter_layers() for p in decoder_layers(emulator_model)[layer_map.emulator_index()[i]].parameters()
         )
         manifest = manifest_pb2.EmulatorManifest(
             format_version=FORMAT_VERSION,
@@ -165,9 +166,14 @@ def verify_package(directory: str | Path, public_key: Ed25519PublicKey | str | P
     except InvalidSignature:
         raise PackageError(_bad_signature_reason(data, key)) from None
     manifest = manifest_pb2.EmulatorManifest()
-    manifest.ParseFromString(data)  # signed bytes that we wrote: parse cannot fail but for a foreign signer
+    try:
+        manifest.ParseFromString(data)
+    except DecodeError as err:  # signed but malformed: a broken signer, not an attacker
+        raise PackageError(f"{MANIFEST}: signed but not an EmulatorManifest ({err})") from None
     if manifest.format_version != FORMAT_VERSION:
         raise PackageError(f"{MANIFEST}: format_version '{manifest.format_version}' is not supported (expected '{FORMAT_VERSION}')")
+    if manifest.quantization not in ("", *METHODS):
+        raise PackageError(f"{MANIFEST}: unknown quantization '{manifest.quantization}' (expected '', int8 or nf4)")
     if (directory / PUBLIC_KEY).is_file():
         if (directory / PUBLIC_KEY).read_bytes() != public_key_pem(key):
             raise PackageError(f"{PUBLIC_KEY}: is not the public key used to verify (tampered or replaced)")
@@ -206,7 +212,7 @@ def _bad_signature_reason(data: bytes, key: Ed25519PublicKey) -> str:
     except Exception:  # noqa: BLE001 - unparsable means tampered
         claimed = ""
     if claimed and claimed != key_id(key):
-        return f"{SIGNATURE}: signed by key {claimed[:16]}, not by the given public key {key_id(key)[:16]} (wrong key)"
+        return f"{SIGNATURE}: signed by key {claimed[:16]}, not by the given public key {key_id(key)[:16]} (wrong key, or tampered {MANIFEST})"
     return f"{SIGNATURE}: bad signature over {MANIFEST} (tampered {MANIFEST} or {SIGNATURE}, or wrong key)"
 
 

@@ -150,6 +150,28 @@ def test_plug_in_merges_lora_on_adapter_blocks(tiny8, batch):
         plug_in(full, everywhere, lm)
 
 
+def test_adapter_state_of_a_full_model_with_lora(tiny8, map8, batch):
+    from peft import get_peft_model
+
+    full = tiny8[0]
+    config = LoraSettings(rank=4).to_peft()
+    config.layers_to_transform, config.layers_pattern = [0, 1, 6, 7], "layers"
+    peft_full = get_peft_model(copy.deepcopy(full), config)
+    with torch.no_grad():
+        for name, p in peft_full.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    state = adapter_state(peft_full, map8)
+    merged = copy.deepcopy(peft_full).merge_and_unload()
+    assert np.array_equal(state["model.layers.7.self_attn.q_proj.weight"], decoder_layers(merged)[7].self_attn.q_proj.weight.detach().numpy())
+    emulator = build_emulator(full, map8)
+    load_adapter_state(emulator, state, map8)  # the coordinator's merged adapters, sent to a client
+    assert torch.equal(decoder_layers(emulator)[4].self_attn.q_proj.weight, decoder_layers(merged)[6].self_attn.q_proj.weight)
+    config.layers_to_transform = [0, 3]
+    with pytest.raises(ValueError, match="outside the adapter blocks"):
+        adapter_state(get_peft_model(copy.deepcopy(full), config), map8)
+
+
 def middle_mse(emulator, full, lm, batches):
     with torch.no_grad():
         total = 0.0

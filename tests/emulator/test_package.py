@@ -88,14 +88,16 @@ def test_every_file_is_tamper_evident(built, signing_key, tmp_path):
     names = sorted(p.name for p in folder.iterdir())
     assert {"manifest.pb", "manifest.sig", "public_key.pem", "emulator.safetensors"} <= set(names)
     for name in names:
-        copy = tmp_path / f"copy-{name}"
-        shutil.copytree(folder, copy)
-        flip_byte(copy / name)
-        with pytest.raises(PackageError, match=name.replace(".", r"\.")) as err:
-            verify_package(copy, signing_key.public_key())
-        assert "\n" not in str(err.value)
-        with pytest.raises(PackageError):
-            load_package(copy, signing_key.public_key())
+        size = (folder / name).stat().st_size
+        for position in (0, size // 2, size - 1):
+            copy = tmp_path / f"copy-{name}-{position}"
+            shutil.copytree(folder, copy)
+            flip_byte(copy / name, position)
+            with pytest.raises(PackageError, match=name.replace(".", r"\.")) as err:
+                verify_package(copy, signing_key.public_key())
+            assert "\n" not in str(err.value)
+            with pytest.raises(PackageError):
+                load_package(copy, signing_key.public_key())
 
 
 def test_truncated_missing_and_extra_files(built, signing_key):
@@ -130,7 +132,7 @@ def test_truncated_missing_and_extra_files(built, signing_key):
 def test_wrong_public_key_is_rejected(built, tmp_path):
     _, folder, _ = built
     other = Ed25519PrivateKey.generate().public_key()
-    with pytest.raises(PackageError, match=r"manifest\.sig: signed by key .*\(wrong key\)"):
+    with pytest.raises(PackageError, match=r"manifest\.sig: signed by key .*\(wrong key"):
         verify_package(folder, other)
     with pytest.raises(PackageError, match="wrong key"):
         load_package(folder, other)
