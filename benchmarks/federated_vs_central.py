@@ -18,10 +18,10 @@ import logging
 import time
 from pathlib import Path
 
-from finetune.cache import lora_model
+from finetune.cache import initial_lora_arrays, lora_model
 from finetune.config import FedsiteConfig
 from finetune.evaluate import evaluate
-from finetune.lora import get_lora_arrays, set_lora_arrays
+from finetune.lora import set_lora_arrays
 from finetune.sources import central_eval_set, run_splits
 from finetune.train import TrainSettings, train
 from simulations.runner import simulate
@@ -63,7 +63,8 @@ def main() -> None:
     total_steps = args.rounds * args.per_round * args.local_steps
     eval_set = central_eval_set(config)
     model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed)
-    initial = get_lora_arrays(model)
+    initial = initial_lora_arrays(config.model, config.lora_settings(), config.seed)
+    set_lora_arrays(model, initial)
 
     rows = []
     started = time.perf_counter()

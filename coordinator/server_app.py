@@ -17,11 +17,11 @@ from coordinator.aggregate import Aggregator
 from coordinator.results import RunRecorder
 from coordinator.strategy import FedsiteStrategy
 from finetune.backbone import resolve_model_path
-from finetune.cache import lora_model
+from finetune.cache import initial_lora_arrays, lora_model
 from finetune.config import FedsiteConfig, from_mapping
 from finetune.evaluate import evaluate
 from finetune.logs import setup_logging
-from finetune.lora import export_adapter, get_lora_arrays, set_lora_arrays
+from finetune.lora import export_adapter, set_lora_arrays
 from finetune.sources import central_eval_set
 from protos.tensors import from_array_record, to_array_record
 
@@ -33,7 +33,7 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
     config.validate()
     recorder = RunRecorder(config.out, config)
     model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed)
-    initial = get_lora_arrays(model)
+    initial = initial_lora_arrays(config.model, config.lora_settings(), config.seed)
     eval_set = central_eval_set(config)
     aggregator = Aggregator(config.aggregation, config.server_lr, config.server_momentum, config.trim_fraction)
     strategy = FedsiteStrategy(

@@ -4,19 +4,31 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from finetune.backbone import load_backbone
-from finetune.lora import LoraSettings, attach_lora
+from finetune.lora import LoraSettings, attach_lora, get_lora_arrays
 
 
 @lru_cache(maxsize=2)
+def _build(model_spec: str, settings: LoraSettings, seed: int) -> tuple[PeftModel, PreTrainedTokenizerBase, dict[str, np.ndarray]]:
+    model, tokenizer = load_backbone(model_spec)
+    peft_model = attach_lora(model, settings, seed)
+    return peft_model, tokenizer, get_lora_arrays(peft_model)
+
+
 def lora_model(model_spec: str, settings: LoraSettings, seed: int = 0) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """Backbone `model_spec` wrapped with LoRA `settings`, loaded once per process.
 
     Callers must load the round's LoRA arrays before use: the cached modules hold whatever
     the previous caller left there.
     """
-    model, tokenizer = load_backbone(model_spec)
-    return attach_lora(model, settings, seed), tokenizer
+    model, tokenizer, _ = _build(model_spec, settings, seed)
+    return model, tokenizer
+
+
+def initial_lora_arrays(model_spec: str, settings: LoraSettings, seed: int = 0) -> dict[str, np.ndarray]:
+    """The LoRA arrays as initialised from `seed` (unaffected by later use of the cached model)."""
+    return {key: value.copy() for key, value in _build(model_spec, settings, seed)[2].items()}
