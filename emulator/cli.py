@@ -32,10 +32,15 @@ from finetune.backbone import SMOLLM2_ID, load_backbone
 MB = 1024 * 1024
 
 
+def default_adapter_layers(num_layers: int) -> int:
+    """Two adapter blocks per end as in the paper's small models; one for very shallow backbones."""
+    return 2 if num_layers >= 8 else 1
+
+
 def build_command(
     model_spec: str,
     out: str,
-    adapter_layers: int = 2,
+    adapter_layers: int | None = None,
     stride: int = 2,
     quantize: str | None = None,
     key_path: str | None = None,
@@ -52,7 +57,8 @@ def build_command(
         raise PackageError(f"{key_file}: the signing key must not live inside the package folder {out_dir}")
     quantize = canonical(quantize)
     model, tokenizer = load_backbone(model_spec)
-    layer_map = make_layer_map(model.config.num_hidden_layers, adapter_layers, stride)
+    num_layers = model.config.num_hidden_layers
+    layer_map = make_layer_map(num_layers, adapter_layers or default_adapter_layers(num_layers), stride)
     emulator = build_emulator(model, layer_map)
     if distill_steps > 0:
         losses = distill_middle(emulator, model, layer_map, _distill_batches(tokenizer), steps=distill_steps, lr=1e-4)
@@ -101,7 +107,8 @@ def verify_command(directory: str, public_key_path: str | None = None) -> int:
     try:
         manifest = verify_package(package, key)
     except PackageError as err:
-        print(f"error: {package}: {err}", file=sys.stderr)
+        reason = str(err) if str(package) in str(err) else f"{package}: {err}"
+        print(f"error: {reason}", file=sys.stderr)
         return 1
     print(
         f"ok: {package} — {manifest.backbone_id}, blocks {len(manifest.bottom) + len(manifest.middle_kept) + len(manifest.top)}"

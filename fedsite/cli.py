@@ -80,6 +80,38 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_emulator_build(args: argparse.Namespace) -> int:
+    from emulator.cli import build_command
+
+    quantize = None if args.quantize == "none" else args.quantize
+    build_command(args.model, args.out, args.adapter_layers, args.stride, quantize, args.key, distill_steps=args.distill_steps)
+    return 0
+
+
+def cmd_emulator_verify(args: argparse.Namespace) -> int:
+    from emulator.cli import verify_command
+
+    return verify_command(args.dir, args.public_key)
+
+
+def add_emulator_parser(sub: argparse._SubParsersAction) -> None:
+    emulator = sub.add_parser("emulator", help="build or verify an offsite emulator package", description="Offsite-tuning emulators: a compressed stand-in of the backbone with trainable adapter blocks.")
+    actions = emulator.add_subparsers(dest="action", required=True)
+    build = actions.add_parser("build", help="build, sign and write an emulator package", description="Keep the first and last --adapter-layers blocks (trainable), drop middle blocks by --stride, sign the package with Ed25519.")
+    build.add_argument("--model", default="smollm2", help="backbone: smollm2, tiny or a model folder (default: smollm2)")
+    build.add_argument("--out", required=True, help="package folder to write")
+    build.add_argument("--adapter-layers", type=int, default=None, help="adapter blocks kept at each end (default: 2, or 1 below 8 blocks)")
+    build.add_argument("--stride", type=int, default=2, help="keep every n-th middle block (default: 2; 1 keeps all)")
+    build.add_argument("--quantize", choices=["none", "int8", "nf4", "4bit"], default="none", help="weight quantization of the frozen middle (default: none)")
+    build.add_argument("--distill-steps", type=int, default=0, help="layer-wise distillation steps of the kept middle toward the full model (default: 0)")
+    build.add_argument("--key", default=None, help="Ed25519 signing key (PEM); default: created once in OUT/../keys/")
+    build.set_defaults(func=cmd_emulator_build)
+    verify = actions.add_parser("verify", help="check a package's signature and every file's hash", description="Exit 0 if the package is intact and signed by the key; else non-zero with a one-line reason.")
+    verify.add_argument("dir", help="package folder")
+    verify.add_argument("--public-key", default=None, help="coordinator's public key (PEM); default: the package's public_key.pem (not a trust anchor)")
+    verify.set_defaults(func=cmd_emulator_verify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsite", description="Federated and offsite fine-tuning of language models on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(simulate)
     simulate.add_argument("--verbose", action="store_true", help="show Flower's debug logs")
     simulate.set_defaults(func=cmd_simulate)
+    add_emulator_parser(sub)
     return parser
 
 
