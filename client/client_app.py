@@ -7,6 +7,7 @@ only LoRA arrays and metrics leave the client.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import zlib
@@ -17,6 +18,7 @@ from flwr.clientapp import ClientApp
 from finetune.cache import lora_model
 from finetune.config import FedsiteConfig, from_mapping
 from finetune.evaluate import evaluate
+from finetune.privacy import BudgetExhausted, DPSettings, check_budget, train_private
 from finetune.lora import get_lora_arrays, set_lora_arrays, set_trainable_factors
 from finetune.sources import client_splits
 from finetune.train import TrainSettings, train
@@ -49,7 +51,7 @@ def client_label(context: Context) -> str:
 def train_handler(msg: Message, context: Context) -> Message:
     """Load the global LoRA arrays, train locally, reply with the new arrays and metrics."""
     config, server_round, factors = run_config_from(msg.content["config"])
-    model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed)
+    model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)
     received = from_array_record(msg.content["arrays"])
     set_lora_arrays(model, received)
     set_trainable_factors(model, factors)
@@ -66,8 +68,15 @@ def train_handler(msg: Message, context: Context) -> Message:
         # a different data order every round and client, reproducible from the run seed
         seed=zlib.crc32(f"{config.seed}/{server_round}/{client_label(context)}".encode()),
     )
+    privacy: dict[str, float] = {}
     try:
-        result = train(model, tokenizer, train_examples, settings)
+        if config.dp == "local":
+            result, privacy = train_locally_private(model, tokenizer, train_examples, settings, config, context)
+        else:
+            result = train(model, tokenizer, train_examples, settings)
+    except BudgetExhausted as err:
+        log.info("client %s round %d: %s", client_label(context), server_round, err)
+        return declined(msg, context, str(err))
     finally:
         set_trainable_factors(model, "AB")  # the cached model is shared with the next client
     payload = encode_upload(get_lora_arrays(model), received, config, context)
@@ -81,6 +90,7 @@ def train_handler(msg: Message, context: Context) -> Message:
             "train-seconds": result.seconds,
             "upload-bytes": encoded_nbytes(payload),
             "client-id": int(context.node_config.get("partition-id", -1)),
+            **privacy,
         }
     )
     content = RecordDict({"arrays": to_array_record(payload), "metrics": metrics})
@@ -88,6 +98,32 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 
 FEEDBACK_KEY = "error-feedback"
+PRIVACY_KEY = "privacy-accountant"
+
+
+def train_locally_private(model, tokenizer, examples, settings: TrainSettings, config: FedsiteConfig, context: Context):
+    """DP-SGD through Opacus; the accountant's history persists in the node's state across rounds."""
+    dp = DPSettings(
+        noise_multiplier=None if config.target_epsilon > 0 else config.noise_multiplier,
+        target_epsilon=config.target_epsilon or None,
+        delta=config.delta,
+        max_grad_norm=config.dp_max_grad_norm,
+    )
+    stored = context.state.get(PRIVACY_KEY)
+    state = json.loads(stored["json"]) if stored is not None else None
+    check_budget(state, dp, config.epsilon_budget or None)
+    planned = config.num_server_rounds * settings.num_steps(len(examples))
+    result, spend, state = train_private(model, tokenizer, examples, settings, dp, state, total_steps_budget=planned)
+    context.state[PRIVACY_KEY] = ConfigRecord({"json": json.dumps(state)})
+    spent = spend.to_dict()
+    metrics = {f"dp-{key.replace('_', '-')}": float(spent[key]) for key in ("noise_multiplier", "sample_rate", "steps", "total_steps", "delta", "epsilon")}
+    return result, metrics
+
+
+def declined(msg: Message, context: Context, reason: str) -> Message:
+    """A reply that trains nothing and says why (the coordinator records it, never aggregates it)."""
+    metrics = MetricRecord({"num-examples": 0, "client-id": int(context.node_config.get("partition-id", -1))})
+    return Message(content=RecordDict({"declined": ConfigRecord({"reason": reason}), "metrics": metrics}), reply_to=msg)
 
 
 def encode_upload(trained: dict, received: dict, config: FedsiteConfig, context: Context) -> dict:
@@ -107,7 +143,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     """Loss and exact-match accuracy of the global adapter on this client's test split."""
     started = time.perf_counter()
     config, _, _ = run_config_from(msg.content["config"])
-    model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed)
+    model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)
     set_lora_arrays(model, from_array_record(msg.content["arrays"]))
     _, test_examples = client_splits(config, context.node_config)
     test_examples = test_examples[: config.client_eval_examples]

@@ -3,6 +3,7 @@
     config.toml       the exact configuration (reusable with `fedsite simulate --config`)
     metrics.jsonl     one object per round: central eval, train loss, participation, bytes
     clients.jsonl     one object per client update: examples, loss, bytes, accepted or why not
+    privacy.jsonl     the privacy ledger: per client per round (local DP) or per round (client DP)
     summary.json      initial and final evaluation, per task
     summary.md        the same for people, with a per-round table
     curves.png        accuracy and loss per round
@@ -38,7 +39,7 @@ class RunRecorder:
         self.rounds: list[dict[str, Any]] = []
         self.initial: dict[str, Any] | None = None
         self._pending: dict[str, Any] = {}
-        for name in ("metrics.jsonl", "clients.jsonl"):
+        for name in ("metrics.jsonl", "clients.jsonl", "privacy.jsonl"):
             (self.out / name).write_text("")
         write_atomic(self.out / "config.toml", tomli_w.dumps(config.to_flat()))
 
@@ -48,6 +49,11 @@ class RunRecorder:
 
     def record_client(self, entry: dict[str, Any]) -> None:
         with (self.out / "clients.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def record_privacy(self, entry: dict[str, Any]) -> None:
+        """One ledger line: mechanism, noise, sampling, steps, delta, epsilon (enough to recompute it)."""
+        with (self.out / "privacy.jsonl").open("a") as f:
             f.write(json.dumps(entry) + "\n")
 
     def finish_round(self, server_round: int, central: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.aggregate import Aggregator
+from coordinator.client_dp import ClientLevelDP
 from coordinator.results import RunRecorder
 from coordinator.strategy import FedsiteStrategy
 from finetune.backbone import resolve_model_path
@@ -44,6 +45,7 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
         min_train_clients=min(config.min_train_clients, config.clients),
         max_update_norm=config.max_update_norm,
         max_update_bytes=int(config.max_update_mb * 1e6),
+        client_dp=client_level_dp(config),
     )
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -84,6 +86,12 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
     recorder.write_summary()
     log.info("[fedsite] results written to %s", config.out)
     return recorder
+
+
+def client_level_dp(config: FedsiteConfig) -> ClientLevelDP | None:
+    if config.dp != "client":
+        return None
+    return ClientLevelDP(config.noise_multiplier, config.dp_clip_norm, config.delta, adaptive=config.dp_adaptive_clip, seed=None)
 
 
 def make_server_app(config: FedsiteConfig) -> ServerApp:

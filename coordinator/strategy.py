@@ -17,12 +17,22 @@ from flwr.serverapp.strategy import FedAvg
 
 from aggregation.validate import validate_update
 from coordinator.aggregate import Aggregator, train_factors
+from coordinator.client_dp import ClientLevelDP
 from coordinator.results import RunRecorder
 from protos.codecs import CodecError
 from protos.tensors import from_array_record, to_array_record
 from protos.updates import decode_update
 
 log = logging.getLogger("fedsite.coordinator")
+
+
+def local_dp_entry(server_round: int, client: int, metrics: dict) -> dict:
+    """A privacy-ledger line from the dp-* metrics a local-DP client reports."""
+    fields = ("noise-multiplier", "sample-rate", "steps", "total-steps", "delta", "epsilon")
+    entry = {"round": server_round, "client": client, "mechanism": "local-dp-sgd", "accountant": "rdp"}
+    entry.update({name.replace("-", "_"): metrics[f"dp-{name}"] for name in fields})
+    entry["steps"], entry["total_steps"] = int(entry["steps"]), int(entry["total_steps"])
+    return entry
 
 
 def client_name(msg: Message, metrics: dict) -> int:
@@ -44,6 +54,7 @@ class FedsiteStrategy(FedAvg):
         min_train_clients: int,
         max_update_norm: float = 0.0,
         max_update_bytes: int = 0,
+        client_dp: ClientLevelDP | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -54,6 +65,8 @@ class FedsiteStrategy(FedAvg):
         )
         self.recorder = recorder
         self.aggregator = aggregator or Aggregator()
+        self.client_dp = client_dp
+        self._sample_rate = 1.0
         # 0 disables a bound; the norm bounds the distance from the current global arrays
         self.bounds = {"max_norm": max_update_norm or None, "max_bytes": max_update_bytes or None, "relative": True}
         self._global: dict[str, np.ndarray] = {}
@@ -64,6 +77,7 @@ class FedsiteStrategy(FedAvg):
         self._global = from_array_record(arrays)
         config["train-factors"] = train_factors(self.aggregator.rule, server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sample_rate = len(messages) / max(1, len(list(grid.get_node_ids())))
         self.recorder.record(sampled=len(messages))
         log.info("round %d: training on %d clients", server_round, len(messages))
         return messages
@@ -79,6 +93,8 @@ class FedsiteStrategy(FedAvg):
             if reason is None:
                 accepted.append((node, update, metrics))
                 entry["status"] = "accepted"
+                if "dp-epsilon" in metrics:
+                    self.recorder.record_privacy(local_dp_entry(server_round, node, metrics))
             else:
                 rejected.append({"client": node, "reason": reason})
                 entry.update(status="rejected", reason=reason)
@@ -91,7 +107,14 @@ class FedsiteStrategy(FedAvg):
             return None, None
 
         weights = [float(m["num-examples"]) for _, _, m in accepted]
-        new_global = self.aggregator(self._global, [u for _, u, _ in accepted], weights, server_round)
+        updates = [u for _, u, _ in accepted]
+        if self.client_dp is not None:
+            new_global, ledger = self.client_dp(self._global, updates, self._sample_rate)
+            for node, _, _ in accepted:
+                self.recorder.record_privacy({"round": server_round, "client": node, **ledger})
+            self.recorder.record(privacy=ledger)
+        else:
+            new_global = self.aggregator(self._global, updates, weights, server_round)
         total = sum(weights)
         train_loss = sum(float(m.get("train-loss", 0.0)) * w for (_, _, m), w in zip(accepted, weights)) / total
         upload = int(sum(int(m.get("upload-bytes", 0)) for _, _, m in accepted))
@@ -111,6 +134,8 @@ class FedsiteStrategy(FedAvg):
         """(reason or None, update, metrics) of one reply; never raises on a bad client."""
         if msg.has_error():
             return f"client error: {msg.error.reason}", {}, {}
+        if "declined" in msg.content.config_records:
+            return f"declined: {msg.content['declined']['reason']}", {}, dict(msg.content.metric_records.get("metrics", {}))
         try:
             metrics = dict(msg.content["metrics"])
             update = decode_update(from_array_record(msg.content["arrays"]), self._global)

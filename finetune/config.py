@@ -65,6 +65,17 @@ class FedsiteConfig:
     upload_codec: str = "fp32"  # fp32 | fp16 | int8 | 4bit
     upload_topk: float = 0.0  # keep this fraction of largest entries per tensor; 0 = dense
     error_feedback: bool = False
+    # privacy: "none", "local" (DP-SGD on clients, Opacus) or "client" (user-level DP at the coordinator)
+    dp: str = "none"
+    noise_multiplier: float = 1.0
+    target_epsilon: float = 0.0  # local DP: calibrate the noise to this epsilon over the run; 0 = use noise-multiplier
+    delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0  # local DP: per-sample gradient clipping
+    epsilon_budget: float = 0.0  # local DP: clients decline to train once they spent this; 0 = target-epsilon or none
+    dp_clip_norm: float = 0.1  # client DP: bound on each client's update (L2 distance from the global)
+    dp_adaptive_clip: bool = False  # client DP: clip bound follows the median update norm
+    # QLoRA-style clients: frozen backbone loaded in 4-bit NF4 or 8-bit (bitsandbytes)
+    quantize: str = "none"
     # evaluation
     eval_examples: int = 60
     client_eval_examples: int = 16
@@ -107,6 +118,13 @@ class FedsiteConfig:
             ("workers", self.workers >= 1, "at least 1"),
             ("upload-codec", self.upload_codec in ("fp32", "fp16", "int8", "4bit"), "fp32, fp16, int8 or 4bit"),
             ("upload-topk", 0.0 <= self.upload_topk <= 1.0, "in [0, 1]"),
+            ("dp", self.dp in ("none", "local", "client"), "none, local or client"),
+            ("noise-multiplier", self.noise_multiplier >= 0.0, "non-negative"),
+            ("delta", 0.0 < self.delta < 1.0, "in (0, 1)"),
+            ("dp-clip-norm", self.dp_clip_norm > 0.0, "positive"),
+            ("dp-max-grad-norm", self.dp_max_grad_norm > 0.0, "positive"),
+            ("quantize", self.quantize in ("none", "nf4", "int8"), "none, nf4 or int8"),
+            ("aggregation", self.dp != "client" or self.aggregation == "fedavg", "fedavg with dp 'client' (DP-FedAvg)"),
         ]
         for key, ok, expected in checks:
             if not ok:
