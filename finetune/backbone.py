@@ -98,8 +98,14 @@ def smollm2_folder() -> Path:
     log.info("Converting %s to %s (one-time, ~30 s)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    save_folder_atomically(model, tokenizer, target)
+    return target
+
+
+def save_folder_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    """`save_plain_folder` into a temporary sibling, then rename: readers never see half a folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         save_plain_folder(model, tokenizer, tmp)
         if target.exists():  # a concurrent process finished first
@@ -109,7 +115,6 @@ def smollm2_folder() -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def save_plain_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:

@@ -9,14 +9,12 @@ machine cannot run raises `QuantizationUnsupported`: never a silent fp32 fallbac
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune.backbone import BackboneError, build_char_tokenizer, build_tiny_llama, cache_dir, save_plain_folder, smollm2_folder
+from finetune.backbone import BackboneError, build_char_tokenizer, build_tiny_llama, cache_dir, save_folder_atomically, smollm2_folder
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +91,7 @@ def _folder(spec: str) -> Path:
 
 
 def _save_atomically(target: Path) -> None:
-    """Write the tiny Llama folder beside `target` and rename, so concurrent processes never see half a folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
-        save_plain_folder(build_tiny_llama(), build_char_tokenizer(), tmp)
-        if target.exists():
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_folder_atomically(build_tiny_llama(), build_char_tokenizer(), target)
 
 
 def is_quantized(model: torch.nn.Module) -> bool:

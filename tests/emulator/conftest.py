@@ -10,14 +10,6 @@ from emulator.package import generate_signing_key
 from finetune.backbone import build_char_tokenizer, build_tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they cost ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture()
 def tiny8():

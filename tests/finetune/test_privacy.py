@@ -24,14 +24,6 @@ WORDS = ["abc", "dog", "tree", "sun", "moon", "star", "leaf", "rain"]
 EXAMPLES = [Example("Reverse the word.", w, w[::-1], "reverse") for w in WORDS]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: extra threads only add contention (10x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture()
 def lora_tiny(tiny):

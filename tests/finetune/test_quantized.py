@@ -19,13 +19,6 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDSITE_CACHE", str(tmp_path))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def runnable(mode: str) -> None:
     try:
