@@ -103,6 +103,20 @@ def cmd_emulator_verify(args: argparse.Namespace) -> int:
     return verify_command(args.dir, args.public_key)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from simulations.report import write_report
+
+    print(f"report: {write_report(args.runs, args.out)}")
+    return 0
+
+
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser("report", help="compare results folders: PNG plots and a markdown table", description="Write accuracy, loss, bytes, participation and time-to-accuracy plots plus report.md and report.json comparing the given runs.")
+    report.add_argument("runs", nargs="+", help="results folders written by `fedsite simulate` (metrics.jsonl inside)")
+    report.add_argument("--out", required=True, help="folder for the plots, report.md and report.json")
+    report.set_defaults(func=cmd_report)
+
+
 def add_emulator_parser(sub: argparse._SubParsersAction) -> None:
     emulator = sub.add_parser("emulator", help="build or verify an offsite emulator package", description="Offsite-tuning emulators: a compressed stand-in of the backbone with trainable adapter blocks.")
     actions = emulator.add_subparsers(dest="action", required=True)
@@ -133,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--verbose", action="store_true", help="show Flower's debug logs")
     simulate.set_defaults(func=cmd_simulate)
     add_emulator_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

@@ -10,7 +10,7 @@ def test_every_config_field_has_help_text():
     assert set(field_help()) <= set(FIELD_HELP), sorted(set(field_help()) - set(FIELD_HELP))
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["simulate", "--help"], ["emulator", "--help"], ["emulator", "build", "--help"], ["emulator", "verify", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["simulate", "--help"], ["emulator", "--help"], ["emulator", "build", "--help"], ["emulator", "verify", "--help"], ["report", "--help"]])
 def test_help_exits_cleanly(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(argv)
@@ -34,6 +34,11 @@ def test_bad_values_are_one_line_errors(tmp_path, capsys):
     assert "aggregation" in capsys.readouterr().err
     assert main(["simulate", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "missing.toml" in capsys.readouterr().err
+
+
+def test_report_of_a_missing_folder_is_one_line_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_emulator_build_and_verify(tmp_path, capsys):
