@@ -139,10 +139,14 @@ def fedex_lora(
 
 
 def rolora_trainable(round: int) -> Literal["A", "B"]:
-    """Which factor clients train in 1-based `round`: odd rounds "A", even rounds "B"."""
+    """Which factor clients train in 1-based `round`: odd rounds "B", even rounds "A".
+
+    B starts first because LoRA initialises B to zero: with B = 0 the gradient of A is zero,
+    so a first round that trains only A would change nothing.
+    """
     if round < 1:
         raise ValueError(f"rolora: round must be >= 1 (Flower counts from 1), got {round}")
-    return "A" if round % 2 == 1 else "B"
+    return "B" if round % 2 == 1 else "A"
 
 
 def rolora(

@@ -133,7 +133,7 @@ def test_mean_product_matches_direct_sum():
 
 
 def test_rolora_trainable_alternates():
-    assert [rolora_trainable(r) for r in range(1, 5)] == ["A", "B", "A", "B"]
+    assert [rolora_trainable(r) for r in range(1, 5)] == ["B", "A", "B", "A"]
     with pytest.raises(ValueError, match="round must be >= 1"):
         rolora_trainable(0)
 
@@ -169,6 +169,6 @@ def test_rolora_accepts_updates_without_the_frozen_factor():
     rng = np.random.default_rng(4)
     current = lora_update(rng)
     ups = [{k: v for k, v in lora_update(rng).items() if ".lora_B." not in k} for _ in range(2)]
-    out = rolora(ups, [1, 1], 1, current)
+    out = rolora(ups, [1, 1], 2, current)  # round 2 trains A, so B may be left out
     np.testing.assert_array_equal(out[b_key(Q)], current[b_key(Q)])
     np.testing.assert_allclose(out[a_key(Q)], (ups[0][a_key(Q)] + ups[1][a_key(Q)]) / 2)

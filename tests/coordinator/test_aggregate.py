@@ -33,8 +33,8 @@ def test_ffa_lora_keeps_the_shared_a_and_clients_train_only_b():
 
 
 def test_rolora_alternates_the_trained_factor():
-    assert [train_factors("rolora", r) for r in (1, 2, 3)] == ["A", "B", "A"]
-    new = Aggregator("rolora")(CURRENT, [client(1, 5), client(3, 5)], [1, 1], 1)  # round 1: only A counts
+    assert [train_factors("rolora", r) for r in (1, 2, 3)] == ["B", "A", "B"]  # B first: it starts at zero
+    new = Aggregator("rolora")(CURRENT, [client(1, 5), client(3, 5)], [1, 1], 2)  # round 2: only A counts
     assert np.allclose(new["m.lora_A.weight"], CURRENT["m.lora_A.weight"] + 2)
     assert np.array_equal(new["m.lora_B.weight"], CURRENT["m.lora_B.weight"])
 
