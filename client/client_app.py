@@ -14,6 +14,8 @@ import zlib
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
 
 from finetune.cache import lora_model
 from finetune.config import FedsiteConfig, from_mapping
@@ -21,7 +23,8 @@ from finetune.evaluate import evaluate
 from finetune.privacy import BudgetExhausted, DPSettings, check_budget, train_private
 from finetune.lora import get_lora_arrays, set_lora_arrays, set_trainable_factors
 from finetune.sources import client_splits
-from finetune.train import TrainSettings, train
+from finetune.examples import Example
+from finetune.train import TrainResult, TrainSettings, train
 from protos.codecs import ErrorFeedback, encoded_nbytes
 from protos.tensors import from_array_record, to_array_record
 from protos.updates import encode_update
@@ -45,6 +48,11 @@ def run_config_from(record: ConfigRecord) -> tuple[FedsiteConfig, int, str]:
 
 def client_label(context: Context) -> str:
     return str(context.node_config.get("partition-id", context.node_id))
+
+
+def client_id(context: Context) -> int:
+    """A simulated client's partition id; -1 for a deployed client (the coordinator uses its node id)."""
+    return int(context.node_config.get("partition-id", -1))
 
 
 @app.train()
@@ -89,7 +97,7 @@ def train_handler(msg: Message, context: Context) -> Message:
             "steps": result.steps,
             "train-seconds": result.seconds,
             "upload-bytes": encoded_nbytes(payload),
-            "client-id": int(context.node_config.get("partition-id", -1)),
+            "client-id": client_id(context),
             **privacy,
         }
     )
@@ -101,7 +109,9 @@ FEEDBACK_KEY = "error-feedback"
 PRIVACY_KEY = "privacy-accountant"
 
 
-def train_locally_private(model, tokenizer, examples, settings: TrainSettings, config: FedsiteConfig, context: Context):
+def train_locally_private(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example], settings: TrainSettings, config: FedsiteConfig, context: Context
+) -> tuple[TrainResult, dict[str, float]]:
     """DP-SGD through Opacus; the accountant's history persists in the node's state across rounds."""
     dp = DPSettings(
         noise_multiplier=None if config.target_epsilon > 0 else config.noise_multiplier,
@@ -122,7 +132,7 @@ def train_locally_private(model, tokenizer, examples, settings: TrainSettings, c
 
 def declined(msg: Message, context: Context, reason: str) -> Message:
     """A reply that trains nothing and says why (the coordinator records it, never aggregates it)."""
-    metrics = MetricRecord({"num-examples": 0, "client-id": int(context.node_config.get("partition-id", -1))})
+    metrics = MetricRecord({"num-examples": 0, "client-id": client_id(context)})
     return Message(content=RecordDict({"declined": ConfigRecord({"reason": reason}), "metrics": metrics}), reply_to=msg)
 
 
