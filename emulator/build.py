@@ -153,21 +153,25 @@ def distill_middle(
     return losses
 
 
-def attach_adapter_lora(emulator: PreTrainedModel, layer_map: LayerMap, settings: LoraSettings, seed: int = 0) -> PeftModel:
-    """LoRA (via PEFT) on the adapter blocks only, for clients that train LoRA instead of full blocks."""
+def attach_adapter_lora(model: PreTrainedModel, layer_map: LayerMap, settings: LoraSettings, seed: int = 0) -> PeftModel:
+    """LoRA (via PEFT) on the adapter blocks only, for clients that train LoRA instead of full blocks.
+
+    `model` is the emulator (client side) or the full backbone (the coordinator's plug-in):
+    the same LoRA lands on the same original blocks, only their positions differ.
+    """
     peft_config = settings.to_peft()
-    peft_config.layers_to_transform = sorted(layer_map.emulator_index()[i] for i in layer_map.adapter_layers())
+    peft_config.layers_to_transform = sorted(adapter_positions(model, layer_map).values())
     peft_config.layers_pattern = "layers"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(emulator, peft_config)
+        return get_peft_model(model, peft_config)
 
 
 def _plain(model: PreTrainedModel, layer_map: LayerMap) -> PreTrainedModel:
     """`model` itself, or for a PeftModel a merged copy (LoRA outside the adapter blocks is an error)."""
     if not isinstance(model, PeftModel):
         return model
-    adapters = set(_positions(model.get_base_model(), layer_map).values())
+    adapters = set(adapter_positions(model.get_base_model(), layer_map).values())
     for name, _ in model.named_modules():
         if name.endswith("lora_A"):
             parts = name.split(".layers.")
@@ -177,7 +181,7 @@ def _plain(model: PreTrainedModel, layer_map: LayerMap) -> PreTrainedModel:
     return copy.deepcopy(model).merge_and_unload()
 
 
-def _positions(model: PreTrainedModel, layer_map: LayerMap) -> dict[int, int]:
+def adapter_positions(model: PreTrainedModel, layer_map: LayerMap) -> dict[int, int]:
     """Original adapter index -> block position in `model` (emulator or full backbone)."""
     n = len(decoder_layers(model))
     if n == layer_map.num_layers:
@@ -195,7 +199,7 @@ def adapter_state(model: PreTrainedModel, layer_map: LayerMap) -> dict[str, np.n
     plain = _plain(model, layer_map)
     layers = decoder_layers(plain)
     out = {}
-    for original, position in _positions(plain, layer_map).items():
+    for original, position in adapter_positions(plain, layer_map).items():
         for name, tensor in layers[position].state_dict().items():
             out[f"{LAYER_PREFIX}{original}.{name}"] = tensor.detach().cpu().to(torch.float32).numpy().copy()
     return out
@@ -208,7 +212,7 @@ def load_adapter_state(model: PreTrainedModel, arrays: Mapping[str, np.ndarray],
         raise ValueError("emulator: load adapter state into the plain model, before attaching LoRA")
     layers = decoder_layers(model)
     targets = {}
-    for original, position in _positions(model, layer_map).items():
+    for original, position in adapter_positions(model, layer_map).items():
         for name, tensor in layers[position].state_dict(keep_vars=True).items():
             targets[f"{LAYER_PREFIX}{original}.{name}"] = tensor
     missing, unknown = sorted(set(targets) - set(arrays)), sorted(set(arrays) - set(targets))

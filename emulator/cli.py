@@ -10,6 +10,7 @@ deployments pin the coordinator's public key out of band and pass it as `--publi
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from emulator.quantize import canonical
 from finetune.backbone import SMOLLM2_ID, load_backbone
 
 MB = 1024 * 1024
+log = logging.getLogger("fedsite.emulator")
 
 
 def default_adapter_layers(num_layers: int) -> int:
@@ -47,7 +49,23 @@ def build_command(
     *,
     distill_steps: int = 0,
 ) -> dict[str, Any]:
-    """Build, sign and write the emulator package `out` for backbone `model_spec`; print and return a summary.
+    """`fedsite emulator build`: `build_package`, then print the summary."""
+    summary = build_package(model_spec, out, adapter_layers, stride, quantize, key_path, distill_steps=distill_steps)
+    print(_describe(summary))
+    return summary
+
+
+def build_package(
+    model_spec: str,
+    out: str | Path,
+    adapter_layers: int | None = None,
+    stride: int = 2,
+    quantize: str | None = None,
+    key_path: str | Path | None = None,
+    *,
+    distill_steps: int = 0,
+) -> dict[str, Any]:
+    """Build, sign and write the emulator package `out` for backbone `model_spec`; return a summary.
 
     `distill_steps` > 0 first distils the kept middle on the built-in instruction tasks.
     """
@@ -62,7 +80,7 @@ def build_command(
     emulator = build_emulator(model, layer_map)
     if distill_steps > 0:
         losses = distill_middle(emulator, model, layer_map, _distill_batches(tokenizer), steps=distill_steps, lr=1e-4)
-        print(f"distillation: MSE {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps")
+        log.info(f"distillation: MSE {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps")
     if quantize:
         quantize_middle(emulator, layer_map, quantize)
     created = not key_file.exists()
@@ -94,7 +112,6 @@ def build_command(
         "signing_key_created": created,
         "key_id": key_id(signing_key.public_key()),
     }
-    print(_describe(summary))
     return summary
 
 
