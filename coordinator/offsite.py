@@ -1,0 +1,109 @@
+"""The offsite track of a run: emulator package, its adapter's global state, the plug-in.
+
+A run can mix two kinds of clients. LoRA clients hold the backbone and train LoRA on it;
+offsite clients get a signed emulator package and train its adapter blocks. Each kind is
+aggregated with its own kind only. Both tracks travel in the one ArrayRecord Flower keeps
+between rounds: LoRA arrays under their PEFT names, offsite arrays under `offsite/`, so
+checkpointing and the round loop need not know there are two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from emulator.cli import build_package
+from emulator.keys import load_public_key, public_key_pem
+from emulator.layers import LayerMap
+from emulator.offsite import get_offsite_arrays, set_offsite_arrays, trainable_model
+from emulator.package import manifest_layer_map, verify_package
+from finetune.backbone import load_backbone, resolve_model_path
+from finetune.config import FedsiteConfig
+from finetune.lora import export_adapter
+
+PREFIX = "offsite/"
+KIND_LORA, KIND_EMULATOR = "lora", "emulator"
+
+
+def split_tracks(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(LoRA-track arrays, offsite-track arrays without the prefix) of a joint record."""
+    lora = {k: v for k, v in arrays.items() if not k.startswith(PREFIX)}
+    offsite = {k[len(PREFIX) :]: v for k, v in arrays.items() if k.startswith(PREFIX)}
+    return lora, offsite
+
+
+def join_tracks(lora: Mapping[str, np.ndarray], offsite: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {**lora, **{PREFIX + k: v for k, v in offsite.items()}}
+
+
+def is_emulator_client(partition_id: int, share: float) -> bool:
+    """Spread `share` of the simulated clients evenly over partition ids (deterministic)."""
+    return share > 0 and int((partition_id + 1) * share) > int(partition_id * share)
+
+
+@dataclass
+class OffsiteTrack:
+    """The coordinator's side of offsite tuning: what clients get, and the full model it feeds."""
+
+    package: Path
+    public_key_pem: str
+    layer_map: LayerMap
+    mode: str
+    plug_in: PreTrainedModel  # the full backbone made trainable like the emulator (adapter blocks)
+    tokenizer: PreTrainedTokenizerBase
+    initial: dict[str, np.ndarray]
+    summary: dict
+
+    def client_config(self) -> dict[str, str]:
+        """What an offsite client's round config adds: package reference, signer key, train mode."""
+        return {"kind": KIND_EMULATOR, "emulator-package": str(self.package), "emulator-public-key": self.public_key_pem, "offsite-train": self.mode}
+
+    def load(self, arrays: Mapping[str, np.ndarray]) -> PreTrainedModel:
+        """The plug-in: the full backbone with the aggregated adapter in its blocks."""
+        set_offsite_arrays(self.plug_in, arrays, self.layer_map, self.mode)
+        return self.plug_in
+
+    def export(self, arrays: Mapping[str, np.ndarray], folder: Path, model_spec: str) -> Path:
+        """LoRA mode: a PEFT adapter for the full backbone; blocks mode: the adapter blocks' weights."""
+        model = self.load(arrays)
+        if self.mode == "lora":
+            return export_adapter(model, folder, resolve_model_path(model_spec))
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / "adapter_blocks.safetensors"), metadata={"layer_map": str(self.layer_map.to_dict())})
+        return folder
+
+
+def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
+    """Build and sign the run's emulator package (or verify `emulator-package`), set up the plug-in."""
+    out = Path(config.out)
+    if config.emulator_package:
+        package = Path(config.emulator_package).expanduser().resolve()
+        key_file = package.parent / "keys" / "public_key.pem"
+        if not key_file.is_file():
+            raise FileNotFoundError(f"emulator-package: no coordinator public key at {key_file} (build it with `fedsite emulator build`)")
+        public_key = load_public_key(key_file)
+        manifest = verify_package(package, public_key)
+        summary = {"package": str(package), "emulator_bytes": manifest.emulator_bytes, "backbone_bytes": manifest.backbone_bytes}
+    else:
+        package = (out / "emulator").resolve()
+        summary = build_package(
+            config.model,
+            package,
+            config.emulator_adapter_layers or None,
+            config.emulator_stride,
+            None if config.emulator_quantize == "none" else config.emulator_quantize,
+            out / "keys" / "signing_key.pem",
+            distill_steps=config.emulator_distill_steps,
+        )
+        public_key = load_public_key(out / "keys" / "public_key.pem")
+        manifest = verify_package(package, public_key)
+    layer_map = manifest_layer_map(manifest)
+    backbone, tokenizer = load_backbone(config.model)
+    plug_in = trainable_model(backbone, layer_map, config.offsite_train, config.lora_settings(), config.seed)
+    initial = get_offsite_arrays(plug_in, layer_map, config.offsite_train)
+    return OffsiteTrack(package, public_key_pem(public_key).decode(), layer_map, config.offsite_train, plug_in, tokenizer, initial, summary)
