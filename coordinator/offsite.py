@@ -61,7 +61,7 @@ class OffsiteTrack:
 
     def client_config(self) -> dict[str, str]:
         """What an offsite client's round config adds: package reference, signer key, train mode."""
-        return {"kind": KIND_EMULATOR, "emulator-package": str(self.package), "emulator-public-key": self.public_key_pem, "offsite-train": self.mode}
+        return {"package-kind": KIND_EMULATOR, "emulator-package": str(self.package), "emulator-public-key": self.public_key_pem, "offsite-train": self.mode}
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> PreTrainedModel:
         """The plug-in: the full backbone with the aggregated adapter in its blocks."""

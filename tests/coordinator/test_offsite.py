@@ -23,7 +23,7 @@ def test_package_is_built_signed_and_smaller(track):
     config, t = track
     assert (t.package / "manifest.sig").is_file() and t.layer_map.dropped() == (2,)  # tiny: 4 blocks, k=1, stride 2
     assert t.summary["emulator_bytes"] < t.summary["backbone_bytes"]
-    assert set(t.client_config()) == {"kind", "emulator-package", "emulator-public-key", "offsite-train"}
+    assert set(t.client_config()) == {"package-kind", "emulator-package", "emulator-public-key", "offsite-train"}
     blocks = {int(k.split(".layers.")[1].split(".")[0]) for k in t.initial}
     assert blocks == {0, 3}
 
