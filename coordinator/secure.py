@@ -1,0 +1,310 @@
+"""Secure aggregation at the coordinator: Flower's SecAgg+ workflow around a legacy strategy.
+
+Flower 1.41's `SecAggPlusWorkflow` runs only inside `DefaultWorkflow` with a `LegacyContext`
+holding a legacy `flwr.server.strategy` strategy, so the secure path lives here, behind one
+call (`run_secure`), while the plain path stays on the Message API. Both share the recorder,
+the central evaluation and the adapter export (`coordinator/server_app.py`).
+
+What the coordinator sees: the weighted mean of the survivors' arrays, unmasked and
+dequantized by the workflow (each client's weight is its example count, capped at
+`secure-max-weight`; under client DP every client has the same weight). Per-update validation
+becomes client-side checks (finite, inside the quantization range, clipped under client DP;
+see `client/secure.py`) plus a check that the unmasked mean is finite and shaped like the
+global adapter. Frozen LoRA factors (FFA-LoRA's A, RoLoRA's other factor) are restored from the
+global adapter, so those rules stay exact under masking; the other factors carry quantization
+error of about `clip_range * 2 / quantization_range / mean weight share` per entry.
+
+Per round the recorder gets who contributed, who dropped out at which stage and why, bytes
+received in each protocol stage, seconds per stage, and `secure_halted` with the reason when
+too few clients survived to unmask (the global adapter then stays as it was).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message, RecordDict
+from flwr.common import FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
+
+from aggregation.lora import factor_keys
+from coordinator.aggregate import Aggregator, train_factors
+from coordinator.client_dp import ClientLevelDP
+from coordinator.results import RunRecorder
+from coordinator.strategy import local_dp_entry
+from finetune.config import FedsiteConfig
+
+log = logging.getLogger("fedsite.coordinator")
+
+NamedArrays = dict[str, np.ndarray]
+# (server_round, arrays, round_seconds) -> {"eval-accuracy", "eval-loss"}; closes the round in the recorder
+EvaluateRound = Callable[[int, NamedArrays, "float | None"], dict]
+ARRAY_KEYS = "array-keys"  # the names of the legacy (unnamed) parameter arrays; read by client/secure.py
+CLIENT_RECORD = "fedsite.client"  # client/secure.py tags each reply with the client's id here
+
+
+def share_parameters(config: FedsiteConfig) -> tuple[int | float, int | float]:
+    """(num_shares, reconstruction_threshold) as SecAggPlusWorkflow wants them: a share if <= 1, else a count."""
+
+    def as_param(value: float) -> int | float:
+        return float(value) if value <= 1 else int(value)
+
+    return as_param(config.secure_num_shares), as_param(config.secure_threshold)
+
+
+def message_nbytes(msg: Message) -> int:
+    """Bytes of a message's records, as Flower's `message_size_mod` counts them."""
+    return 0 if msg.has_error() else sum(record.count_bytes() for record in msg.content.values())
+
+
+class CountingGrid:
+    """A Grid that passes everything through and counts, per round, the replies of each SecAgg+ stage.
+
+    The workflow hides individual replies from the strategy; this is how the round learns
+    bytes received, and which client dropped out at which stage with what error.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.names: dict[int, int] = {}  # node -> client id (from the replies' tags), kept across rounds
+        self.reset()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def reset(self) -> None:
+        self.stage_bytes: dict[str, int] = defaultdict(int)
+        self.node_bytes: dict[int, int] = defaultdict(int)
+        self.dropped: dict[int, tuple[str, str]] = {}  # node -> (stage, reason)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        stages = {m.metadata.dst_node_id: stage_of(m) for m in messages}
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        answered = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            stage = stages.get(node, "other")
+            if reply.has_error():
+                self.dropped.setdefault(node, (stage, f"client error: {reply.error.reason}"))
+                continue
+            tag = reply.content.metric_records.get(CLIENT_RECORD)
+            if tag is not None and int(tag.get("client-id", -1)) >= 0:
+                self.names[node] = int(tag["client-id"])
+            size = message_nbytes(reply)
+            self.stage_bytes[stage] += size
+            self.node_bytes[node] += size
+        for node in set(stages) - answered:
+            self.dropped.setdefault(node, (stages[node], "no reply before the timeout"))
+        return replies
+
+
+def stage_of(msg: Message) -> str:
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    return str(configs.get(Key.STAGE, "other")) if configs is not None else str(msg.metadata.message_type)
+
+
+class RecordedSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, timing each stage and recording why a round halted."""
+
+    def __init__(self, recorder: RunRecorder, grid: CountingGrid, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.recorder = recorder
+        self.counter = grid
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        state = WorkflowState()
+        steps = (self.setup_stage, self.share_keys_stage, self.collect_masked_vectors_stage, self.unmask_stage)
+        seconds: dict[str, float] = {}
+        for step in steps:
+            started = time.perf_counter()
+            ok = step(self.counter, context, state)
+            seconds[step.__name__.removesuffix("_stage")] = time.perf_counter() - started
+            if not ok:
+                self._halted(step.__name__.removesuffix("_stage"), state, context)
+                break
+        self.recorder.record(secure_stage_seconds=seconds, secure_stage_bytes=dict(self.counter.stage_bytes), upload_bytes=sum(self.counter.stage_bytes.values()))
+        if "unmask" in seconds and ok:
+            self.recorder.record(aggregation_seconds=seconds["unmask"])
+
+    def _halted(self, stage: str, state: WorkflowState, context: Context) -> None:
+        """Record a round the protocol refused to finish; the global adapter stays as it was."""
+        alive, needed = len(state.active_node_ids), state.threshold
+        reason = f"secure aggregation halted at stage {stage}: {alive} of {len(state.sampled_node_ids)} sampled clients left, {needed} needed to unmask"
+        log.warning("%s; the global adapter stays as it was", reason)
+        names = self.counter.names
+        server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+        rejected = dropouts(self.counter)
+        masked = [proxy.node_id for proxy, _ in state.legacy_results if proxy.node_id not in self.counter.dropped]
+        rejected += [{"client": names.get(node, node), "node_id": node, "stage": stage, "reason": f"masked update discarded: {reason}"} for node in masked]
+        for entry in rejected:
+            self.recorder.record_client({"round": server_round, **entry, "status": "rejected"})
+        self.recorder.record(secure_halted=reason, contributors=[], rejected=rejected)
+
+
+def dropouts(counter: CountingGrid) -> list[dict]:
+    """This round's dropouts: client (id, or node id if it never answered), stage and reason."""
+    return [{"client": counter.names.get(node, node), "node_id": node, "stage": stage, "reason": reason} for node, (stage, reason) in counter.dropped.items()]
+
+
+def check_sum(mean: NamedArrays, current: NamedArrays) -> str | None:
+    """Why the unmasked mean cannot be used, or None (the only validation left under masking)."""
+    for key, ref in current.items():
+        if key not in mean or mean[key].shape != ref.shape:
+            return f"unmasked sum: {key!r} has shape {getattr(mean.get(key), 'shape', None)}, expected {ref.shape}"
+        if not np.all(np.isfinite(mean[key])):
+            return f"unmasked sum: {key!r} has NaN/Inf"
+    return None
+
+
+def restore_frozen(mean: NamedArrays, current: NamedArrays, trained: str) -> NamedArrays:
+    """Put back the exact global values of factors no client trained (they only carry quantization error)."""
+    out = {k: v.astype(current[k].dtype) for k, v in mean.items()}
+    for factor in "AB":
+        if factor not in trained:
+            out.update({k: np.array(current[k], copy=True) for k in factor_keys(current, factor)})
+    return out
+
+
+class SecureStrategy(LegacyFedAvg):
+    """Legacy FedAvg sampling; aggregation of the unmasked mean through the run's rule, recorded."""
+
+    def __init__(
+        self, config: FedsiteConfig, recorder: RunRecorder, initial: NamedArrays, evaluate_round: EvaluateRound, counter: CountingGrid, client_dp: ClientLevelDP | None
+    ) -> None:
+        min_clients = max(2, min(config.min_train_clients, config.clients))
+        super().__init__(
+            fraction_fit=config.fraction_train,
+            fraction_evaluate=config.fraction_evaluate,
+            min_fit_clients=min_clients,
+            min_evaluate_clients=1,
+            min_available_clients=min_clients,
+            initial_parameters=ndarrays_to_parameters(list(initial.values())),
+            on_fit_config_fn=self._round_config,
+            on_evaluate_config_fn=self._round_config,
+        )
+        self.config = config
+        self.recorder = recorder
+        self.keys = list(initial)
+        self.current = dict(initial)
+        self.evaluate_round = evaluate_round
+        self.counter = counter
+        self.aggregator = Aggregator(config.aggregation, config.server_lr, config.server_momentum, config.trim_fraction)
+        self.client_dp = client_dp
+        self._started = 0.0
+        self._sample_rate = 1.0
+
+    def _round_config(self, server_round: int) -> dict:
+        factors = train_factors(self.config.aggregation, server_round)
+        return {**self.config.to_flat(), "server-round": server_round, "train-factors": factors, ARRAY_KEYS: json.dumps(self.keys)}
+
+    def arrays(self, parameters: Parameters) -> NamedArrays:
+        return dict(zip(self.keys, parameters_to_ndarrays(parameters)))
+
+    def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[override]
+        self._started = time.perf_counter()
+        self.counter.reset()
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        self._sample_rate = len(instructions) / max(1, client_manager.num_available())
+        self.recorder.record(sampled=len(instructions), secure=True)
+        log.info("round %d: secure aggregation over %d clients", server_round, len(instructions))
+        return instructions
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list) -> tuple[Parameters | None, dict]:
+        """`results` all carry the same unmasked weighted mean; their metrics are the clients' own."""
+        started = time.perf_counter()
+        names = self.counter.names
+        contributors = [names.get(proxy.node_id, proxy.node_id) for proxy, _ in results]
+        rejected = dropouts(self.counter)
+        for entry in rejected:
+            self.recorder.record_client({"round": server_round, **entry, "status": "rejected"})
+        problem = "no client survived to the masked upload" if not results else check_sum(self.arrays(results[0][1].parameters), self.current)
+        if problem:
+            log.warning("round %d: %s; the global adapter stays as it was", server_round, problem)
+            discarded = [{"client": c, "node_id": p.node_id, "stage": "unmask", "reason": f"masked update discarded: {problem}"} for (p, _), c in zip(results, contributors)]
+            for entry in discarded:
+                self.recorder.record_client({"round": server_round, **entry, "status": "rejected"})
+            self.recorder.record(aggregation=self.aggregator.rule, contributors=[], rejected=rejected + discarded, secure_halted=problem)
+            return None, {}
+        factors = train_factors(self.config.aggregation, server_round)
+        mean = restore_frozen(self.arrays(results[0][1].parameters), self.current, factors)
+        if self.client_dp is not None:
+            new, ledger = self.client_dp.release(self.current, mean, len(results), self._sample_rate)
+            for client in contributors:
+                self.recorder.record_privacy({"round": server_round, "client": client, **ledger, "secure": True})
+            self.recorder.record(privacy=ledger)
+        else:
+            new = self.aggregator(self.current, [mean], [1.0], server_round)
+        self.current = {k: np.asarray(new[k], dtype=self.current[k].dtype) for k in self.keys}
+        examples = [float(res.metrics.get("num-examples", 0)) for _, res in results]
+        total = sum(examples) or 1.0
+        train_loss = sum(float(res.metrics.get("train-loss", 0.0)) * n for (_, res), n in zip(results, examples)) / total
+        for (proxy, res), client in zip(results, contributors):
+            entry = {"round": server_round, "node_id": proxy.node_id, **{k.replace("-", "_"): v for k, v in res.metrics.items()}}
+            self.recorder.record_client({**entry, "upload_bytes": self.counter.node_bytes.get(proxy.node_id, 0), "status": "accepted"})
+            if "dp-epsilon" in res.metrics:  # local DP-SGD composes with masking: same ledger as the plain path
+                self.recorder.record_privacy(local_dp_entry(server_round, client, res.metrics))
+        self.recorder.record(
+            aggregation=self.aggregator.rule,
+            contributors=sorted(contributors),
+            rejected=rejected,
+            train_loss=train_loss,
+            train_examples=int(sum(examples)),
+            secure_masked_bytes=self.counter.stage_bytes.get("collect_masked_vectors", 0),
+            aggregation_seconds=time.perf_counter() - started,
+        )
+        log.info("round %d: unmasked the sum of %d updates (%d dropped out), train loss %.3f", server_round, len(results), len(rejected), train_loss)
+        return ndarrays_to_parameters([self.current[k] for k in self.keys]), {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict] | None:
+        seconds = time.perf_counter() - self._started if server_round else None
+        metrics = self.evaluate_round(server_round, self.arrays(parameters), seconds)
+        return float(metrics["eval-loss"]), metrics
+
+    def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple[float | None, dict]:
+        rows = [res for _, res in results if "eval-accuracy" in res.metrics and res.num_examples > 0]
+        if not rows:
+            return None, {}
+        total = sum(res.num_examples for res in rows)
+        accuracy = sum(float(res.metrics["eval-accuracy"]) * res.num_examples for res in rows) / total
+        loss = sum(float(res.metrics["eval-loss"]) * res.num_examples for res in rows) / total
+        self.recorder.record(federated_eval_accuracy=accuracy, federated_eval_loss=loss, federated_eval_clients=len(rows))
+        return loss, {"eval-accuracy": accuracy}
+
+
+def run_secure(grid: Grid, config: FedsiteConfig, recorder: RunRecorder, initial: NamedArrays, evaluate_round: EvaluateRound) -> NamedArrays:
+    """Federate `config.num_server_rounds` rounds through SecAgg+; return the final global arrays."""
+    counter = CountingGrid(grid)
+    from coordinator.server_app import client_level_dp  # server_app imports this module lazily
+
+    strategy = SecureStrategy(config, recorder, initial, evaluate_round, counter, client_level_dp(config))
+    num_shares, threshold = share_parameters(config)
+    secagg = RecordedSecAggPlus(
+        recorder,
+        counter,
+        num_shares=num_shares,
+        reconstruction_threshold=threshold,
+        max_weight=config.secure_max_weight,
+        clipping_range=config.secure_clip_range,
+        quantization_range=config.secure_quantization_range,
+        timeout=config.round_timeout,
+    )
+    base = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    context = LegacyContext(base, config=ServerConfig(num_rounds=config.num_server_rounds, round_timeout=config.round_timeout), strategy=strategy)
+    DefaultWorkflow(fit_workflow=secagg)(counter, context)
+    return strategy.current
