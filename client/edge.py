@@ -1,0 +1,176 @@
+"""An edge client: Flower's own SuperNode (`flower-supernode`) running the Fedsite ClientApp.
+
+The SuperNode connects to the coordinator's SuperLink over TLS (verified against the
+coordinator's CA), signs its requests with its enrolment key (Flower's SuperNode
+authentication: the coordinator only admits keys it has enrolled), and runs each round's
+ClientApp in a subprocess. Everything the ClientApp needs to know about the device goes into
+the node config: the path of its own data (`data-path`, read by `finetune.sources.client_splits`)
+and its profile (`memory-gb`, `holds-backbone`, `quantized`, `profile`) for the coordinator's
+planner. With no retry limit (the default) the SuperNode keeps reconnecting with backoff when
+the coordinator goes away, so a restarted coordinator finds its clients again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger("fedsite.client")
+
+RESTART_DELAY_MAX = 30.0  # seconds between SuperNode restarts, at most
+
+
+@dataclass
+class EdgeSettings:
+    coordinator: str  # HOST:PORT of the coordinator's SuperLink
+    data: str  # this device's data: a .jsonl file or a datasets folder
+    root_certificates: str | None = None  # the coordinator's CA certificate (PEM); None = system CAs
+    key: str | None = None  # enrolment private key (OpenSSH, EC); None = no node authentication
+    insecure: bool = False  # plain HTTP, no TLS (and so no authentication): for local tests only
+    memory_gb: float = 0.0  # device profile: memory for the backbone (0 = unknown/unlimited)
+    holds_backbone: bool = True  # device profile: may hold the full backbone (else: offsite emulator)
+    quantized: bool = False  # device profile: load the backbone in 4-bit
+    profile: str = ""  # device profile name, for the coordinator's records
+    runtime_port: int = 9094  # the SuperNode's local Runtime API port (one per client on a machine)
+    max_retries: int | None = None  # reconnect attempts before giving up (None = forever)
+    max_wait_time: float | None = None  # seconds of reconnecting before giving up (None = forever)
+    threads: int = 0  # torch threads of the ClientApp (0 = all cores)
+
+    def validate(self) -> EdgeSettings:
+        host, sep, port = self.coordinator.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"--coordinator '{self.coordinator}' must be HOST:PORT")
+        if not Path(self.data).exists():
+            raise FileNotFoundError(f"--data '{self.data}' does not exist")
+        for option, path in (("--root-certificates", self.root_certificates), ("--key", self.key)):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{option} '{path}' does not exist")
+        if self.key and self.insecure:
+            raise ValueError("--key (node authentication) needs TLS; drop --insecure")
+        if self.memory_gb < 0:
+            raise ValueError(f"--memory-gb must be non-negative, got {self.memory_gb}")
+        return self
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def node_config(settings: EdgeSettings) -> str:
+    """The SuperNode's `--node-config`: the data path and the device profile, as TOML values."""
+    values = {
+        "data-path": str(Path(settings.data).resolve()),
+        "memory-gb": float(settings.memory_gb),
+        "holds-backbone": settings.holds_backbone,
+        "quantized": settings.quantized,
+    }
+    if settings.profile:
+        values["profile"] = settings.profile
+    return " ".join(f"{key}={_toml_value(value)}" for key, value in values.items())
+
+
+def flower_tool(name: str) -> str:
+    """A Flower command installed beside this Python (the venv's), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else (shutil.which(name) or name)
+
+
+def supernode_command(settings: EdgeSettings) -> list[str]:
+    command = [flower_tool("flower-supernode"), "--superlink", settings.coordinator, "--node-config", node_config(settings), "--port", str(settings.runtime_port)]
+    if settings.insecure:
+        command.append("--insecure")
+    elif settings.root_certificates:
+        command += ["--root-certificates", str(Path(settings.root_certificates).resolve())]
+    if settings.key:
+        command += ["--auth-supernode-private-key", str(Path(settings.key).resolve())]
+    if settings.max_retries is not None:
+        command += ["--max-retries", str(settings.max_retries)]
+    if settings.max_wait_time is not None:
+        command += ["--max-wait-time", str(settings.max_wait_time)]
+    return command
+
+
+def flower_env(home: str | Path | None = None, threads: int = 0) -> dict[str, str]:
+    """Environment of Flower's processes: its own FLWR_HOME if given, no update check."""
+    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if home is not None:
+        env["FLWR_HOME"] = str(Path(home).resolve())
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def stop_process_tree(proc: subprocess.Popen | psutil.Process, grace: float = 10.0) -> None:
+    """Stop a process and everything it started (Flower detaches its SuperExec into a new session)."""
+    try:
+        root = proc if isinstance(proc, psutil.Process) else psutil.Process(proc.pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        try:
+            member.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=grace)
+    for member in alive:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+    if isinstance(proc, subprocess.Popen):
+        proc.wait()
+
+
+def run_edge(settings: EdgeSettings, home: str | Path | None = None) -> int:
+    """Run the SuperNode in the foreground; restart it with backoff when it exits on an error.
+
+    A SuperNode gives up when the coordinator answers but does not admit it (not enrolled yet,
+    or a restarted coordinator still starting); it is started again until `max_retries`
+    restarts or `max_wait_time` seconds are used up (both unlimited by default).
+    """
+    settings.validate()
+    command, env = supernode_command(settings), flower_env(home, settings.threads)
+    log.info("[fedsite] edge client: data %s -> coordinator %s (%s)", settings.data, settings.coordinator, "no TLS" if settings.insecure else "TLS")
+    proc: subprocess.Popen | None = None
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    started, restarts = time.monotonic(), 0
+    try:
+        while True:
+            proc = subprocess.Popen(command, env=env)
+            code = proc.wait()
+            stop_process_tree(proc)  # its SuperExec and any ClientApp left running
+            if code == 0:
+                return 0
+            restarts += 1
+            out_of_tries = settings.max_retries is not None and restarts > settings.max_retries
+            if out_of_tries or (settings.max_wait_time is not None and time.monotonic() - started > settings.max_wait_time):
+                log.error("[fedsite] edge client: refused by the coordinator %s or unreachable (SuperNode exit code %d); giving up", settings.coordinator, code)
+                return code
+            delay = min(RESTART_DELAY_MAX, 2.0**restarts)
+            log.warning("[fedsite] edge client: SuperNode exited with code %d (not admitted or coordinator unreachable); restarting in %.0fs", code, delay)
+            time.sleep(delay)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc is not None:
+            stop_process_tree(proc)

@@ -1,0 +1,101 @@
+"""`fedsite certs | coordinator | client`: argument parsing for the networked service only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from coordinator.certs import write_certs, write_node_key
+
+    paths = write_certs(args.out, args.host, args.days)
+    print(f"CA {paths.ca_cert}\nserver certificate {paths.server_cert} (key {paths.server_key})")
+    for i in range(1, args.clients + 1):
+        private, public = write_node_key(f"{args.out}/clients", f"client-{i}")
+        print(f"client key {private} (enrol {public})")
+    return 0
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.service import ServiceError, ServiceSettings, run_coordinator
+    from fedsite.cli import config_from_args
+
+    settings = ServiceSettings(
+        address=args.address,
+        certs=args.certs,
+        insecure=args.insecure,
+        auth=not args.no_auth,
+        enroll=args.enroll,
+        state=args.state,
+        artifacts=args.artifacts,
+        artifact_key=args.artifact_key,
+        artifact_address=args.artifact_address,
+    )
+    try:
+        return run_coordinator(config_from_args(args), settings)
+    except ServiceError as err:
+        print(f"fedsite: error: {err}", file=sys.stderr)
+        return 1
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from client.edge import EdgeSettings, run_edge
+
+    settings = EdgeSettings(
+        coordinator=args.coordinator,
+        data=args.data,
+        root_certificates=args.root_certificates,
+        key=args.key,
+        insecure=args.insecure,
+        memory_gb=args.memory_gb,
+        holds_backbone=not args.no_backbone,
+        quantized=args.quantized,
+        profile=args.profile,
+        runtime_port=args.runtime_port,
+        max_retries=args.max_retries,
+        max_wait_time=args.max_wait_time,
+        threads=args.threads,
+    )
+    return run_edge(settings, args.home)
+
+
+def add_service_parsers(sub: argparse._SubParsersAction) -> None:
+    from fedsite.cli import add_config_options
+
+    certs = sub.add_parser("certs", help="make a test CA, server certificate and client keys", description="Write a self-signed CA (ca.crt), a server certificate it signs (server.pem, server.key; SANs localhost, 127.0.0.1 and --host) and client enrolment keys, for testing the service. Use certificates from a real CA in production.")
+    certs.add_argument("--out", required=True, help="folder to write the files into")
+    certs.add_argument("--host", action="append", default=[], help="extra host name or IP the coordinator is reached at (repeatable)")
+    certs.add_argument("--clients", type=int, default=0, help="also make this many client key pairs in OUT/clients/ (default: 0)")
+    certs.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
+    certs.set_defaults(func=cmd_certs)
+
+    coordinator = sub.add_parser("coordinator", help="serve a run to edge clients over the network (Flower SuperLink + ServerApp)", description="Start Flower's SuperLink with TLS and SuperNode authentication, enrol the clients' public keys, submit the Fedsite app with the run options below and follow it to the end. An interrupted run resumes from the checkpoint in --out.")
+    coordinator.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT to listen on (default: 0.0.0.0:9092)")
+    coordinator.add_argument("--certs", default=None, help="folder with ca.crt, server.pem, server.key (`fedsite certs --out DIR`)")
+    coordinator.add_argument("--insecure", action="store_true", help="no TLS (and no node authentication): local tests only")
+    coordinator.add_argument("--no-auth", action="store_true", help="admit any client, not only enrolled keys")
+    coordinator.add_argument("--enroll", action="append", default=[], metavar="PUB", help="a client's public key (.pub) or a folder of them to admit (repeatable)")
+    coordinator.add_argument("--state", default=None, help="folder for Flower's state, database and logs (default: OUT/service)")
+    coordinator.add_argument("--artifacts", default=None, metavar="STORE", help="also serve this artifact store (signed, content-addressed backbones and emulators) over gRPC with the same TLS certificate")
+    coordinator.add_argument("--artifact-key", default=None, help="the artifact store's Ed25519 signing key (PEM)")
+    coordinator.add_argument("--artifact-address", default="0.0.0.0:9093", help="HOST:PORT of the artifact service (default: 0.0.0.0:9093)")
+    add_config_options(coordinator)
+    coordinator.set_defaults(func=cmd_coordinator)
+
+    client = sub.add_parser("client", help="join a coordinator as an edge client (Flower SuperNode) on this device's data", description="Start a Flower SuperNode running the Fedsite ClientApp on this device's own data; it keeps reconnecting if the coordinator restarts.")
+    client.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's address")
+    client.add_argument("--data", required=True, help="this device's data: a .jsonl file (instruction/input/output) or a datasets folder")
+    client.add_argument("--root-certificates", default=None, metavar="CA", help="the coordinator's CA certificate (ca.crt); default: the system's CAs")
+    client.add_argument("--key", default=None, help="this client's enrolment private key (OpenSSH EC key; its .pub is enrolled at the coordinator)")
+    client.add_argument("--insecure", action="store_true", help="no TLS: local tests only")
+    client.add_argument("--memory-gb", type=float, default=0.0, help="device profile: memory for the backbone in GB (default: 0 = unlimited)")
+    client.add_argument("--no-backbone", action="store_true", help="device profile: this device may not hold the full backbone (gets an offsite emulator)")
+    client.add_argument("--quantized", action="store_true", help="device profile: load the frozen backbone in 4-bit")
+    client.add_argument("--profile", default="", help="device profile name, for the coordinator's records")
+    client.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode's Runtime API; one per client on a machine (default: 9094)")
+    client.add_argument("--max-retries", type=int, default=None, help="give up after this many reconnection attempts (default: never)")
+    client.add_argument("--max-wait-time", type=float, default=None, help="give up after this many seconds of reconnecting (default: never)")
+    client.add_argument("--threads", type=int, default=0, help="torch threads for local training (default: 0 = all cores)")
+    client.add_argument("--home", default=None, help="Flower's folder for this client (FLWR_HOME; default: Flower's ~/.flwr)")
+    client.set_defaults(func=cmd_client)

@@ -1,0 +1,87 @@
+"""The edge client's SuperNode command, node config and restart policy (no network needed)."""
+
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from client import edge
+from client.edge import EdgeSettings, node_config, run_edge, stop_process_tree, supernode_command
+
+
+@pytest.fixture()
+def data(tmp_path):
+    path = tmp_path / "my data.jsonl"
+    path.write_text('{"instruction": "i", "input": "", "output": "o"}\n')
+    return str(path)
+
+
+def test_node_config_carries_data_path_and_profile_through_flowers_parser(data):
+    from flwr.common.config import parse_config_args
+
+    plain = parse_config_args([node_config(EdgeSettings("h:1", data, memory_gb=2.5))])
+    assert plain == {"data-path": data, "memory-gb": 2.5, "holds-backbone": True, "quantized": False}
+    settings = EdgeSettings("h:1", data, memory_gb=4.0, holds_backbone=False, quantized=True, profile="phone")
+    assert parse_config_args([node_config(settings)]) == {"data-path": data, "memory-gb": 4.0, "holds-backbone": False, "quantized": True, "profile": "phone"}
+
+
+def test_supernode_command_uses_tls_key_and_reconnects_forever(data, tmp_path):
+    ca, key = tmp_path / "ca.crt", tmp_path / "client-1"
+    ca.write_text("x")
+    key.write_text("x")
+    command = supernode_command(EdgeSettings("10.0.0.5:9092", data, str(ca), str(key), runtime_port=9123))
+    assert command[0].endswith("flower-supernode")
+    args = dict(zip(command[1::2], command[2::2]))
+    assert args["--superlink"] == "10.0.0.5:9092" and args["--root-certificates"] == str(ca) and args["--auth-supernode-private-key"] == str(key)
+    assert args["--port"] == "9123"
+    assert "--insecure" not in command and "--max-retries" not in command and "--max-wait-time" not in command
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"coordinator": "nohost"}, "must be HOST:PORT"),
+        ({"data": "/nonexistent.jsonl"}, "--data '/nonexistent.jsonl' does not exist"),
+        ({"key": "/nonexistent-key"}, "--key '/nonexistent-key' does not exist"),
+        ({"memory_gb": -1.0}, "--memory-gb must be non-negative"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(data, changes, message):
+    settings = EdgeSettings(**{"coordinator": "h:1", "data": data, **changes})
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
+        settings.validate()
+    assert "\n" not in str(err.value)
+
+
+def test_a_refused_supernode_is_restarted_until_out_of_tries(data, monkeypatch, caplog):
+    starts = []
+
+    def refused(settings):
+        starts.append(1)
+        return [sys.executable, "-c", "import sys; sys.exit(3)"]
+
+    monkeypatch.setattr(edge, "supernode_command", refused)
+    monkeypatch.setattr(edge.time, "sleep", lambda seconds: None)
+    caplog.set_level("INFO", logger="fedsite.client")
+    edge.log.propagate = True
+    try:
+        code = run_edge(EdgeSettings("h:1", data, insecure=True, max_retries=2))
+    finally:
+        edge.log.propagate = False
+    assert code == 3
+    # run_edge builds the command once and starts it three times (the first try and two restarts)
+    assert len(starts) == 1
+    assert caplog.text.count("restarting in") == 2 and "giving up" in caplog.text
+
+
+def test_stop_process_tree_stops_children_too():
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 30
+    while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = psutil.Process(parent.pid).children()[0]
+    stop_process_tree(parent, grace=5.0)
+    assert parent.poll() is not None and not child.is_running()
