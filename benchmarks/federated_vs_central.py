@@ -6,7 +6,7 @@ Centralized: one LoRA trained on the pooled training data for the same total num
 optimizer steps (rounds x clients per round x local steps), same batch size and learning rate.
 All three are scored by exact match on the same held-out examples.
 
-    python benchmarks/federated_vs_central.py                 # embedded SmolLM2, ~10 min on 2 cores
+    python benchmarks/federated_vs_central.py                 # embedded SmolLM2, ~25 min on 2 idle cores
     python benchmarks/federated_vs_central.py --model tiny    # plumbing check in seconds
 """
 
@@ -31,13 +31,13 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--clients", type=int, default=20)
-    p.add_argument("--per-round", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--local-steps", type=int, default=8)
+    p.add_argument("--per-round", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--eval-examples", type=int, default=120)
+    p.add_argument("--eval-examples", type=int, default=60)
     p.add_argument("--out", default="results/bench-federated-vs-central")
     return p.parse_args()
 
