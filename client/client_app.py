@@ -17,6 +17,9 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from client.offsite import PACKAGE_KEY, PUBLIC_KEY_KEY, OffsiteSpec, offsite_model, offsite_spec
+from emulator.keys import PackageError
+from emulator.offsite import get_offsite_arrays, set_offsite_arrays
 from finetune.cache import lora_model
 from finetune.config import FedsiteConfig, from_mapping
 from finetune.evaluate import evaluate
@@ -36,6 +39,9 @@ app = ClientApp()
 # Per-round instructions the coordinator adds to the run config in the ConfigRecord.
 ROUND_KEY = "server-round"
 FACTORS_KEY = "train-factors"
+# The package's other decisions (rank, quantize, codec) are run-config fields the planner overrode;
+# "emulator" clients train LoRA on the backbone until the emulator path takes them.
+PACKAGE_KEYS = ("package-kind", "profile", PACKAGE_KEY, PUBLIC_KEY_KEY)
 
 
 def run_config_from(record: ConfigRecord) -> tuple[FedsiteConfig, int, str]:
@@ -43,6 +49,8 @@ def run_config_from(record: ConfigRecord) -> tuple[FedsiteConfig, int, str]:
     values = dict(record)
     server_round = int(values.pop(ROUND_KEY, 0))
     factors = str(values.pop(FACTORS_KEY, "AB"))
+    for key in PACKAGE_KEYS:  # labels of the coordinator's package (coordinator/planner.py)
+        values.pop(key, None)
     return from_mapping(values), server_round, factors
 
 
@@ -59,9 +67,37 @@ def client_id(context: Context) -> int:
 def train_handler(msg: Message, context: Context) -> Message:
     """Load the global LoRA arrays, train locally, reply with the new arrays and metrics."""
     config, server_round, factors = run_config_from(msg.content["config"])
-    model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)
     received = from_array_record(msg.content["arrays"])
-    set_lora_arrays(model, received)
+    try:
+        offsite = offsite_spec(msg.content["config"], context.node_config)
+        trained, result, privacy = local_training(config, server_round, factors, received, context, offsite)
+    except PackageError as err:
+        log.warning("client %s round %d: %s", client_label(context), server_round, err)
+        return declined(msg, context, str(err))
+    except BudgetExhausted as err:
+        log.info("client %s round %d: %s", client_label(context), server_round, err)
+        return declined(msg, context, str(err))
+    payload = encode_upload(trained, received, config, context)
+    metrics = MetricRecord(train_metrics(result, encoded_nbytes(payload), privacy, context))
+    content = RecordDict({"arrays": to_array_record(payload), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+def local_training(
+    config: FedsiteConfig, server_round: int, factors: str, received: dict, context: Context, offsite: OffsiteSpec | None = None
+) -> tuple[dict, TrainResult, dict[str, float]]:
+    """Train the received LoRA arrays on this client's split: (trained arrays, result, dp-* metrics).
+
+    Shared by the plain handler above and the secure one in `client/secure.py`; raises
+    BudgetExhausted when a local-DP client has spent its budget. With `offsite`, the client
+    trains the adapter of the coordinator's emulator instead of LoRA on the backbone.
+    """
+    if offsite is not None:
+        model, tokenizer, layer_map = offsite_model(offsite, config.lora_settings(), config.seed, context.node_config)
+        set_offsite_arrays(model, received, layer_map, offsite.mode)
+    else:
+        model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)
+        set_lora_arrays(model, received)
     set_trainable_factors(model, factors)
     train_examples, _ = client_splits(config, context.node_config)
     settings = TrainSettings(
@@ -82,27 +118,25 @@ def train_handler(msg: Message, context: Context) -> Message:
             result, privacy = train_locally_private(model, tokenizer, train_examples, settings, config, context)
         else:
             result = train(model, tokenizer, train_examples, settings)
-    except BudgetExhausted as err:
-        log.info("client %s round %d: %s", client_label(context), server_round, err)
-        return declined(msg, context, str(err))
     finally:
         set_trainable_factors(model, "AB")  # the cached model is shared with the next client
-    payload = encode_upload(get_lora_arrays(model), received, config, context)
     log.info("client %s round %d: %d steps, loss %.3f, %.1fs", client_label(context), server_round, result.steps, result.final_loss, result.seconds)
-    metrics = MetricRecord(
-        {
-            "num-examples": result.examples,
-            "train-loss": result.loss,
-            "train-loss-final": result.final_loss,
-            "steps": result.steps,
-            "train-seconds": result.seconds,
-            "upload-bytes": encoded_nbytes(payload),
-            "client-id": client_id(context),
-            **privacy,
-        }
-    )
-    content = RecordDict({"arrays": to_array_record(payload), "metrics": metrics})
-    return Message(content=content, reply_to=msg)
+    trained = get_offsite_arrays(model, layer_map, offsite.mode) if offsite is not None else get_lora_arrays(model)
+    return trained, result, privacy
+
+
+def train_metrics(result: TrainResult, upload_bytes: int, privacy: dict[str, float], context: Context) -> dict:
+    """The metrics a training reply carries, whichever layout the reply uses."""
+    return {
+        "num-examples": result.examples,
+        "train-loss": result.loss,
+        "train-loss-final": result.final_loss,
+        "steps": result.steps,
+        "train-seconds": result.seconds,
+        "upload-bytes": upload_bytes,
+        "client-id": client_id(context),
+        **privacy,
+    }
 
 
 FEEDBACK_KEY = "error-feedback"
@@ -151,10 +185,16 @@ def encode_upload(trained: dict, received: dict, config: FedsiteConfig, context:
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Loss and exact-match accuracy of the global adapter on this client's test split."""
-    started = time.perf_counter()
     config, _, _ = run_config_from(msg.content["config"])
+    metrics = local_evaluation(config, from_array_record(msg.content["arrays"]), context)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def local_evaluation(config: FedsiteConfig, arrays: dict, context: Context) -> dict[str, float | int]:
+    """Metrics of `arrays` on this client's test split (shared with `client/secure.py`)."""
+    started = time.perf_counter()
     model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)
-    set_lora_arrays(model, from_array_record(msg.content["arrays"]))
+    set_lora_arrays(model, arrays)
     _, test_examples = client_splits(config, context.node_config)
     test_examples = test_examples[: config.client_eval_examples]
     metrics: dict[str, float | int] = {"num-examples": len(test_examples)}
@@ -162,6 +202,14 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         result = evaluate(model, tokenizer, test_examples, config.max_seq_len, config.max_new_tokens)
         metrics.update({"eval-loss": result.loss, "eval-accuracy": result.accuracy})
     metrics["eval-seconds"] = time.perf_counter() - started
-    content = RecordDict({"metrics": MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
+    return metrics
 
+
+@app.query()
+def query_handler(msg: Message, context: Context) -> Message:
+    """Who this client is: its partition id (simulation) and profile name (node config `profile`).
+
+    The coordinator asks once per node and plans each round's package from the answer.
+    """
+    info = ConfigRecord({"partition-id": client_id(context), "profile": str(context.node_config.get("profile", ""))})
+    return Message(content=RecordDict({"client": info}), reply_to=msg)

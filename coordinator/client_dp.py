@@ -42,6 +42,14 @@ class ClientLevelDP:
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: the (adaptive) clip bound, the rounds accounted, the noise RNG."""
+        return {"clip_norm": self.clip_norm, "rounds": self.rounds, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clip_norm, self.rounds = float(state["clip_norm"]), int(state["rounds"])
+        self.rng.bit_generator.state = state["rng"]
+
     def __call__(self, current: NamedArrays, updates: Sequence[NamedArrays], sample_rate: float) -> tuple[NamedArrays, dict]:
         """The noised mean of clipped updates, and the ledger entry for this round."""
         m = len(updates)
@@ -54,13 +62,33 @@ class ClientLevelDP:
             fraction = noisy_fraction_clipped(sum(flags), m, count_stddev, self.rng)
             self.clip_norm = adaptive_clip_update(self.clip_norm, fraction, self.target_quantile, self.clip_lr)
         mean = weighted_mean(list(clipped), [1.0] * m)
-        noised = add_gaussian_noise(mean, z, clip_used, m, self.rng)
+        return self.release(current, mean, m, sample_rate, noise_multiplier=z, clip_norm=clip_used, clipped=int(sum(flags)))
+
+    def release(
+        self,
+        current: NamedArrays,
+        mean: NamedArrays,
+        num_clients: int,
+        sample_rate: float,
+        *,
+        noise_multiplier: float | None = None,
+        clip_norm: float | None = None,
+        clipped: int | None = None,
+    ) -> tuple[NamedArrays, dict]:
+        """Noise the equal-weight mean of `num_clients` updates already clipped to the bound; account the round.
+
+        Under secure aggregation the clients clip their own updates and the coordinator only
+        has this mean (so `clipped` is unknown: None in the ledger).
+        """
+        z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+        clip_used = self.clip_norm if clip_norm is None else clip_norm
+        noised = add_gaussian_noise(mean, z, clip_used, num_clients, self.rng)
         self.rounds += 1
         entry = {
             "mechanism": "client-dp",
             "noise_multiplier": self.noise_multiplier,
             "clip_norm": clip_used,
-            "clipped": int(sum(flags)),
+            "clipped": clipped,
             "sample_rate": sample_rate,
             "steps": self.rounds,
             "delta": self.delta,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from safetensors.numpy import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -21,10 +22,11 @@ from emulator.cli import build_package
 from emulator.keys import load_public_key, public_key_pem
 from emulator.layers import LayerMap
 from emulator.offsite import get_offsite_arrays, set_offsite_arrays, trainable_model
-from emulator.package import manifest_layer_map, verify_package
+from emulator.package import load_package, manifest_layer_map, verify_package
 from finetune.backbone import load_backbone, resolve_model_path
 from finetune.config import FedsiteConfig
 from finetune.lora import export_adapter
+from protos.tensors import to_array_record
 
 PREFIX = "offsite/"
 KIND_LORA, KIND_EMULATOR = "lora", "emulator"
@@ -58,10 +60,34 @@ class OffsiteTrack:
     tokenizer: PreTrainedTokenizerBase
     initial: dict[str, np.ndarray]
     summary: dict
+    public_key: object = None
+    _emulator: PreTrainedModel | None = None
 
     def client_config(self) -> dict[str, str]:
         """What an offsite client's round config adds: package reference, signer key, train mode."""
         return {"package-kind": KIND_EMULATOR, "emulator-package": str(self.package), "emulator-public-key": self.public_key_pem, "offsite-train": self.mode}
+
+    def route(self, messages: list[Message], arrays: Mapping[str, np.ndarray]) -> list[Message]:
+        """Emulator clients' messages carry the offsite arrays and the package reference instead
+        of LoRA arrays: nothing of the backbone beyond what the package holds reaches them."""
+        record = to_array_record(dict(arrays))
+        out = []
+        for msg in messages:
+            config = msg.content["config"]
+            if config.get("package-kind") != KIND_EMULATOR:
+                out.append(msg)
+                continue
+            content = RecordDict({"arrays": record, "config": ConfigRecord({**dict(config), **self.client_config()})})
+            out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=msg.metadata.dst_node_id))
+        return out
+
+    def emulator(self, arrays: Mapping[str, np.ndarray], settings, seed: int) -> PreTrainedModel:
+        """The emulator itself with `arrays` in its adapter: what offsite clients see (loaded once)."""
+        if self._emulator is None:
+            model, _, _, _ = load_package(self.package, self.public_key)
+            self._emulator = trainable_model(model, self.layer_map, self.mode, settings, seed)
+        set_offsite_arrays(self._emulator, arrays, self.layer_map, self.mode)
+        return self._emulator
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> PreTrainedModel:
         """The plug-in: the full backbone with the aggregated adapter in its blocks."""
@@ -106,4 +132,5 @@ def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
     backbone, tokenizer = load_backbone(config.model)
     plug_in = trainable_model(backbone, layer_map, config.offsite_train, config.lora_settings(), config.seed)
     initial = get_offsite_arrays(plug_in, layer_map, config.offsite_train)
-    return OffsiteTrack(package, public_key_pem(public_key).decode(), layer_map, config.offsite_train, plug_in, tokenizer, initial, summary)
+    summary.update(emulator_bytes=manifest.emulator_bytes, backbone_bytes=manifest.backbone_bytes, layer_map=layer_map.to_dict())
+    return OffsiteTrack(package, public_key_pem(public_key).decode(), layer_map, config.offsite_train, plug_in, tokenizer, initial, summary, public_key)

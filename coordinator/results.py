@@ -32,7 +32,8 @@ def write_atomic(path: Path, text: str) -> None:
 class RunRecorder:
     """Collects what happens in each round and appends it to the results folder."""
 
-    def __init__(self, out: str | Path, config: FedsiteConfig) -> None:
+    def __init__(self, out: str | Path, config: FedsiteConfig, fresh: bool = True) -> None:
+        """`fresh=False` keeps the files a resumed run continues (see coordinator/checkpoint.py)."""
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.config = config
@@ -40,7 +41,8 @@ class RunRecorder:
         self.initial: dict[str, Any] | None = None
         self._pending: dict[str, Any] = {}
         for name in ("metrics.jsonl", "clients.jsonl", "privacy.jsonl"):
-            (self.out / name).write_text("")
+            if fresh or not (self.out / name).exists():
+                (self.out / name).write_text("")
         write_atomic(self.out / "config.toml", tomli_w.dumps(config.to_flat()))
 
     def record(self, **values: Any) -> None:

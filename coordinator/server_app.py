@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
 
 from coordinator.aggregate import Aggregator
+from coordinator.checkpoint import load_checkpoint, remove_checkpoint, restore, save_checkpoint
 from coordinator.client_dp import ClientLevelDP
 from coordinator.results import RunRecorder
 from coordinator.strategy import FedsiteStrategy
@@ -32,10 +37,16 @@ log = logging.getLogger("fedsite.coordinator")
 def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
     """Initialise LoRA on the backbone, federate for the configured rounds, export the adapter."""
     config.validate()
-    recorder = RunRecorder(config.out, config)
+    checkpoint = None if config.secure else load_checkpoint(config)  # resume after the last completed round
+    recorder = RunRecorder(config.out, config, fresh=checkpoint is None)
     model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed)
     initial = initial_lora_arrays(config.model, config.lora_settings(), config.seed)
-    eval_set = central_eval_set(config)
+    evaluate_round = central_evaluator(config, recorder, model, tokenizer)
+    if config.secure:  # SecAgg+ runs on Flower's legacy workflow; recording and export are shared
+        from coordinator.secure import run_secure
+
+        finish_run(model, run_secure(grid, config, recorder, initial, evaluate_round), config, recorder)
+        return recorder
     aggregator = Aggregator(config.aggregation, config.server_lr, config.server_momentum, config.trim_fraction)
     strategy = FedsiteStrategy(
         recorder,
@@ -48,9 +59,54 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
         client_dp=client_level_dp(config),
     )
 
-    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    start = initial
+    if checkpoint is not None:
+        restore(checkpoint, recorder, aggregator, strategy.client_dp)
+        strategy.round_offset, start = checkpoint.round, checkpoint.arrays
+
+    def central_evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if flower_round == 0 and strategy.round_offset:
+            return None  # resumed: the baseline and the rounds so far come from the checkpoint
+        server_round = flower_round + strategy.round_offset
+        seconds = strategy.round_seconds() if server_round else None
+        current = from_array_record(arrays)
+        metrics = evaluate_round(server_round, current, seconds)
+        if server_round:
+            save_checkpoint(recorder, server_round, current, aggregator, strategy.client_dp)
+        return MetricRecord(metrics)
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_array_record(start),
+        num_rounds=config.num_server_rounds - strategy.round_offset,
+        timeout=config.round_timeout,
+        train_config=ConfigRecord(config.to_flat()),
+        evaluate_config=ConfigRecord(config.to_flat()),
+        evaluate_fn=central_evaluate,
+    )
+    finish_run(model, from_array_record(result.arrays) if len(result.arrays) else start, config, recorder)
+    remove_checkpoint(config.out)
+    return recorder
+
+
+def finish_run(model: PeftModel, final: dict[str, np.ndarray], config: FedsiteConfig, recorder: RunRecorder) -> None:
+    """Export the final adapter in PEFT format and write the summary (both paths end here)."""
+    set_lora_arrays(model, final)
+    export_adapter(model, Path(config.out) / "adapter", resolve_model_path(config.model))
+    recorder.write_summary()
+    log.info("[fedsite] results written to %s", config.out)
+
+
+def central_evaluator(config: FedsiteConfig, recorder: RunRecorder, model: PeftModel, tokenizer: PreTrainedTokenizerBase) -> Callable[[int, dict, float | None], dict]:
+    """The coordinator's held-out evaluation of round k's arrays, closing the round in the recorder.
+
+    Round 0 is the baseline; `round_seconds` is the round's wall time from its start.
+    """
+    eval_set = central_eval_set(config)
+
+    def central_evaluate(server_round: int, arrays: dict, round_seconds: float | None = None) -> dict:
         started = time.perf_counter()
-        set_lora_arrays(model, from_array_record(arrays))
+        set_lora_arrays(model, arrays)
         result = evaluate(model, tokenizer, eval_set, config.max_seq_len, config.max_new_tokens)
         row = recorder.finish_round(
             server_round,
@@ -59,7 +115,7 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
                 "eval_accuracy": result.accuracy,
                 "eval_per_task": result.per_task,
                 "eval_seconds": time.perf_counter() - started,
-                **({"round_seconds": strategy.round_seconds()} if server_round else {}),
+                **({"round_seconds": round_seconds} if round_seconds is not None else {}),
             },
         )
         log.info(
@@ -70,22 +126,9 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
             result.loss,
             f" | train loss {row['train_loss']:.3f} | clients {len(row.get('contributors', []))}" if "train_loss" in row else "",
         )
-        return MetricRecord({"eval-accuracy": result.accuracy, "eval-loss": result.loss})
+        return {"eval-accuracy": result.accuracy, "eval-loss": result.loss}
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=to_array_record(initial),
-        num_rounds=config.num_server_rounds,
-        timeout=config.round_timeout,
-        train_config=ConfigRecord(config.to_flat()),
-        evaluate_config=ConfigRecord(config.to_flat()),
-        evaluate_fn=central_evaluate,
-    )
-    set_lora_arrays(model, from_array_record(result.arrays) if len(result.arrays) else initial)
-    export_adapter(model, Path(config.out) / "adapter", resolve_model_path(config.model))
-    recorder.write_summary()
-    log.info("[fedsite] results written to %s", config.out)
-    return recorder
+    return central_evaluate
 
 
 def client_level_dp(config: FedsiteConfig) -> ClientLevelDP | None:

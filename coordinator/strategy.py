@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import FedAvg
 from aggregation.validate import validate_update
 from coordinator.aggregate import Aggregator, train_factors
 from coordinator.client_dp import ClientLevelDP
+from coordinator.planner import Planner, planner_for
 from coordinator.results import RunRecorder
 from protos.codecs import CodecError
 from protos.tensors import from_array_record, to_array_record
@@ -55,6 +56,7 @@ class FedsiteStrategy(FedAvg):
         max_update_norm: float = 0.0,
         max_update_bytes: int = 0,
         client_dp: ClientLevelDP | None = None,
+        planner: Planner | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -66,30 +68,44 @@ class FedsiteStrategy(FedAvg):
         self.recorder = recorder
         self.aggregator = aggregator or Aggregator()
         self.client_dp = client_dp
+        # per-client packages, dropouts and stragglers when the run has a population (else None)
+        self.planner = planner if planner is not None else planner_for(recorder.config)
         self._sample_rate = 1.0
         # 0 disables a bound; the norm bounds the distance from the current global arrays
         self.bounds = {"max_norm": max_update_norm or None, "max_bytes": max_update_bytes or None, "relative": True}
         self._global: dict[str, np.ndarray] = {}
         self._round_started = 0.0
+        # a resumed run: Flower counts rounds from 1 again, the run goes on after the checkpoint's round
+        self.round_offset = 0
+        self._awaited: set[int] = set()  # sampled nodes whose reply has not come in this round
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._round_started = time.perf_counter()
+        server_round += self.round_offset
         self._global = from_array_record(arrays)
         config["train-factors"] = train_factors(self.aggregator.rule, server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sample_rate = len(messages) / max(1, len(list(grid.get_node_ids())))
         self.recorder.record(sampled=len(messages))
+        if self.planner is not None:
+            messages = self.planner.plan_round(server_round, messages, arrays, grid)
+        self._awaited = {m.metadata.dst_node_id for m in messages}
         log.info("round %d: training on %d clients", server_round, len(messages))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         started = time.perf_counter()
+        server_round += self.round_offset
         accepted: list[tuple[int, dict[str, np.ndarray], dict]] = []
         rejected: list[dict] = []
         for msg in replies:
             reason, update, metrics = self._read_reply(msg)
             node = client_name(msg, metrics)
             entry = {"round": server_round, "node_id": msg.metadata.src_node_id, **{k.replace("-", "_"): v for k, v in metrics.items()}}
+            if self.planner is not None and not msg.has_error():
+                late, simulated = self.planner.check_reply(msg.metadata.src_node_id, metrics)
+                entry.update(simulated)
+                reason = reason or late
             if reason is None:
                 accepted.append((node, update, metrics))
                 entry["status"] = "accepted"
@@ -100,6 +116,12 @@ class FedsiteStrategy(FedAvg):
                 entry.update(status="rejected", reason=reason)
                 log.warning("round %d: rejected update from client %d: %s", server_round, node, reason)
             self.recorder.record_client(entry)
+            self._awaited.discard(msg.metadata.src_node_id)
+        if self._awaited:  # killed, disconnected or slower than round-timeout: the round goes on without them
+            log.warning("round %d: no reply from %d sampled client(s) within round-timeout, dropped: %s", server_round, len(self._awaited), sorted(self._awaited))
+            self.recorder.record(dropped=sorted(self._awaited))
+        if self.planner is not None:
+            self.recorder.record(**self.planner.round_record())
 
         if not accepted:
             log.warning("round %d: no valid update; the global adapter stays as it was", server_round)
@@ -138,7 +160,9 @@ class FedsiteStrategy(FedAvg):
             return f"declined: {msg.content['declined']['reason']}", {}, dict(msg.content.metric_records.get("metrics", {}))
         try:
             metrics = dict(msg.content["metrics"])
-            update = decode_update(from_array_record(msg.content["arrays"]), self._global)
+            # a HetLoRA client of rank r was sent (and returns) the first r rank directions
+            base, rank = self.planner.base_for(msg.metadata.src_node_id, self._global) if self.planner else (self._global, 0)
+            update = decode_update(from_array_record(msg.content["arrays"]), base)
         except CodecError as err:
             return f"undecodable update: {err}", {}, {}
         except (KeyError, TypeError, ValueError) as err:
@@ -146,7 +170,8 @@ class FedsiteStrategy(FedAvg):
         examples = metrics.get("num-examples")
         if not isinstance(examples, (int, float)) or not examples > 0:
             return f"num-examples must be positive, got {examples!r}", update, metrics
-        return validate_update(update, self._global, **self.bounds), update, metrics
+        reason = validate_update(update, base, **self.bounds)
+        return reason, (self.planner.restore(update, rank) if reason is None and base is not self._global else update), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = [m for m in replies if not m.has_error() and "eval-accuracy" in m.content["metrics"]]

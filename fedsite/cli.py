@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from finetune.logs import setup_logging
-from finetune.config import ConfigError, FedsiteConfig, field_help, from_mapping, load_toml
+from finetune.config import ConfigError, FedsiteConfig, field_help, from_mapping
+from fedsite.service_cli import add_service_parsers
 
 FIELD_HELP = {
     "model": "backbone: 'smollm2' (embedded, default), 'tiny' (random Llama for tests) or a local model folder",
@@ -25,6 +26,7 @@ FIELD_HELP = {
     "partitioning": "how data is split over clients: iid, dirichlet or shards",
     "dirichlet-alpha": "Dirichlet concentration over task families (smaller = more skewed)",
     "shards-per-client": "shards partitioning: shards dealt to each client",
+    "partition-size-sigma": "iid quantity skew: per-client data sizes drawn lognormal with this sigma (0 = equal sizes)",
     "max-seq-len": "tokens per training example (prompt is cut from the left)",
     "seed": "seed for data, partitions and LoRA initialisation",
     "clients": "number of simulated clients",
@@ -57,12 +59,26 @@ FIELD_HELP = {
     "epsilon-budget": "local DP: a client declines to train once its spent epsilon reaches this (0 = --target-epsilon, else none)",
     "dp-clip-norm": "client DP: clipping bound on each client's update (L2 distance from the global adapter)",
     "dp-adaptive-clip": "client DP: adapt the clipping bound to the median update norm (Andrew et al. 2021)",
+    "secure": "secure aggregation with Flower's SecAgg+: the coordinator sees only the sum of masked updates (fedavg, fedprox, fedavgm, fedadam, fedyogi, ffa-lora, rolora)",
+    "secure-num-shares": "SecAgg+: clients each client secret-shares its keys with, as a share of the sampled clients (<= 1) or a count",
+    "secure-threshold": "SecAgg+: shares needed to unmask, as a share of --secure-num-shares (<= 1) or a count; fewer survivors and the round keeps the old adapter",
+    "secure-clip-range": "SecAgg+: each weighted array entry is clipped to [-r, r] before quantization (a client whose update exceeds it drops out)",
+    "secure-quantization-range": "SecAgg+: quantization levels per entry (error of the mean about range*2/levels)",
+    "secure-max-weight": "SecAgg+: largest client weight (training examples); heavier clients are capped",
     "quantize": "QLoRA clients: load the frozen backbone in nf4 or int8 with bitsandbytes (none = fp32)",
+    "emulator-share": "offsite tuning: share of simulated clients that get a signed emulator instead of the backbone (0 = none)",
+    "emulator-package": "offsite tuning: use this package from `fedsite emulator build` (default: build one into OUT/emulator)",
+    "emulator-adapter-layers": "offsite tuning: trainable blocks kept at each end of the emulator (0 = 2, or 1 below 8 blocks)",
+    "emulator-stride": "offsite tuning: keep every n-th middle block in the emulator",
+    "emulator-quantize": "offsite tuning: storage of the emulator's frozen middle: none, int8 or nf4",
+    "emulator-distill-steps": "offsite tuning: layer-wise distillation steps of the emulator's middle toward the full model",
+    "offsite-train": "offsite tuning: clients train 'lora' on the adapter blocks or the adapter 'blocks' themselves",
     "eval-examples": "held-out examples in the coordinator's evaluation",
     "client-eval-examples": "test examples per client in federated evaluation",
     "max-new-tokens": "tokens generated per answer in exact-match evaluation",
     "out": "results folder (metrics.jsonl, adapter/, summary.md, ...)",
     "workers": "simulation worker processes (each holds one backbone)",
+    "experiment": "experiment TOML whose [population] and [[profiles]] decide each client's package, dropouts and deadline ('' = none; set by --config)",
 }
 
 
@@ -71,11 +87,13 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     for key, (default, kind) in field_help().items():
         names = [f"--{key}"] + (["--rounds"] if key == "num-server-rounds" else [])
         parser.add_argument(*names, dest=key, default=None, metavar=kind.upper(), help=f"{FIELD_HELP.get(key, key)} (default: {default})")
-    parser.add_argument("--config", metavar="TOML", help="experiment file whose keys are the options above; flags override it")
+    parser.add_argument("--config", metavar="TOML", help="experiment file: keys are the options above, plus optional [population], [[profiles]] and [sweep] tables (see simulations/experiments/); flags override it")
 
 
 def config_from_args(args: argparse.Namespace) -> FedsiteConfig:
-    base = load_toml(args.config) if args.config else FedsiteConfig()
+    from simulations.experiment import load_experiment
+
+    base = load_experiment(args.config).config if args.config else FedsiteConfig()
     values: dict[str, Any] = {key: getattr(args, key) for key in field_help() if getattr(args, key) is not None}
     return from_mapping(values, base)
 
@@ -117,6 +135,25 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
     report.set_defaults(func=cmd_report)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from simulations.sweep import run_sweep
+
+    outcome = run_sweep(args.experiment, args.out, dry_run=args.dry_run)
+    for run, status in outcome:
+        print(f"{status:>10}  {run.folder}")
+    failed = [run for run, status in outcome if status.startswith("failed")]
+    print(f"sweep: {len(outcome)} runs, {len(failed)} failed; compare them with `fedsite report {args.out}/* --out REPORT`")
+    return 1 if failed else 0
+
+
+def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    sweep = sub.add_parser("sweep", help="run an experiment's [sweep] grid, one results folder per run", description="Run every combination of the experiment file's [sweep] table once per seed, each as its own `fedsite simulate` under OUT/NAME. Finished runs (summary.json present) are skipped, so re-running resumes.")
+    sweep.add_argument("experiment", help="experiment TOML with a [sweep] table (keys: options, values: lists; seeds = [...])")
+    sweep.add_argument("--out", required=True, help="folder that gets one results folder per run")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and which are finished, run nothing")
+    sweep.set_defaults(func=cmd_sweep)
+
+
 def add_emulator_parser(sub: argparse._SubParsersAction) -> None:
     emulator = sub.add_parser("emulator", help="build or verify an offsite emulator package", description="Offsite-tuning emulators: a compressed stand-in of the backbone with trainable adapter blocks.")
     actions = emulator.add_subparsers(dest="action", required=True)
@@ -148,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.set_defaults(func=cmd_simulate)
     add_emulator_parser(sub)
     add_report_parser(sub)
+    add_service_parsers(sub)  # certs, coordinator, client
+    add_sweep_parser(sub)
     return parser
 
 

@@ -37,6 +37,7 @@ class FedsiteConfig:
     partitioning: str = "iid"  # iid | dirichlet | shards
     dirichlet_alpha: float = 0.5
     shards_per_client: int = 2
+    partition_size_sigma: float = 0.0  # iid quantity skew: lognormal sigma of per-client data sizes; 0 = equal
     max_seq_len: int = 128
     seed: int = 0
     # federation
@@ -74,8 +75,23 @@ class FedsiteConfig:
     epsilon_budget: float = 0.0  # local DP: clients decline to train once they spent this; 0 = target-epsilon or none
     dp_clip_norm: float = 0.1  # client DP: bound on each client's update (L2 distance from the global)
     dp_adaptive_clip: bool = False  # client DP: clip bound follows the median update norm
+    # secure aggregation (Flower's SecAgg+): the coordinator only sees the sum of masked updates
+    secure: bool = False
+    secure_num_shares: float = 1.0  # neighbours each client secret-shares its keys with: share of sampled clients (<= 1) or a count
+    secure_threshold: float = 0.6  # shares needed to unmask: share of num-shares (<= 1) or a count
+    secure_clip_range: float = 1.0  # arrays (times weight / max-weight) are clipped to [-r, r] before quantization
+    secure_quantization_range: int = 4194304  # quantization levels (2^22); the mask modulus is 2^32
+    secure_max_weight: float = 1000.0  # largest client weight (training examples); larger ones are capped
     # QLoRA-style clients: frozen backbone loaded in 4-bit NF4 or 8-bit (bitsandbytes)
     quantize: str = "none"
+    # offsite tuning: clients without the backbone train an adapter against a signed emulator
+    emulator_share: float = 0.0  # share of simulated clients that get the emulator instead of the backbone
+    emulator_package: str = ""  # a package from `fedsite emulator build` ("" = build one into <out>/emulator)
+    emulator_adapter_layers: int = 0  # trainable blocks kept at each end (0 = 2, or 1 below 8 blocks)
+    emulator_stride: int = 2  # keep every n-th middle block
+    emulator_quantize: str = "none"  # storage of the emulator's frozen middle: none, int8 or nf4
+    emulator_distill_steps: int = 0  # layer-wise distillation of the kept middle toward the full model
+    offsite_train: str = "lora"  # offsite clients train LoRA on the adapter blocks, or the "blocks" themselves
     # evaluation
     eval_examples: int = 60
     client_eval_examples: int = 16
@@ -84,6 +100,8 @@ class FedsiteConfig:
     out: str = "results/run"
     # simulation engine
     workers: int = 2
+    # experiment file whose [population] and [[profiles]] decide packages, dropouts and deadlines ("" = none)
+    experiment: str = ""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def lora_settings(self) -> LoraSettings:
@@ -114,6 +132,7 @@ class FedsiteConfig:
             ("lr", self.lr > 0, "positive"),
             ("partitioning", self.partitioning in ("iid", "dirichlet", "shards"), "iid, dirichlet or shards"),
             ("dirichlet-alpha", self.dirichlet_alpha > 0, "positive"),
+            ("partition-size-sigma", self.partition_size_sigma == 0 or (self.partition_size_sigma > 0 and self.partitioning == "iid"), "0, or positive with partitioning 'iid'"),
             ("test-fraction", 0.0 < self.test_fraction < 1.0, "in (0, 1)"),
             ("workers", self.workers >= 1, "at least 1"),
             ("upload-codec", self.upload_codec in ("fp32", "fp16", "int8", "4bit"), "fp32, fp16, int8 or 4bit"),
@@ -124,12 +143,42 @@ class FedsiteConfig:
             ("dp-clip-norm", self.dp_clip_norm > 0.0, "positive"),
             ("dp-max-grad-norm", self.dp_max_grad_norm > 0.0, "positive"),
             ("quantize", self.quantize in ("none", "nf4", "int8"), "none, nf4 or int8"),
+            ("emulator-share", 0.0 <= self.emulator_share <= 1.0, "in [0, 1]"),
+            ("emulator-adapter-layers", self.emulator_adapter_layers >= 0, "non-negative (0 = default)"),
+            ("emulator-stride", self.emulator_stride >= 1, "at least 1"),
+            ("emulator-quantize", self.emulator_quantize in ("none", "int8", "nf4"), "none, int8 or nf4"),
+            ("emulator-distill-steps", self.emulator_distill_steps >= 0, "non-negative"),
+            ("offsite-train", self.offsite_train in ("lora", "blocks"), "lora or blocks"),
             ("aggregation", self.dp != "client" or self.aggregation == "fedavg", "fedavg with dp 'client' (DP-FedAvg)"),
+            *self._secure_checks(RULES),
         ]
         for key, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"config field '{key}' = {getattr(self, _snake(key))!r} must be {expected}")
         return self
+
+    def _secure_checks(self, rules: Mapping[str, Any]) -> list[tuple[str, bool, str]]:
+        """With `secure` on the coordinator sees only the sum: refuse what needs individual updates."""
+        if not self.secure:
+            return []
+        sums = ", ".join(name for name, spec in rules.items() if spec.secure_compatible)
+        shares, threshold = self.secure_num_shares, self.secure_threshold
+        return [
+            ("aggregation", getattr(rules.get(self.aggregation), "secure_compatible", False), f"a rule that needs only the sum of updates with secure aggregation ({sums})"),
+            ("upload-codec", self.upload_codec == "fp32", "fp32 with secure aggregation (SecAgg+ quantizes the update itself)"),
+            ("upload-topk", self.upload_topk == 0.0, "0 with secure aggregation (masked updates are dense)"),
+            ("error-feedback", not self.error_feedback, "false with secure aggregation (no upload codec to feed back)"),
+            ("dp-adaptive-clip", not (self.dp == "client" and self.dp_adaptive_clip), "false with secure aggregation (the coordinator cannot see which updates were clipped)"),
+            ("clients", self.clients >= 2, "at least 2 with secure aggregation"),
+            # per-client packages (population profiles, offsite emulators) are planned on the Message-API path only
+            ("experiment", not getattr(self, "experiment", ""), "'' with secure aggregation (population planning is not on the SecAgg+ path yet)"),
+            ("emulator-share", not getattr(self, "emulator_share", 0.0), "0 with secure aggregation (offsite clients are not on the SecAgg+ path yet)"),
+            ("secure-num-shares", 0 < shares <= 1 or (shares >= 3 and float(shares).is_integer()), "a share in (0, 1] or a whole count >= 3"),
+            ("secure-threshold", 0 < threshold <= 1 or (float(threshold).is_integer() and (shares <= 1 or threshold < shares)), "a share in (0, 1] or a whole count below secure-num-shares"),
+            ("secure-clip-range", self.secure_clip_range > 0, "positive"),
+            ("secure-quantization-range", 2 <= self.secure_quantization_range < 2**32, "in [2, 2^32)"),
+            ("secure-max-weight", self.secure_max_weight > 0, "positive"),
+        ]
 
 
 def _public_fields() -> list[dataclasses.Field]:

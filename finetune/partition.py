@@ -33,7 +33,9 @@ from finetune.examples import Example
 METHODS = ("iid", "dirichlet", "shards")
 
 
-def _check(num_examples: int, num_partitions: int, method: str, alpha: float, shards_per_partition: int) -> None:
+def _check(num_examples: int, num_partitions: int, method: str, alpha: float, shards_per_partition: int, size_sigma: float = 0.0) -> None:
+    if size_sigma < 0 or (size_sigma > 0 and method != "iid"):
+        raise ValueError(f"partition-size-sigma: {size_sigma} needs to be 0, or positive with partitioning 'iid' (got '{method}')")
     if method not in METHODS:
         raise ValueError(f"partitioning: unknown method '{method}'; expected one of {', '.join(METHODS)}")
     if num_partitions < 1:
@@ -64,10 +66,21 @@ def _fill_empty(parts: list[list[int]]) -> list[list[int]]:
     return parts
 
 
+def skewed_sizes(total: int, num_partitions: int, sigma: float, seed: int) -> np.ndarray:
+    """Quantity skew: sizes proportional to lognormal(0, sigma) draws, each >= 1, summing to `total`."""
+    weights = np.random.default_rng([seed, 1]).lognormal(0.0, sigma, num_partitions)
+    sizes = 1 + np.floor(weights / weights.sum() * (total - num_partitions)).astype(int)
+    sizes[np.argsort(-weights)[: total - int(sizes.sum())]] += 1  # the remainder to the largest draws
+    return sizes
+
+
 @lru_cache(maxsize=16)
-def _cached(tasks: tuple[str, ...], num_partitions: int, method: str, alpha: float, shards: int, seed: int) -> tuple[tuple[int, ...], ...]:
+def _cached(tasks: tuple[str, ...], num_partitions: int, method: str, alpha: float, shards: int, seed: int, size_sigma: float = 0.0) -> tuple[tuple[int, ...], ...]:
     if method == "iid":
         order = np.random.default_rng(seed).permutation(len(tasks))
+        if size_sigma > 0:
+            cuts = np.cumsum(skewed_sizes(len(tasks), num_partitions, size_sigma, seed))[:-1]
+            return tuple(tuple(int(i) for i in part) for part in np.split(order, cuts))
         return tuple(tuple(int(i) for i in part) for part in np.array_split(order, num_partitions))
     dataset = Dataset.from_dict({"idx": list(range(len(tasks))), "task": list(tasks)})
     partitioner: Partitioner
@@ -104,16 +117,18 @@ def partition_indices(
     alpha: float = 0.5,
     shards_per_partition: int = 2,
     seed: int = 0,
+    size_sigma: float = 0.0,
 ) -> list[list[int]]:
     """Indices into `examples` for each of `num_partitions` clients.
 
     Every partition is non-empty and no index is used twice. "iid" and "dirichlet" use every
     example; "shards" leaves out the remainder that does not fill a whole shard. Only the
     `task` labels matter, so the result is deterministic given the labels and arguments.
+    "iid" with `size_sigma` > 0 gives partitions of lognormally skewed sizes (quantity skew).
     """
-    _check(len(examples), num_partitions, method, alpha, shards_per_partition)
+    _check(len(examples), num_partitions, method, alpha, shards_per_partition, size_sigma)
     tasks = tuple(ex.task for ex in examples)
-    return [list(part) for part in _cached(tasks, num_partitions, method, float(alpha), shards_per_partition, seed)]
+    return [list(part) for part in _cached(tasks, num_partitions, method, float(alpha), shards_per_partition, seed, float(size_sigma))]
 
 
 def partition(
@@ -124,9 +139,10 @@ def partition(
     alpha: float = 0.5,
     shards_per_partition: int = 2,
     seed: int = 0,
+    size_sigma: float = 0.0,
 ) -> list[Example]:
     """The examples of client `partition_id` (see `partition_indices`)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id: expected 0..{num_partitions - 1}, got {partition_id}")
-    indices = partition_indices(examples, num_partitions, method, alpha, shards_per_partition, seed)
+    indices = partition_indices(examples, num_partitions, method, alpha, shards_per_partition, seed, size_sigma)
     return [examples[i] for i in indices[partition_id]]

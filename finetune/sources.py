@@ -52,8 +52,8 @@ def client_splits(config: FedsiteConfig, node_config: Mapping[str, object]) -> t
     partition_id = int(node_config.get("partition-id", 0))
     num_partitions = int(node_config.get("num-partitions", config.clients))
     train, test = run_splits(config)
-    kwargs = dict(method=config.partitioning, alpha=config.dirichlet_alpha, shards_per_partition=config.shards_per_client, seed=config.seed)
-    client_train = partition(list(train), num_partitions, partition_id, **kwargs)
+    kwargs = dict(method=config.partitioning, alpha=config.dirichlet_alpha, shards_per_partition=config.shards_per_client, seed=config.seed, size_sigma=config.partition_size_sigma)
+    client_train = partition(train, num_partitions, partition_id, **kwargs)  # only this client's examples are copied
     # Test examples are spread IID: there may be fewer than clients need for a skewed split.
     client_test = [ex for i, ex in enumerate(test) if i % num_partitions == partition_id]
     return client_train, client_test

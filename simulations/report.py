@@ -148,6 +148,8 @@ def summarize(run: RunData) -> dict[str, Any]:
         "time_basis": {"simulated_seconds": "simulated", "round_seconds": "wall"}.get(time_key or ""),
         "rejected_updates": int(rejected),
         "dropped": sum(_count(r.get("dropped")) for r in rounds),
+        "stragglers": sum(_count(r.get("stragglers")) for r in rounds),
+        "unavailable": sum(_count(r.get("unavailable")) for r in rounds),
         "mean_sampled": sampled / len(rounds) if rounds else None,
         "mean_contributors": contributed / len(rounds) if rounds else None,
         "participation_rate": contributed / sampled if sampled else None,
@@ -208,19 +210,19 @@ def _plot_participation(runs: list[RunData], path: Path) -> None:
     cols = min(len(runs), 3)
     rows = -(-len(runs) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.3 * rows), squeeze=False, sharey=True)
-    keys = ("sampled", "contributors", "rejected", "dropped")
+    keys = ("sampled", "contributors", "rejected", "dropped", "stragglers", "unavailable")  # stragglers are also rejected
     width = 0.8 / len(keys)
     for ax, run in zip(axes.flat, runs):
         xs = [r["round"] for r in run.rounds]
         for j, key in enumerate(keys):
-            ax.bar([x + (j - 1.5) * width for x in xs], [_count(r.get(key)) for r in run.rounds], width,
+            ax.bar([x + (j - (len(keys) - 1) / 2) * width for x in xs], [_count(r.get(key)) for r in run.rounds], width,
                    label=key, color=f"C{j}")
         ax.set(title=run.name, xlabel="round", ylabel="clients", xticks=xs)
     for ax in list(axes.flat)[len(runs):]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(keys), fontsize="small")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.3 * rows)))
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(keys), 3 * cols), fontsize="small")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / (3.3 * rows)))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -278,7 +280,7 @@ def report_markdown(summaries: list[dict[str, Any]]) -> str:
     """Comparison table, per-task final accuracy, then the plots; config columns only where set."""
     config_keys = [k for k in summaries[0]["config"] if any(s["config"][k] is not None for s in summaries)]
     header = ["run", *config_keys, "initial acc", "final acc", "best acc (round)", "final eval loss",
-              "upload MB", "time s", "rejected", "mean contributors / sampled"]
+              "upload MB", "time s", "rejected", "dropouts / stragglers / unreachable", "mean contributors / sampled"]
     rows = []
     for s in summaries:
         time = _fmt(s["total_seconds"], 1) + (" (sim)" if s["time_basis"] == "simulated" else "")
@@ -286,7 +288,7 @@ def report_markdown(summaries: list[dict[str, Any]]) -> str:
         rows.append([_fmt(s["name"]), *(_fmt(s["config"][k]) for k in config_keys), _fmt(s["initial_accuracy"]),
                      _fmt(s["final_accuracy"]), f"{_fmt(s['best_accuracy'])} ({_fmt(s['best_round'])})",
                      _fmt(s["final_eval_loss"]), _fmt(s["total_upload_mb"], 2), time,
-                     str(s["rejected_updates"]), part])
+                     str(s["rejected_updates"]), f"{s['dropped']} / {s['stragglers']} / {s['unavailable']}", part])
     lines = ["# Fedsite runs compared", "", *_table(header, rows, 1 + len(config_keys))]
     tasks = sorted({t for s in summaries for t in s["final_per_task"]})
     if tasks:

@@ -10,9 +10,11 @@ import logging
 import os
 from pathlib import Path
 
+from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from client.client_app import app as client_app
+from client.secure import app as secure_client_app
 from coordinator.aggregate import check_rule
 from coordinator.server_app import make_server_app
 from finetune.config import FedsiteConfig
@@ -40,8 +42,11 @@ def share_threads(workers: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def simulate(config: FedsiteConfig, verbose: bool = False) -> Path:
-    """Run `config.clients` simulated clients for `config.num_server_rounds` rounds; return the results folder."""
+def simulate(config: FedsiteConfig, verbose: bool = False, client: ClientApp | None = None) -> Path:
+    """Run `config.clients` simulated clients for `config.num_server_rounds` rounds; return the results folder.
+
+    `client` replaces the ClientApp (default: the plain app, or with `secure` the SecAgg+ one).
+    """
     config.validate()
     check_rule(config.aggregation)
     out = Path(config.out)
@@ -50,7 +55,7 @@ def simulate(config: FedsiteConfig, verbose: bool = False) -> Path:
     try:
         run_simulation(
             server_app=make_server_app(config),
-            client_app=client_app,
+            client_app=client or (secure_client_app if config.secure else client_app),
             num_supernodes=config.clients,
             backend_config=backend_config(config),
             verbose_logging=verbose,

@@ -152,7 +152,7 @@ def test_a_masked_update_is_statistically_unrelated_to_the_plain_one(tmp_path):
     # key order on the wire is the initial dict's order, the same as updates'
     assert masked.shape == plain.shape
     uniform = masked.astype(np.float64) / 2**32
-    assert abs(np.corrcoef(uniform, plain)[0, 1]) < 0.2  # ~N(0, 1/sqrt(n)), n = 96
+    assert abs(np.corrcoef(uniform, plain)[0, 1]) < 0.4  # ~N(0, 1/sqrt(n)), n = 96: 4 sigma, never flaky
     assert abs(uniform.mean() - 0.5) < 0.1 and 0.2 < uniform.std() < 0.38  # uniform on [0, 1): 0.5, 0.289
     assert len(reply.content.array_records) == 0 or all(len(r) == 0 for r in reply.content.array_records.values())  # plain arrays never leave
 

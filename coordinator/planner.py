@@ -1,0 +1,290 @@
+"""Each sampled client's package, decided from its device profile; simulated device time.
+
+The coordinator sees Flower node ids, not devices. The first time a node is sampled it is
+asked (a `query` message, answered by the ClientApp) for its partition id and the profile
+name in its node config; the answer is cached per node. A `PopulationModel` (in simulation,
+`simulations.population.Population`) maps a partition id to a `DeviceProfile` and says, per
+round, whether the client is reachable and whether it drops out after receiving its package.
+
+A package is a few overrides of the run config, put in that client's own ConfigRecord: LoRA
+rank (HetLoRA: rank-r clients get the first r rank directions of the global adapter, alpha
+scaled with r so alpha/r stays the run's), 4-bit backbone, upload codec (the most precise one
+whose upload fits the profile's link in `upload_seconds`) and kind ("lora" or "emulator").
+
+Simulated time of a client: download / bandwidth + measured train seconds / speed + upload /
+bandwidth. A client slower than the round deadline is a straggler: the coordinator stops
+waiting for it, so its update is dropped from the aggregate, with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from aggregation.hetero_rank import pad_to_rank, truncate_to_rank
+from protos.tensors import from_array_record, to_array_record
+
+log = logging.getLogger("fedsite.coordinator")
+
+# Bits per value on the wire, most precise first (int8 and 4bit carry small per-block scales).
+CODEC_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.25, "4bit": 4.5}
+QUERY_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What a kind of device can do; `share` is its fraction of the population."""
+
+    name: str
+    share: float = 1.0
+    speed: float = 1.0  # compute relative to the machine that runs the simulation (0.5 = twice as slow)
+    memory_gb: float = 0.0  # 0 = unlimited; else the backbone must fit (fp32, then 4-bit) or the client gets an emulator
+    bandwidth_mbps: float = 100.0  # link speed, both directions, megabits per second
+    holds_backbone: bool = True  # False: the client must not hold the backbone (offsite emulator)
+    quantized: bool = False  # frozen backbone in 4-bit NF4 (QLoRA)
+    lora_rank: int = 0  # 0 = the run's lora-rank; smaller ranks need aggregation 'hetlora'
+    upload_codec: str = ""  # "" = adaptive from bandwidth; else fp32, fp16, int8 or 4bit
+    availability: float = 1.0  # probability the client is reachable in a round
+    dropout: float = 0.0  # probability a reachable client vanishes after receiving its package
+
+    def validate(self) -> DeviceProfile:
+        checks = [
+            ("share", self.share > 0, "positive"),
+            ("speed", self.speed > 0, "positive"),
+            ("memory-gb", self.memory_gb >= 0, "non-negative"),
+            ("bandwidth-mbps", self.bandwidth_mbps > 0, "positive"),
+            ("lora-rank", self.lora_rank >= 0, "non-negative"),
+            ("upload-codec", self.upload_codec in ("", *CODEC_BITS), "empty (adaptive) or one of " + ", ".join(CODEC_BITS)),
+            ("availability", 0.0 < self.availability <= 1.0, "in (0, 1]"),
+            ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"profile '{self.name}': {key} = {getattr(self, key.replace('-', '_'))!r} must be {expected}")
+        return self
+
+
+DEFAULT_PROFILE = DeviceProfile("default")
+
+
+@dataclass(frozen=True)
+class Package:
+    """What one client is asked to do this round, as run-config overrides."""
+
+    profile: str
+    kind: str  # "lora" | "emulator" (emulator clients train LoRA until the emulator path lands)
+    lora_rank: int
+    lora_alpha: int
+    quantize: str
+    upload_codec: str
+
+    def overrides(self) -> dict[str, Any]:
+        return {
+            "lora-rank": self.lora_rank,
+            "lora-alpha": self.lora_alpha,
+            "quantize": self.quantize,
+            "upload-codec": self.upload_codec,
+            "package-kind": self.kind,
+            "profile": self.profile,
+        }
+
+
+class PopulationModel(Protocol):
+    deadline: float  # simulated seconds per round; 0 = none
+    upload_seconds: float  # target upload time that picks the adaptive codec
+
+    def profile_of(self, partition_id: int) -> DeviceProfile: ...
+
+    def event(self, server_round: int, partition_id: int) -> str:
+        """'train', 'unavailable' or 'dropout' for this client in this round (seeded)."""
+        ...
+
+
+def choose_codec(num_values: int, bandwidth_mbps: float, upload_seconds: float) -> str:
+    """The most precise codec whose upload of `num_values` takes at most `upload_seconds`; else 4bit."""
+    for codec, bits in CODEC_BITS.items():
+        if num_values * bits / (bandwidth_mbps * 1e6) <= upload_seconds:
+            return codec
+    return "4bit"
+
+
+def plan_package(profile: DeviceProfile, run: Mapping[str, Any], num_values: int, upload_seconds: float, backbone_gb: float = 0.0, rule: str = "fedavg") -> Package:
+    """`profile`'s package under the run config `run` (kebab keys) for an update of `num_values` values."""
+    rank = int(run["lora-rank"])
+    if profile.lora_rank and profile.lora_rank != rank and rule == "hetlora":
+        rank = min(rank, profile.lora_rank)
+    alpha = max(1, round(int(run["lora-alpha"]) * rank / int(run["lora-rank"])))
+    quantize = "nf4" if profile.quantized else str(run.get("quantize", "none"))
+    kind = "lora" if profile.holds_backbone else "emulator"
+    if profile.memory_gb and kind == "lora" and backbone_gb > profile.memory_gb:
+        # fp32 does not fit: a 4-bit backbone takes about an eighth; below that, an emulator
+        quantize, kind = ("nf4", "lora") if backbone_gb / 8 <= profile.memory_gb else (quantize, "emulator")
+    values = num_values * rank // int(run["lora-rank"])
+    codec = profile.upload_codec or choose_codec(values, profile.bandwidth_mbps, upload_seconds)
+    return Package(profile.name, kind, rank, alpha, quantize, codec)
+
+
+def simulated_seconds(profile: DeviceProfile, train_seconds: float, upload_bytes: float, download_bytes: float) -> float:
+    """Device time of one client's round: transfer at the profile's bandwidth, compute at its speed."""
+    link = profile.bandwidth_mbps * 1e6 / 8  # bytes per second
+    return download_bytes / link + train_seconds / profile.speed + upload_bytes / link
+
+
+@dataclass
+class _Sent:
+    partition_id: int
+    profile: DeviceProfile
+    package: Package
+    download_bytes: int
+
+
+@dataclass
+class Planner:
+    """Per-round planning and straggler accounting; the only state is what was sent to whom."""
+
+    population: PopulationModel
+    run: dict[str, Any]  # the run config, kebab keys
+    rule: str = "fedavg"
+    backbone_gb: float = 0.0
+    _partition: dict[int, int] = field(default_factory=dict)  # node id -> partition id (or -1)
+    _named: dict[int, str] = field(default_factory=dict)  # node id -> profile name from its node config
+    _sent: dict[int, _Sent] = field(default_factory=dict)
+    _round: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rule != "hetlora":
+            ranks = {self.population.profile_of(pid).lora_rank for pid in range(int(self.run["clients"]))}
+            if ranks - {0, int(self.run["lora-rank"])}:
+                log.warning("profile LoRA ranks %s ignored: smaller ranks need aggregation 'hetlora'", sorted(ranks - {0}))
+
+    # ----------------------------------------------------------------------------- configure
+    def plan_round(self, server_round: int, messages: list[Message], arrays: ArrayRecord, grid: Any) -> list[Message]:
+        """One message per sampled client that is reachable, each with its own package."""
+        self._learn_partitions([m.metadata.dst_node_id for m in messages], grid)
+        current = from_array_record(arrays)
+        num_values = sum(int(v.size) for v in current.values())
+        by_rank: dict[int, ArrayRecord] = {int(self.run["lora-rank"]): arrays}
+        base_config = messages[0].content["config"] if messages else ConfigRecord()
+        self._sent, out = {}, []
+        events: dict[str, list[int]] = {"unavailable": [], "dropped": []}
+        profiles: Counter[str] = Counter()
+        download = 0
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            pid = self._partition.get(node, -1)
+            profile = self.profile_for(node)
+            name = pid if pid >= 0 else node
+            event = self.population.event(server_round, pid) if pid >= 0 else "train"
+            if event == "unavailable":
+                events["unavailable"].append(name)
+                continue
+            package = plan_package(profile, self.run, num_values, self.population.upload_seconds, self.backbone_gb, self.rule)
+            if package.lora_rank not in by_rank:
+                by_rank[package.lora_rank] = to_array_record(truncate_to_rank(current, package.lora_rank))
+            record = by_rank[package.lora_rank]
+            nbytes = sum(len(a.data) for a in record.values())
+            download += nbytes
+            if event == "dropout":  # received the package, never answers
+                events["dropped"].append(name)
+                continue
+            config = ConfigRecord({**dict(base_config), **package.overrides()})
+            content = RecordDict({"arrays": record, "config": config})
+            out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+            self._sent[node] = _Sent(pid, profile, package, nbytes)
+            profiles[profile.name] += 1
+        self._round = {**events, "stragglers": [], "profiles": dict(profiles), "download_bytes": download, "client_seconds": [], "waited_for_dropouts": bool(events["dropped"])}
+        log.info(
+            "round %d: %d sampled, %d unreachable, %d dropped out, %d training (%s)",
+            server_round, len(messages), len(events["unavailable"]), len(events["dropped"]), len(out),
+            ", ".join(f"{k} {v}" for k, v in sorted(profiles.items())),
+        )
+        return out
+
+    def profile_for(self, node: int) -> DeviceProfile:
+        pid = self._partition.get(node, -1)
+        if pid >= 0:
+            return self.population.profile_of(pid)
+        return getattr(self.population, "profiles_by_name", {}).get(self._named.get(node, ""), DEFAULT_PROFILE)
+
+    def _learn_partitions(self, nodes: Iterable[int], grid: Any) -> None:
+        """Ask each node not seen before for its partition id and profile name (one query each)."""
+        unknown = [n for n in nodes if n not in self._partition]
+        if not unknown:
+            return
+        queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+        for reply in grid.send_and_receive(queries, timeout=QUERY_TIMEOUT):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %d did not say who it is (%s); default profile", node, reply.error.reason)
+                self._partition[node] = -1
+                continue
+            info = reply.content.config_records.get("client")
+            self._partition[node] = int(info.get("partition-id", -1)) if info else -1
+            self._named[node] = str(info.get("profile", "")) if info else ""
+        for node in unknown:
+            self._partition.setdefault(node, -1)
+
+    # ----------------------------------------------------------------------------- replies
+    def base_for(self, node: int, current: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """The arrays `node` was sent (the global truncated to its rank) and that rank."""
+        sent = self._sent.get(node)
+        full_rank = int(self.run["lora-rank"])
+        if sent is None or sent.package.lora_rank == full_rank:
+            return current, full_rank
+        return truncate_to_rank(current, sent.package.lora_rank), sent.package.lora_rank
+
+    def restore(self, update: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+        """A rank-r update zero-padded back to the global rank (HetLoRA)."""
+        return update if rank == int(self.run["lora-rank"]) else pad_to_rank(update, int(self.run["lora-rank"]))
+
+    def check_reply(self, node: int, metrics: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """(straggler reason or None, fields for clients.jsonl) of one valid reply."""
+        sent = self._sent.get(node)
+        if sent is None:
+            return None, {}
+        seconds = simulated_seconds(sent.profile, float(metrics.get("train-seconds", 0.0)), float(metrics.get("upload-bytes", 0)), sent.download_bytes)
+        package = sent.package
+        entry = {"profile": package.profile, "package_kind": package.kind, "lora_rank": package.lora_rank, "quantize": package.quantize,
+                 "upload_codec": package.upload_codec, "simulated_seconds": seconds}
+        deadline = self.population.deadline
+        if deadline and seconds > deadline:
+            self._round["stragglers"].append(sent.partition_id if sent.partition_id >= 0 else node)
+            return f"straggler: simulated {seconds:.1f} s > deadline {deadline:g} s", entry
+        self._round["client_seconds"].append(seconds)
+        return None, entry
+
+    def round_record(self) -> dict[str, Any]:
+        """Per-round fields for metrics.jsonl: simulated time, dropouts, stragglers, profiles."""
+        record = dict(self._round)
+        seconds = record.pop("client_seconds", [])
+        waited = record.pop("waited_for_dropouts", False) or bool(record.get("stragglers"))
+        deadline = self.population.deadline
+        # the coordinator waits for its slowest client, or until the deadline for one that never comes
+        record["simulated_seconds"] = deadline if (waited and deadline) else max(seconds, default=0.0)
+        return record
+
+
+def planner_for(config: Any) -> Planner | None:
+    """The planner of a run whose config names an experiment with a population; else None.
+
+    The population model is the simulation's (DESIGN: the one part only simulations have), so
+    it is imported here, lazily, and only when the run asks for one.
+    """
+    if not getattr(config, "experiment", ""):
+        return None
+    from finetune.cache import lora_model
+    from simulations.experiment import load_population
+
+    population = load_population(config)
+    model, _ = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)
+    backbone_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    log.info("population: %d clients, %s; deadline %s", population.clients,
+             ", ".join(f"{name} {count}" for name, count in population.counts().items()),
+             f"{population.deadline:g} s (simulated)" if population.deadline else "none")
+    return Planner(population, config.to_flat(), config.aggregation, backbone_gb)
