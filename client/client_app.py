@@ -211,5 +211,9 @@ def query_handler(msg: Message, context: Context) -> Message:
 
     The coordinator asks once per node and plans each round's package from the answer.
     """
-    info = ConfigRecord({"partition-id": client_id(context), "profile": str(context.node_config.get("profile", ""))})
+    node = context.node_config
+    info = {"partition-id": client_id(context), "profile": str(node.get("profile", ""))}
+    if "holds-backbone" in node:  # a deployed client (`fedsite client`) describes its device
+        info.update({"holds-backbone": bool(node["holds-backbone"]), "memory-gb": float(node.get("memory-gb", 0.0)), "quantized": bool(node.get("quantized", False))})
+    info = ConfigRecord(info)
     return Message(content=RecordDict({"client": info}), reply_to=msg)

@@ -43,11 +43,6 @@ def join_tracks(lora: Mapping[str, np.ndarray], offsite: Mapping[str, np.ndarray
     return {**lora, **{PREFIX + k: v for k, v in offsite.items()}}
 
 
-def is_emulator_client(partition_id: int, share: float) -> bool:
-    """Spread `share` of the simulated clients evenly over partition ids (deterministic)."""
-    return share > 0 and int((partition_id + 1) * share) > int(partition_id * share)
-
-
 @dataclass
 class OffsiteTrack:
     """The coordinator's side of offsite tuning: what clients get, and the full model it feeds."""
@@ -134,3 +129,26 @@ def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
     initial = get_offsite_arrays(plug_in, layer_map, config.offsite_train)
     summary.update(emulator_bytes=manifest.emulator_bytes, backbone_bytes=manifest.backbone_bytes, layer_map=layer_map.to_dict())
     return OffsiteTrack(package, public_key_pem(public_key).decode(), layer_map, config.offsite_train, plug_in, tokenizer, initial, summary, public_key)
+
+
+def offsite_wanted(config: FedsiteConfig, planner: object | None) -> bool:
+    """Whether a run may send emulators: a share of offsite clients, or profiles that cannot hold
+    the backbone (no backbone allowed, or a memory bound the planner may find too small)."""
+    if config.emulator_share > 0:
+        return True
+    profiles = getattr(getattr(planner, "population", None), "profiles", ())
+    return any(not p.holds_backbone or p.memory_gb for p in profiles)
+
+
+def offsite_evaluation(track: OffsiteTrack, arrays: Mapping[str, np.ndarray], eval_set: list, config: FedsiteConfig, with_emulator: bool) -> dict:
+    """Plug-in scores (`offsite_eval_*`) and, if asked, the emulator's own (`emulator_eval_*`)."""
+    from finetune.evaluate import evaluate
+
+    def score(model: PreTrainedModel, prefix: str) -> dict:
+        result = evaluate(model, track.tokenizer, eval_set, config.max_seq_len, config.max_new_tokens)
+        return {f"{prefix}_loss": result.loss, f"{prefix}_accuracy": result.accuracy, f"{prefix}_per_task": result.per_task}
+
+    fields = score(track.load(arrays), "offsite_eval")
+    if with_emulator:
+        fields.update(score(track.emulator(arrays, config.lora_settings(), config.seed), "emulator_eval"))
+    return fields

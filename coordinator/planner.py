@@ -154,6 +154,7 @@ class Planner:
     backbone_gb: float = 0.0
     _partition: dict[int, int] = field(default_factory=dict)  # node id -> partition id (or -1)
     _named: dict[int, str] = field(default_factory=dict)  # node id -> profile name from its node config
+    _reported: dict[int, DeviceProfile] = field(default_factory=dict)  # node id -> profile a deployed client reported
     _sent: dict[int, _Sent] = field(default_factory=dict)
     _round: dict[str, Any] = field(default_factory=dict)
 
@@ -210,7 +211,8 @@ class Planner:
         pid = self._partition.get(node, -1)
         if pid >= 0:
             return self.population.profile_of(pid)
-        return getattr(self.population, "profiles_by_name", {}).get(self._named.get(node, ""), DEFAULT_PROFILE)
+        named = getattr(self.population, "profiles_by_name", {}).get(self._named.get(node, ""))
+        return named or self._reported.get(node, DEFAULT_PROFILE)
 
     def _learn_partitions(self, nodes: Iterable[int], grid: Any) -> None:
         """Ask each node not seen before for its partition id and profile name (one query each)."""
@@ -227,6 +229,13 @@ class Planner:
             info = reply.content.config_records.get("client")
             self._partition[node] = int(info.get("partition-id", -1)) if info else -1
             self._named[node] = str(info.get("profile", "")) if info else ""
+            if info and "holds-backbone" in info:  # a deployed client describes its own device
+                self._reported[node] = DeviceProfile(
+                    self._named[node] or f"node-{node}",
+                    memory_gb=float(info.get("memory-gb", 0.0)),
+                    holds_backbone=bool(info["holds-backbone"]),
+                    quantized=bool(info.get("quantized", False)),
+                ).validate()
         for node in unknown:
             self._partition.setdefault(node, -1)
 
@@ -276,12 +285,18 @@ def planner_for(config: Any) -> Planner | None:
     The population model is the simulation's (DESIGN: the one part only simulations have), so
     it is imported here, lazily, and only when the run asks for one.
     """
-    if not getattr(config, "experiment", ""):
+    share = float(getattr(config, "emulator_share", 0.0))
+    if not getattr(config, "experiment", "") and share <= 0:
         return None
     from finetune.cache import lora_model
     from simulations.experiment import load_population
+    from simulations.population import Population
 
-    population = load_population(config)
+    if config.experiment:
+        population = load_population(config)
+    else:  # `emulator-share` alone: that share of the clients may not hold the backbone
+        profiles = (DeviceProfile("backbone", 1.0 - share), DeviceProfile("no-backbone", share, holds_backbone=False))
+        population = Population(tuple(p for p in profiles if p.share > 0), config.clients, config.seed)
     model, _ = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)
     backbone_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     log.info("population: %d clients, %s; deadline %s", population.clients,

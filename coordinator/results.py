@@ -71,9 +71,10 @@ class RunRecorder:
             f.write(json.dumps(row) + "\n")
         return row
 
-    def write_summary(self) -> None:
+    def write_summary(self, **extra: Any) -> None:
+        """summary.json/md and curves.png; `extra` adds sections to summary.json (e.g. offsite)."""
         final = self.rounds[-1] if self.rounds else {}
-        summary = {"initial": self.initial, "final": final, "rounds": len(self.rounds)}
+        summary = {"initial": self.initial, "final": final, "rounds": len(self.rounds), **extra}
         write_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
         write_atomic(self.out / "summary.md", summary_markdown(self.config, self.initial, self.rounds))
         if self.rounds:

@@ -20,12 +20,13 @@ from transformers import PreTrainedTokenizerBase
 from coordinator.aggregate import Aggregator
 from coordinator.checkpoint import load_checkpoint, remove_checkpoint, restore, save_checkpoint
 from coordinator.client_dp import ClientLevelDP
+from coordinator.offsite import OffsiteTrack, join_tracks, offsite_evaluation, offsite_wanted, prepare_offsite, split_tracks
 from coordinator.results import RunRecorder
 from coordinator.strategy import FedsiteStrategy
 from finetune.backbone import resolve_model_path
 from finetune.cache import initial_lora_arrays, lora_model
 from finetune.config import FedsiteConfig, from_mapping
-from finetune.evaluate import evaluate
+from finetune.evaluate import EvalResult, evaluate
 from finetune.logs import setup_logging
 from finetune.lora import export_adapter, set_lora_arrays
 from finetune.sources import central_eval_set
@@ -41,10 +42,10 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
     recorder = RunRecorder(config.out, config, fresh=checkpoint is None)
     model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed)
     initial = initial_lora_arrays(config.model, config.lora_settings(), config.seed)
-    evaluate_round = central_evaluator(config, recorder, model, tokenizer)
     if config.secure:  # SecAgg+ runs on Flower's legacy workflow; recording and export are shared
         from coordinator.secure import run_secure
 
+        evaluate_round = central_evaluator(config, recorder, model, tokenizer)
         finish_run(model, run_secure(grid, config, recorder, initial, evaluate_round), config, recorder)
         return recorder
     aggregator = Aggregator(config.aggregation, config.server_lr, config.server_momentum, config.trim_fraction)
@@ -58,6 +59,11 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
         max_update_bytes=int(config.max_update_mb * 1e6),
         client_dp=client_level_dp(config),
     )
+    if offsite_wanted(config, strategy.planner):  # some clients get an emulator instead of the backbone
+        strategy.offsite = prepare_offsite(config)
+        strategy.offsite_aggregator = Aggregator(config.aggregation, config.server_lr, config.server_momentum, config.trim_fraction)
+        initial = join_tracks(initial, strategy.offsite.initial)
+    evaluate_round = central_evaluator(config, recorder, model, tokenizer, strategy.offsite)
 
     start = initial
     if checkpoint is not None:
@@ -84,36 +90,54 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
         evaluate_config=ConfigRecord(config.to_flat()),
         evaluate_fn=central_evaluate,
     )
-    finish_run(model, from_array_record(result.arrays) if len(result.arrays) else start, config, recorder)
+    finish_run(model, from_array_record(result.arrays) if len(result.arrays) else start, config, recorder, strategy.offsite)
     remove_checkpoint(config.out)
     return recorder
 
 
-def finish_run(model: PeftModel, final: dict[str, np.ndarray], config: FedsiteConfig, recorder: RunRecorder) -> None:
-    """Export the final adapter in PEFT format and write the summary (both paths end here)."""
+def finish_run(model: PeftModel, final: dict[str, np.ndarray], config: FedsiteConfig, recorder: RunRecorder, offsite: OffsiteTrack | None = None) -> None:
+    """Export the final adapter(s) in PEFT format and write the summary (every path ends here)."""
+    final, final_offsite = split_tracks(final)
     set_lora_arrays(model, final)
     export_adapter(model, Path(config.out) / "adapter", resolve_model_path(config.model))
-    recorder.write_summary()
+    extra = {}
+    if offsite is not None:  # the plug-in: the full backbone with the offsite clients' adapter
+        offsite.export(final_offsite, Path(config.out) / "offsite_adapter", config.model)
+        extra["offsite"] = offsite.summary
+    recorder.write_summary(**extra)
     log.info("[fedsite] results written to %s", config.out)
 
 
-def central_evaluator(config: FedsiteConfig, recorder: RunRecorder, model: PeftModel, tokenizer: PreTrainedTokenizerBase) -> Callable[[int, dict, float | None], dict]:
+def central_evaluator(
+    config: FedsiteConfig, recorder: RunRecorder, model: PeftModel, tokenizer: PreTrainedTokenizerBase, offsite: OffsiteTrack | None = None
+) -> Callable[[int, dict, float | None], dict]:
     """The coordinator's held-out evaluation of round k's arrays, closing the round in the recorder.
 
-    Round 0 is the baseline; `round_seconds` is the round's wall time from its start.
+    Round 0 is the baseline; `round_seconds` is the round's wall time from its start. With an
+    offsite track the plug-in is scored too (`offsite_eval_*`), and the emulator itself at the
+    baseline and the last round (`emulator_eval_*`); in a run of offsite clients only, the
+    headline `eval_*` is the plug-in's.
     """
     eval_set = central_eval_set(config)
 
     def central_evaluate(server_round: int, arrays: dict, round_seconds: float | None = None) -> dict:
         started = time.perf_counter()
-        set_lora_arrays(model, arrays)
-        result = evaluate(model, tokenizer, eval_set, config.max_seq_len, config.max_new_tokens)
+        arrays, offsite_arrays = split_tracks(arrays)
+        fields: dict = {}
+        if offsite is not None:
+            fields = offsite_evaluation(offsite, offsite_arrays, eval_set, config, server_round in (0, config.num_server_rounds))
+        if offsite is not None and config.emulator_share >= 1.0 and not config.experiment:
+            result = EvalResult(fields["offsite_eval_loss"], fields["offsite_eval_accuracy"], len(eval_set), fields["offsite_eval_per_task"])
+        else:
+            set_lora_arrays(model, arrays)
+            result = evaluate(model, tokenizer, eval_set, config.max_seq_len, config.max_new_tokens)
         row = recorder.finish_round(
             server_round,
             {
                 "eval_loss": result.loss,
                 "eval_accuracy": result.accuracy,
                 "eval_per_task": result.per_task,
+                **fields,
                 "eval_seconds": time.perf_counter() - started,
                 **({"round_seconds": round_seconds} if round_seconds is not None else {}),
             },

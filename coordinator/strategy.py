@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import FedAvg
 from aggregation.validate import validate_update
 from coordinator.aggregate import Aggregator, train_factors
 from coordinator.client_dp import ClientLevelDP
+from coordinator.offsite import KIND_EMULATOR, KIND_LORA, OffsiteTrack, join_tracks, split_tracks
 from coordinator.planner import Planner, planner_for
 from coordinator.results import RunRecorder
 from protos.codecs import CodecError
@@ -57,6 +58,8 @@ class FedsiteStrategy(FedAvg):
         max_update_bytes: int = 0,
         client_dp: ClientLevelDP | None = None,
         planner: Planner | None = None,
+        offsite: OffsiteTrack | None = None,
+        offsite_aggregator: Aggregator | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -78,17 +81,29 @@ class FedsiteStrategy(FedAvg):
         # a resumed run: Flower counts rounds from 1 again, the run goes on after the checkpoint's round
         self.round_offset = 0
         self._awaited: set[int] = set()  # sampled nodes whose reply has not come in this round
+        # offsite tuning: emulator clients train the adapter track, aggregated only among themselves
+        self.offsite = offsite
+        self.offsite_aggregator = offsite_aggregator or Aggregator(self.aggregator.rule)
+        self._offsite_global: dict[str, np.ndarray] = {}
+        self._kinds: dict[int, str] = {}  # node id -> the kind of package it was sent this round
+        self._emulator_nodes: set[int] = set()  # never sent the LoRA track, not even to evaluate
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._round_started = time.perf_counter()
         server_round += self.round_offset
-        self._global = from_array_record(arrays)
+        self._global, self._offsite_global = split_tracks(from_array_record(arrays))
+        if self.offsite is not None:
+            arrays = to_array_record(self._global)  # LoRA clients get the LoRA track only
         config["train-factors"] = train_factors(self.aggregator.rule, server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sample_rate = len(messages) / max(1, len(list(grid.get_node_ids())))
         self.recorder.record(sampled=len(messages))
         if self.planner is not None:
             messages = self.planner.plan_round(server_round, messages, arrays, grid)
+        if self.offsite is not None:
+            messages = self.offsite.route(messages, self._offsite_global)
+        self._kinds = {m.metadata.dst_node_id: str(m.content["config"].get("package-kind", KIND_LORA)) for m in messages}
+        self._emulator_nodes |= {node for node, kind in self._kinds.items() if kind == KIND_EMULATOR}
         self._awaited = {m.metadata.dst_node_id for m in messages}
         log.info("round %d: training on %d clients", server_round, len(messages))
         return messages
@@ -97,6 +112,7 @@ class FedsiteStrategy(FedAvg):
         started = time.perf_counter()
         server_round += self.round_offset
         accepted: list[tuple[int, dict[str, np.ndarray], dict]] = []
+        kinds: dict[int, str] = {}  # client -> package kind, to aggregate each kind with its own
         rejected: list[dict] = []
         for msg in replies:
             reason, update, metrics = self._read_reply(msg)
@@ -108,6 +124,7 @@ class FedsiteStrategy(FedAvg):
                 reason = reason or late
             if reason is None:
                 accepted.append((node, update, metrics))
+                kinds[node] = self._kinds.get(msg.metadata.src_node_id, KIND_LORA)
                 entry["status"] = "accepted"
                 if "dp-epsilon" in metrics:
                     self.recorder.record_privacy(local_dp_entry(server_round, node, metrics))
@@ -129,14 +146,15 @@ class FedsiteStrategy(FedAvg):
             return None, None
 
         weights = [float(m["num-examples"]) for _, _, m in accepted]
-        updates = [u for _, u, _ in accepted]
-        if self.client_dp is not None:
-            new_global, ledger = self.client_dp(self._global, updates, self._sample_rate)
-            for node, _, _ in accepted:
-                self.recorder.record_privacy({"round": server_round, "client": node, **ledger})
-            self.recorder.record(privacy=ledger)
-        else:
-            new_global = self.aggregator(self._global, updates, weights, server_round)
+        by_kind = {kind: [(n, u, w) for (n, u, _), w in zip(accepted, weights) if kinds[n] == kind] for kind in (KIND_LORA, KIND_EMULATOR)}
+        new_global = self._aggregate_lora(server_round, by_kind[KIND_LORA]) if by_kind[KIND_LORA] else self._global
+        new_offsite = self._offsite_global
+        if by_kind[KIND_EMULATOR]:  # offsite updates are averaged only among offsite clients
+            _, updates, kind_weights = zip(*by_kind[KIND_EMULATOR])
+            new_offsite = self.offsite_aggregator(self._offsite_global, list(updates), list(kind_weights), server_round)
+        if self.offsite is not None:
+            self.recorder.record(contributors_by_kind={kind: [n for n, _, _ in group] for kind, group in by_kind.items()})
+            new_global = join_tracks(new_global, new_offsite)
         total = sum(weights)
         train_loss = sum(float(m.get("train-loss", 0.0)) * w for (_, _, m), w in zip(accepted, weights)) / total
         upload = int(sum(int(m.get("upload-bytes", 0)) for _, _, m in accepted))
@@ -152,6 +170,17 @@ class FedsiteStrategy(FedAvg):
         log.info("round %d: aggregated %d updates (%d rejected), train loss %.3f", server_round, len(accepted), len(rejected), train_loss)
         return to_array_record(new_global), MetricRecord({"train-loss": train_loss, "num-examples": int(total), "upload-bytes": upload})
 
+    def _aggregate_lora(self, server_round: int, group: list[tuple[int, dict[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
+        """The LoRA track's rule (or DP-FedAvg with client-level DP) over its clients' updates."""
+        nodes, updates, weights = (list(x) for x in zip(*group))
+        if self.client_dp is None:
+            return self.aggregator(self._global, updates, weights, server_round)
+        new_global, ledger = self.client_dp(self._global, updates, self._sample_rate)
+        for node in nodes:
+            self.recorder.record_privacy({"round": server_round, "client": node, **ledger})
+        self.recorder.record(privacy=ledger)
+        return new_global
+
     def _read_reply(self, msg: Message) -> tuple[str | None, dict[str, np.ndarray], dict]:
         """(reason or None, update, metrics) of one reply; never raises on a bad client."""
         if msg.has_error():
@@ -161,7 +190,10 @@ class FedsiteStrategy(FedAvg):
         try:
             metrics = dict(msg.content["metrics"])
             # a HetLoRA client of rank r was sent (and returns) the first r rank directions
-            base, rank = self.planner.base_for(msg.metadata.src_node_id, self._global) if self.planner else (self._global, 0)
+            if self._kinds.get(msg.metadata.src_node_id) == KIND_EMULATOR:
+                base, rank = self._offsite_global, 0
+            else:
+                base, rank = self.planner.base_for(msg.metadata.src_node_id, self._global) if self.planner else (self._global, 0)
             update = decode_update(from_array_record(msg.content["arrays"]), base)
         except CodecError as err:
             return f"undecodable update: {err}", {}, {}
@@ -171,7 +203,14 @@ class FedsiteStrategy(FedAvg):
         if not isinstance(examples, (int, float)) or not examples > 0:
             return f"num-examples must be positive, got {examples!r}", update, metrics
         reason = validate_update(update, base, **self.bounds)
-        return reason, (self.planner.restore(update, rank) if reason is None and base is not self._global else update), metrics
+        return reason, (self.planner.restore(update, rank) if reason is None and rank and base is not self._global else update), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Federated evaluation of the LoRA track on clients that hold the backbone."""
+        if self.offsite is None:
+            return super().configure_evaluate(server_round, arrays, config, grid)
+        lora = to_array_record(split_tracks(from_array_record(arrays))[0])
+        return [m for m in super().configure_evaluate(server_round, lora, config, grid) if m.metadata.dst_node_id not in self._emulator_nodes]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = [m for m in replies if not m.has_error() and "eval-accuracy" in m.content["metrics"]]

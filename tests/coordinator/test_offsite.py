@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from client.offsite import OffsiteSpec, offsite_model
-from coordinator.offsite import OffsiteTrack, is_emulator_client, join_tracks, prepare_offsite, split_tracks
+from coordinator.offsite import OffsiteTrack, join_tracks, prepare_offsite, split_tracks
 from emulator.keys import PackageError
 from emulator.offsite import get_offsite_arrays, set_offsite_arrays
 from finetune.config import FedsiteConfig
@@ -62,6 +62,56 @@ def test_tracks_split_and_join_without_loss():
     assert (back_lora[next(iter(lora))] == 1).all() and (back_offsite[next(iter(offsite))] == 0).all()
 
 
-@pytest.mark.parametrize("share,clients,expected", [(0.0, 10, 0), (0.5, 10, 5), (0.25, 8, 2), (1.0, 3, 3)])
-def test_emulator_share_spreads_over_clients(share, clients, expected):
-    assert sum(is_emulator_client(pid, share) for pid in range(clients)) == expected
+class FakeGrid:
+    """Four simulated nodes that answer the planner's who-are-you query with their partition id."""
+
+    def __init__(self) -> None:
+        self.nodes = [11, 12, 13, 14]
+
+    def get_node_ids(self):
+        return self.nodes
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        return [Message(RecordDict({"client": ConfigRecord({"partition-id": m.metadata.dst_node_id - 11, "profile": ""})}), reply_to=m) for m in messages]
+
+
+def test_emulator_clients_receive_no_tensor_of_the_dropped_blocks(track, tmp_path):
+    """Everything an emulator client gets (round message + the package it names) is free of the
+    backbone's dropped middle block: no key names it, no tensor equals one of its weights."""
+    from flwr.app import ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+    from safetensors.numpy import load_file
+
+    from coordinator.aggregate import Aggregator
+    from coordinator.results import RunRecorder
+    from coordinator.strategy import FedsiteStrategy
+    from finetune.backbone import load_backbone
+    from finetune.cache import initial_lora_arrays
+    from protos.tensors import from_array_record, to_array_record
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    config, t = track
+    config = config.replace(out=str(tmp_path), emulator_share=0.5)
+    strategy = FedsiteStrategy(RunRecorder(tmp_path, config), Aggregator(), fraction_train=1.0, fraction_evaluate=0.0, min_train_clients=4, offsite=t)
+    joint = {**initial_lora_arrays("tiny", config.lora_settings(), config.seed), **{"offsite/" + k: v for k, v in t.initial.items()}}
+    messages = list(strategy.configure_train(1, to_array_record(joint), ConfigRecord(config.to_flat()), FakeGrid()))
+    emulator_msgs = [m for m in messages if m.content["config"].get("package-kind") == "emulator"]
+    assert len(emulator_msgs) == 2 and len(messages) == 4
+
+    backbone, _ = load_backbone("tiny")
+    dropped = {name: p.detach().numpy() for name, p in backbone.named_parameters() if any(f".layers.{i}." in name for i in t.layer_map.dropped())}
+    # a freshly initialised norm is all ones in every block: it carries nothing of block 2
+    dropped = {name: w for name, w in dropped.items() if w.std() > 0}
+    assert len(dropped) >= 7  # q, k, v, o, gate, up, down
+    for msg in emulator_msgs:
+        received = dict(from_array_record(msg.content["arrays"]))  # keyed by original block index
+        assert not [k for k in received if any(f".layers.{i}." in k for i in t.layer_map.dropped())]
+        package = msg.content["config"]["emulator-package"]  # keyed by emulator position
+        received.update({f"package:{k}": v for k, v in load_file(f"{package}/emulator.safetensors").items()})
+        for name, weight in dropped.items():
+            assert not any(v.shape == weight.shape and np.allclose(v, weight) for v in received.values()), name
+    for msg in messages:
+        if msg not in emulator_msgs:  # LoRA clients get the LoRA track only
+            assert not any(k.startswith("offsite/") for k in from_array_record(msg.content["arrays"]))
