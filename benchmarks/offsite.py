@@ -66,11 +66,16 @@ def run_config(args: argparse.Namespace, share: float, name: str) -> FedsiteConf
     ).validate()
 
 
-def client_models(config: FedsiteConfig, package: Path, key_file: Path) -> dict:
-    """(model, tokenizer) of a full-model LoRA client and of an offsite client, as clients load them."""
-    spec = OffsiteSpec(str(package), public_key_pem(load_public_key(key_file)).decode(), config.offsite_train)
-    emulator, tokenizer, _ = offsite_model(spec, config.lora_settings(), config.seed)
-    return {"full": lora_model(config.model, config.lora_settings(), config.seed), "emulator": (emulator, tokenizer)}
+def client_models(config: FedsiteConfig, package: Path, key_file: Path, kinds: tuple[str, ...] = ("full", "emulator")) -> dict:
+    """(model, tokenizer) of a full-model LoRA client and/or an offsite client, as clients load them."""
+    models = {}
+    if "full" in kinds:
+        models["full"] = lora_model(config.model, config.lora_settings(), config.seed)
+    if "emulator" in kinds:
+        spec = OffsiteSpec(str(package), public_key_pem(load_public_key(key_file)).decode(), config.offsite_train)
+        emulator, tokenizer, _ = offsite_model(spec, config.lora_settings(), config.seed)
+        models["emulator"] = (emulator, tokenizer)
+    return models
 
 
 def step_seconds(models: dict, examples, args: argparse.Namespace, batch_size: int, max_len: int) -> dict[str, float]:
@@ -87,7 +92,8 @@ def step_seconds(models: dict, examples, args: argparse.Namespace, batch_size: i
 
 def peak_memory_mb(kind: str, args: argparse.Namespace, package: Path, key_file: Path) -> float:
     """Peak RSS of a fresh process that loads one kind of client and trains a few steps."""
-    command = [sys.executable, __file__, "--measure", kind, "--model", args.model, "--train", args.train, "--steps", "2", "--out", args.out]
+    command = [sys.executable, __file__, "--measure", kind, "--model", args.model, "--train", args.train, "--steps", "2", "--out", args.out,
+               "--adapter-layers", str(args.adapter_layers), "--stride", str(args.stride), "--quantize", args.quantize]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
@@ -96,7 +102,7 @@ def measure_child(args: argparse.Namespace) -> None:
     config = run_config(args, 1.0, "offsite")
     out = Path(config.out)
     examples = run_splits(config)[0]
-    model, tokenizer = client_models(config, out / "emulator", out / "keys" / "public_key.pem")[args.measure]
+    model, tokenizer = client_models(config, out / "emulator", out / "keys" / "public_key.pem", (args.measure,))[args.measure]
     train(model, tokenizer, examples, TrainSettings(steps=args.steps, batch_size=config.batch_size, max_seq_len=config.max_seq_len))
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
