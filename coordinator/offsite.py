@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emulator.cli import build_package
-from emulator.keys import load_public_key, public_key_pem
+from emulator.keys import load_public_key, load_signing_key, public_key_pem
 from emulator.layers import LayerMap
 from emulator.offsite import get_offsite_arrays, set_offsite_arrays, trainable_model
 from emulator.package import load_package, manifest_layer_map, verify_package
@@ -56,11 +56,12 @@ class OffsiteTrack:
     initial: dict[str, np.ndarray]
     summary: dict
     public_key: object = None
+    reference: str = ""  # what clients are told to load: the folder, or a fedsite-artifact:// reference
     _emulator: PreTrainedModel | None = None
 
     def client_config(self) -> dict[str, str]:
         """What an offsite client's round config adds: package reference, signer key, train mode."""
-        return {"package-kind": KIND_EMULATOR, "emulator-package": str(self.package), "emulator-public-key": self.public_key_pem, "offsite-train": self.mode}
+        return {"package-kind": KIND_EMULATOR, "emulator-package": self.reference or str(self.package), "emulator-public-key": self.public_key_pem, "offsite-train": self.mode}
 
     def route(self, messages: list[Message], arrays: Mapping[str, np.ndarray]) -> list[Message]:
         """Emulator clients' messages carry the offsite arrays and the package reference instead
@@ -124,11 +125,19 @@ def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
         public_key = load_public_key(out / "keys" / "public_key.pem")
         manifest = verify_package(package, public_key)
     layer_map = manifest_layer_map(manifest)
+    reference = str(package)
+    if config.artifact_url:  # deployed clients fetch it by content hash from the artifact service
+        from coordinator.artifacts import ArtifactStore
+
+        keys = package.parent / "keys" if config.emulator_package else out / "keys"
+        store = ArtifactStore(out / "artifacts", load_signing_key(keys / "signing_key.pem"))
+        reference = str(store.ref(store.add(package).sha256, config.artifact_url))
+        summary["artifact"] = reference
     backbone, tokenizer = load_backbone(config.model)
     plug_in = trainable_model(backbone, layer_map, config.offsite_train, config.lora_settings(), config.seed)
     initial = get_offsite_arrays(plug_in, layer_map, config.offsite_train)
     summary.update(emulator_bytes=manifest.emulator_bytes, backbone_bytes=manifest.backbone_bytes, layer_map=layer_map.to_dict())
-    return OffsiteTrack(package, public_key_pem(public_key).decode(), layer_map, config.offsite_train, plug_in, tokenizer, initial, summary, public_key)
+    return OffsiteTrack(package, public_key_pem(public_key).decode(), layer_map, config.offsite_train, plug_in, tokenizer, initial, summary, public_key, reference)
 
 
 def offsite_wanted(config: FedsiteConfig, planner: object | None) -> bool:

@@ -73,6 +73,7 @@ FIELD_HELP = {
     "emulator-quantize": "offsite tuning: storage of the emulator's frozen middle: none, int8 or nf4",
     "emulator-distill-steps": "offsite tuning: layer-wise distillation steps of the emulator's middle toward the full model",
     "offsite-train": "offsite tuning: clients train 'lora' on the adapter blocks or the adapter 'blocks' themselves",
+    "artifact-url": "deployment: HOST:PORT of the coordinator's artifact service; emulator packages go to OUT/artifacts and clients fetch them by reference (serve it with `fedsite coordinator --artifacts OUT/artifacts`)",
     "eval-examples": "held-out examples in the coordinator's evaluation",
     "client-eval-examples": "test examples per client in federated evaluation",
     "max-new-tokens": "tokens generated per answer in exact-match evaluation",
@@ -86,7 +87,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per config field, generated from the dataclass so none is forgotten."""
     for key, (default, kind) in field_help().items():
         names = [f"--{key}"] + (["--rounds"] if key == "num-server-rounds" else [])
-        parser.add_argument(*names, dest=key, default=None, metavar=kind.upper(), help=f"{FIELD_HELP.get(key, key)} (default: {default})")
+        flag = {"nargs": "?", "const": "true"} if kind == "bool" else {}  # `--secure` alone means true
+        parser.add_argument(*names, dest=key, default=None, metavar=kind.upper(), help=f"{FIELD_HELP.get(key, key)} (default: {default})", **flag)
     parser.add_argument("--config", metavar="TOML", help="experiment file: keys are the options above, plus optional [population], [[profiles]] and [sweep] tables (see simulations/experiments/); flags override it")
 
 

@@ -92,6 +92,7 @@ class FedsiteConfig:
     emulator_quantize: str = "none"  # storage of the emulator's frozen middle: none, int8 or nf4
     emulator_distill_steps: int = 0  # layer-wise distillation of the kept middle toward the full model
     offsite_train: str = "lora"  # offsite clients train LoRA on the adapter blocks, or the "blocks" themselves
+    artifact_url: str = ""  # HOST:PORT of the coordinator's artifact service: emulators are published to <out>/artifacts and fetched by reference
     # evaluation
     eval_examples: int = 60
     client_eval_examples: int = 16

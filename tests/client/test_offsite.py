@@ -50,3 +50,11 @@ def test_lora_clients_get_no_spec_and_pinned_key_is_enforced(served, tmp_path):
     pinned.write_bytes(public_key_pem(generate_signing_key(tmp_path / "x.pem").public_key()))
     with pytest.raises(PackageError, match="pinned"):
         offsite_spec(track.client_config(), {"coordinator-public-key": str(pinned)})
+
+
+def test_with_an_artifact_url_the_round_message_carries_a_reference(tmp_path):
+    config = FedsiteConfig(model="tiny", out=str(tmp_path / "run"), emulator_share=1.0, artifact_url="127.0.0.1:0")
+    track = prepare_offsite(config)
+    reference = track.client_config()["emulator-package"]
+    assert reference.startswith("fedsite-artifact://127.0.0.1:0/folder/")
+    assert (tmp_path / "run" / "artifacts" / reference.rsplit("/", 1)[1]).is_file()  # published, content-addressed
