@@ -45,6 +45,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="steps per timing repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="results/bench-offsite")
+    p.add_argument("--reuse-full", default=None, metavar="DIR", help="take the full-model LoRA row from this earlier run (same clients, rounds, steps)")
     p.add_argument("--measure", choices=["full", "emulator"], help=argparse.SUPPRESS)  # child process: peak memory
     return p.parse_args(argv)
 
@@ -119,7 +120,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     offsite = simulate(run_config(args, 1.0, "offsite"))  # every client gets the emulator
-    full = simulate(run_config(args, 0.0, "full-lora"))  # every client holds the backbone
+    # every client holds the backbone (the emulator settings do not touch this run)
+    full = Path(args.reuse_full) if args.reuse_full else simulate(run_config(args, 0.0, "full-lora"))
     fed_seconds = time.perf_counter() - started
     summary_off, summary_full = final_row(offsite), final_row(full)
     initial, final, off = summary_off["initial"], summary_off["final"], summary_off["offsite"]
