@@ -105,7 +105,15 @@ def measure_child(args: argparse.Namespace) -> None:
     examples = run_splits(config)[0]
     model, tokenizer = client_models(config, out / "emulator", out / "keys" / "public_key.pem", (args.measure,))[args.measure]
     train(model, tokenizer, examples, TrainSettings(steps=args.steps, batch_size=config.batch_size, max_seq_len=config.max_seq_len))
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM): ru_maxrss would carry the parent's peak across fork+exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def final_row(run: Path) -> dict:
