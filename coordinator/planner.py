@@ -240,13 +240,15 @@ class Planner:
             self._partition.setdefault(node, -1)
 
     # ----------------------------------------------------------------------------- replies
+    def rank_for(self, node: int) -> int:
+        """The LoRA rank of the package `node` was sent this round (the run's rank if none)."""
+        sent = self._sent.get(node)
+        return sent.package.lora_rank if sent is not None else int(self.run["lora-rank"])
+
     def base_for(self, node: int, current: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         """The arrays `node` was sent (the global truncated to its rank) and that rank."""
-        sent = self._sent.get(node)
-        full_rank = int(self.run["lora-rank"])
-        if sent is None or sent.package.lora_rank == full_rank:
-            return current, full_rank
-        return truncate_to_rank(current, sent.package.lora_rank), sent.package.lora_rank
+        rank = self.rank_for(node)
+        return (current if rank == int(self.run["lora-rank"]) else truncate_to_rank(current, rank)), rank
 
     def restore(self, update: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
         """A rank-r update zero-padded back to the global rank (HetLoRA)."""

@@ -85,6 +85,7 @@ class FedsiteStrategy(FedAvg):
         self.offsite = offsite
         self.offsite_aggregator = offsite_aggregator or Aggregator(self.aggregator.rule)
         self._offsite_global: dict[str, np.ndarray] = {}
+        self._offsite_by_rank: dict[int, dict[str, np.ndarray]] = {}  # this round's offsite arrays per LoRA rank
         self._kinds: dict[int, str] = {}  # node id -> the kind of package it was sent this round
         self._emulator_nodes: set[int] = set()  # never sent the LoRA track, not even to evaluate
 
@@ -101,7 +102,8 @@ class FedsiteStrategy(FedAvg):
         if self.planner is not None:
             messages = self.planner.plan_round(server_round, messages, arrays, grid)
         if self.offsite is not None:
-            messages = self.offsite.route(messages, self._offsite_global)
+            self._offsite_by_rank = {}
+            messages = self.offsite.route(messages, self._offsite_sent_to)
         self._kinds = {m.metadata.dst_node_id: str(m.content["config"].get("package-kind", KIND_LORA)) for m in messages}
         self._emulator_nodes |= {node for node, kind in self._kinds.items() if kind == KIND_EMULATOR}
         self._awaited = {m.metadata.dst_node_id for m in messages}
@@ -190,10 +192,8 @@ class FedsiteStrategy(FedAvg):
         try:
             metrics = dict(msg.content["metrics"])
             # a HetLoRA client of rank r was sent (and returns) the first r rank directions
-            if self._kinds.get(msg.metadata.src_node_id) == KIND_EMULATOR:
-                base, rank = self._offsite_global, 0
-            else:
-                base, rank = self.planner.base_for(msg.metadata.src_node_id, self._global) if self.planner else (self._global, 0)
+            track = self._offsite_global if self._kinds.get(msg.metadata.src_node_id) == KIND_EMULATOR else self._global
+            base, rank = self.planner.base_for(msg.metadata.src_node_id, track) if self.planner else (track, 0)
             update = decode_update(from_array_record(msg.content["arrays"]), base)
         except CodecError as err:
             return f"undecodable update: {err}", {}, {}
@@ -203,7 +203,17 @@ class FedsiteStrategy(FedAvg):
         if not isinstance(examples, (int, float)) or not examples > 0:
             return f"num-examples must be positive, got {examples!r}", update, metrics
         reason = validate_update(update, base, **self.bounds)
-        return reason, (self.planner.restore(update, rank) if reason is None and rank and base is not self._global else update), metrics
+        return reason, (self.planner.restore(update, rank) if reason is None and rank else update), metrics
+
+    def _offsite_sent_to(self, node: int) -> dict[str, np.ndarray]:
+        """The offsite arrays `node` trains: the track's global at its package's LoRA rank (HetLoRA),
+        one copy per rank and round."""
+        if self.planner is None:
+            return self._offsite_global
+        rank = self.planner.rank_for(node)
+        if rank not in self._offsite_by_rank:
+            self._offsite_by_rank[rank] = self.planner.base_for(node, self._offsite_global)[0]
+        return self._offsite_by_rank[rank]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Federated evaluation of the LoRA track on clients that hold the backbone."""

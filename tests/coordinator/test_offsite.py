@@ -115,3 +115,56 @@ def test_emulator_clients_receive_no_tensor_of_the_dropped_blocks(track, tmp_pat
     for msg in messages:
         if msg not in emulator_msgs:  # LoRA clients get the LoRA track only
             assert not any(k.startswith("offsite/") for k in from_array_record(msg.content["arrays"]))
+
+
+def test_emulator_clients_of_a_smaller_rank_train_and_return_that_rank(track, tmp_path):
+    """HetLoRA over the offsite track: a rank-2 emulator client is sent the first 2 rank
+    directions of the rank-4 offsite global, and its rank-2 reply is padded back before aggregation."""
+    from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from aggregation.hetero_rank import truncate_to_rank
+    from coordinator.aggregate import Aggregator
+    from coordinator.planner import DeviceProfile, Planner
+    from coordinator.results import RunRecorder
+    from coordinator.strategy import FedsiteStrategy
+    from finetune.cache import initial_lora_arrays
+    from protos.tensors import from_array_record, to_array_record
+    from protos.updates import encode_update
+
+    class Population:  # partitions 0, 1 hold the backbone; 2, 3 are rank-2 devices without it
+        deadline, upload_seconds = 0.0, 1.0
+        profiles = [DeviceProfile("big", 0.5), DeviceProfile("small", 0.5, holds_backbone=False, lora_rank=2)]
+
+        def profile_of(self, pid):
+            return self.profiles[pid // 2]
+
+        def event(self, server_round, pid):
+            return "train"
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    config, t = track
+    config = config.replace(out=str(tmp_path), aggregation="hetlora")
+    planner = Planner(Population(), config.to_flat(), "hetlora")
+    strategy = FedsiteStrategy(RunRecorder(tmp_path, config), Aggregator("hetlora"), fraction_train=1.0, fraction_evaluate=0.0, min_train_clients=4, planner=planner, offsite=t)
+    joint = {**initial_lora_arrays("tiny", config.lora_settings(), config.seed), **{"offsite/" + k: v for k, v in t.initial.items()}}
+    messages = list(strategy.configure_train(1, to_array_record(joint), ConfigRecord(config.to_flat()), FakeGrid()))
+    emulator_msgs = [m for m in messages if m.content["config"].get("package-kind") == "emulator"]
+    assert sorted(m.metadata.dst_node_id for m in emulator_msgs) == [13, 14]
+    expected = truncate_to_rank(t.initial, 2)
+    for msg in emulator_msgs:
+        assert msg.content["config"]["lora-rank"] == 2
+        received = from_array_record(msg.content["arrays"])
+        assert received.keys() == expected.keys()
+        assert all(np.array_equal(received[k], expected[k]) for k in expected)
+
+    trained = {k: v + 1.0 for k, v in expected.items()}
+    metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "train-seconds": 1.0, "upload-bytes": 100})
+    replies = [Message(RecordDict({"arrays": to_array_record(encode_update(trained, expected)), "metrics": metrics}),
+                       reply_to=Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)) for node in (13, 14)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    offsite = split_tracks(from_array_record(arrays))[1]
+    a_key = next(k for k in offsite if "lora_A" in k)
+    assert offsite[a_key].shape == t.initial[a_key].shape  # back at the track's rank 4
+    np.testing.assert_allclose(offsite[a_key][:2], t.initial[a_key][:2] + 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(offsite[a_key][2:], 0.0)  # only zero-padded directions came back

@@ -90,6 +90,7 @@ def test_mixed_devices_run_records_the_population(mixed_run):
         assert row["simulated_seconds"] > 0 and row["download_bytes"] > 0
         if row["dropped"] or row["stragglers"]:
             assert row["simulated_seconds"] == 1.5  # the coordinator waited until the deadline
+    assert not [c["reason"][:300] for c in clients if "client error" in c.get("reason", "")]
     for c in clients:
         late = c["simulated_seconds"] > 1.5
         assert late == ("straggler" in c.get("reason", ""))
