@@ -20,11 +20,12 @@ from transformers import PreTrainedTokenizerBase
 from client.offsite import PACKAGE_KEY, PUBLIC_KEY_KEY, OffsiteSpec, offsite_model, offsite_spec
 from emulator.keys import PackageError
 from emulator.offsite import get_offsite_arrays, set_offsite_arrays
+from finetune.base_delta import set_global_arrays, split_base
 from finetune.cache import lora_model
 from finetune.config import FedsiteConfig, from_mapping
 from finetune.evaluate import evaluate
 from finetune.privacy import BudgetExhausted, DPSettings, check_budget, train_private
-from finetune.lora import get_lora_arrays, set_lora_arrays, set_trainable_factors
+from finetune.lora import get_lora_arrays, set_trainable_factors
 from finetune.sources import client_splits
 from finetune.examples import Example
 from finetune.train import TrainResult, TrainSettings, train
@@ -77,7 +78,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     except BudgetExhausted as err:
         log.info("client %s round %d: %s", client_label(context), server_round, err)
         return declined(msg, context, str(err))
-    payload = encode_upload(trained, received, config, context)
+    payload = encode_upload(trained, split_base(received)[0], config, context)
     metrics = MetricRecord(train_metrics(result, encoded_nbytes(payload), privacy, context))
     content = RecordDict({"arrays": to_array_record(payload), "metrics": metrics})
     return Message(content=content, reply_to=msg)
@@ -97,7 +98,7 @@ def local_training(
         set_offsite_arrays(model, received, layer_map, offsite.mode)
     else:
         model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)
-        set_lora_arrays(model, received)
+        set_global_arrays(model, received)  # LoRA arrays, and the base-weight update of fedex-lora / flora
     set_trainable_factors(model, factors)
     train_examples, _ = client_splits(config, context.node_config)
     settings = TrainSettings(
@@ -194,7 +195,7 @@ def local_evaluation(config: FedsiteConfig, arrays: dict, context: Context) -> d
     """Metrics of `arrays` on this client's test split (shared with `client/secure.py`)."""
     started = time.perf_counter()
     model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)
-    set_lora_arrays(model, arrays)
+    set_global_arrays(model, arrays)
     _, test_examples = client_splits(config, context.node_config)
     test_examples = test_examples[: config.client_eval_examples]
     metrics: dict[str, float | int] = {"num-examples": len(test_examples)}

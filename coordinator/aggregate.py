@@ -1,7 +1,9 @@
 """The coordinator's aggregation step: one rule from `aggregation/`, selected by name.
 
 Holds the only state a rule needs across rounds (the server optimizer's moments), and tells
-clients which LoRA factors to train, since FFA-LoRA and RoLoRA freeze one of them.
+clients which LoRA factors to train, since FFA-LoRA and RoLoRA freeze one of them. FedEx-LoRA
+and FLoRA also change the frozen base weights: their part beyond the rank-r factors travels
+as dense `base/` arrays in the global record (finetune/base_delta.py).
 """
 
 from __future__ import annotations
@@ -13,23 +15,18 @@ import numpy as np
 
 from aggregation import server_opt
 from aggregation.fedavg import weighted_mean
-from aggregation.hetero_rank import hetlora
-from aggregation.lora import ffa_lora, rolora, rolora_trainable
+from aggregation.hetero_rank import flora_stack, hetlora
+from aggregation.lora import factor_keys, fedex_lora, ffa_lora, product, rolora, rolora_trainable
 from aggregation.robust import coordinate_median, trimmed_mean
 from aggregation.rules import get_rule
-
-# Rules in aggregation/ that also change the frozen base weights (FedEx residual, FLoRA merge):
-# they need a base-weight channel to clients that the federation does not have yet.
-NOT_IN_FEDERATION = {"fedex-lora", "flora"}
+from finetune.base_delta import add_to_base, join_base, split_base
 
 NamedArrays = dict[str, np.ndarray]
 
 
 def check_rule(name: str) -> None:
-    """Raise a one-line ValueError if `name` is unknown or cannot run in the federation."""
+    """Raise a one-line ValueError if `name` is unknown."""
     get_rule(name)
-    if name in NOT_IN_FEDERATION:
-        raise ValueError(f"aggregation rule {name!r} changes the frozen base weights, which the federation cannot ship to clients yet")
 
 
 def train_factors(rule: str, server_round: int) -> str:
@@ -47,6 +44,7 @@ class Aggregator:
     server_lr: float = 0.01  # eta of FedAdam / FedYogi
     server_momentum: float = 0.9  # FedAvgM
     trim_fraction: float = 0.1  # trimmed mean: share cut from each side
+    lora_scaling: float = 2.0  # PEFT's alpha / r: the products FedEx-LoRA and FLoRA fold into the base
     state: server_opt.ServerOptState | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +61,8 @@ class Aggregator:
             return ffa_lora(updates, weights)
         if self.rule == "rolora":
             return rolora(updates, weights, server_round, current)
+        if self.rule in ("fedex-lora", "flora"):
+            return self._fold_into_base(current, updates, weights)
         if self.rule == "hetlora":
             return hetlora(updates, weights)
         if self.rule == "median":
@@ -70,6 +70,17 @@ class Aggregator:
         if self.rule == "trimmed-mean":
             return trimmed_mean(updates, self.trim_fraction)
         return weighted_mean(updates, weights)  # fedavg, fedprox (its proximal term is client-side)
+
+    def _fold_into_base(self, current: NamedArrays, updates: Sequence[NamedArrays], weights: Sequence[float]) -> NamedArrays:
+        """FedEx-LoRA: averaged factors + the exact residual into the base. FLoRA: the whole
+        stacked product into the base, and clients restart from B = 0 (A kept as it was)."""
+        lora, base = split_base(current)
+        if self.rule == "fedex-lora":
+            factors, residual = fedex_lora(updates, weights, scaling=self.lora_scaling)
+            return join_base({k: v.astype(lora[k].dtype) for k, v in factors.items()}, add_to_base(base, residual))
+        stacked = flora_stack(updates, weights, scalings=[self.lora_scaling] * len(updates))
+        fresh = {k: (np.zeros_like(v) if k in set(factor_keys(lora, "B")) else v) for k, v in lora.items()}
+        return join_base(fresh, add_to_base(base, product(stacked)))
 
     def _hparams(self, optimizer: str) -> dict:
         if optimizer == "fedavgm":

@@ -28,11 +28,14 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from aggregation.hetero_rank import pad_to_rank, truncate_to_rank
+from finetune.base_delta import BASE_PREFIX, BASE_RULES
 from protos.tensors import from_array_record, to_array_record
 
 log = logging.getLogger("fedsite.coordinator")
 
 # Bits per value on the wire, most precise first (int8 and 4bit carry small per-block scales).
+# rules that take updates of smaller LoRA ranks (padded, or stacked) from weaker devices
+HETERO_RANK_RULES = ("hetlora", "flora")
 CODEC_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.25, "4bit": 4.5}
 QUERY_TIMEOUT = 600.0
 
@@ -117,12 +120,12 @@ def choose_codec(num_values: int, bandwidth_mbps: float, upload_seconds: float) 
 def plan_package(profile: DeviceProfile, run: Mapping[str, Any], num_values: int, upload_seconds: float, backbone_gb: float = 0.0, rule: str = "fedavg") -> Package:
     """`profile`'s package under the run config `run` (kebab keys) for an update of `num_values` values."""
     rank = int(run["lora-rank"])
-    if profile.lora_rank and profile.lora_rank != rank and rule == "hetlora":
+    if profile.lora_rank and profile.lora_rank != rank and rule in HETERO_RANK_RULES:
         rank = min(rank, profile.lora_rank)
     alpha = max(1, round(int(run["lora-alpha"]) * rank / int(run["lora-rank"])))
     quantize = "nf4" if profile.quantized else str(run.get("quantize", "none"))
     kind = "lora" if profile.holds_backbone else "emulator"
-    if profile.memory_gb and kind == "lora" and backbone_gb > profile.memory_gb:
+    if profile.memory_gb and kind == "lora" and backbone_gb > profile.memory_gb and rule not in BASE_RULES:
         # fp32 does not fit: a 4-bit backbone takes about an eighth; below that, an emulator
         quantize, kind = ("nf4", "lora") if backbone_gb / 8 <= profile.memory_gb else (quantize, "emulator")
     values = num_values * rank // int(run["lora-rank"])
@@ -159,17 +162,22 @@ class Planner:
     _round: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.rule != "hetlora":
-            ranks = {self.population.profile_of(pid).lora_rank for pid in range(int(self.run["clients"]))}
+        profiles = {self.population.profile_of(pid) for pid in range(int(self.run["clients"]))}
+        if self.rule not in HETERO_RANK_RULES:
+            ranks = {p.lora_rank for p in profiles}
             if ranks - {0, int(self.run["lora-rank"])}:
-                log.warning("profile LoRA ranks %s ignored: smaller ranks need aggregation 'hetlora'", sorted(ranks - {0}))
+                log.warning("profile LoRA ranks %s ignored: smaller ranks need aggregation 'hetlora' or 'flora'", sorted(ranks - {0}))
+        if self.rule in BASE_RULES:  # their update lands in the frozen base weights of an fp32 backbone
+            unfit = sorted(p.name for p in profiles if p.quantized or not p.holds_backbone)
+            if unfit:
+                raise ValueError(f"aggregation {self.rule!r} updates the frozen base weights: profile {unfit[0]!r} is quantized or holds no backbone")
 
     # ----------------------------------------------------------------------------- configure
     def plan_round(self, server_round: int, messages: list[Message], arrays: ArrayRecord, grid: Any) -> list[Message]:
         """One message per sampled client that is reachable, each with its own package."""
         self._learn_partitions([m.metadata.dst_node_id for m in messages], grid)
         current = from_array_record(arrays)
-        num_values = sum(int(v.size) for v in current.values())
+        num_values = sum(int(v.size) for k, v in current.items() if not k.startswith(BASE_PREFIX))  # what a client uploads
         by_rank: dict[int, ArrayRecord] = {int(self.run["lora-rank"]): arrays}
         base_config = messages[0].content["config"] if messages else ConfigRecord()
         self._sent, out = {}, []

@@ -24,11 +24,12 @@ from coordinator.offsite import OffsiteTrack, join_tracks, offsite_evaluation, o
 from coordinator.results import RunRecorder
 from coordinator.strategy import FedsiteStrategy
 from finetune.backbone import resolve_model_path
+from finetune.base_delta import export_merged_adapter, set_global_arrays, split_base
 from finetune.cache import initial_lora_arrays, lora_model
 from finetune.config import FedsiteConfig, from_mapping
 from finetune.evaluate import EvalResult, evaluate
 from finetune.logs import setup_logging
-from finetune.lora import export_adapter, set_lora_arrays
+from finetune.lora import export_adapter
 from finetune.sources import central_eval_set
 from protos.tensors import from_array_record, to_array_record
 
@@ -48,7 +49,7 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
         evaluate_round = central_evaluator(config, recorder, model, tokenizer)
         finish_run(model, run_secure(grid, config, recorder, initial, evaluate_round), config, recorder)
         return recorder
-    aggregator = Aggregator(config.aggregation, config.server_lr, config.server_momentum, config.trim_fraction)
+    aggregator = Aggregator(config.aggregation, config.server_lr, config.server_momentum, config.trim_fraction, config.lora_alpha / config.lora_rank)
     strategy = FedsiteStrategy(
         recorder,
         aggregator,
@@ -98,8 +99,12 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
 def finish_run(model: PeftModel, final: dict[str, np.ndarray], config: FedsiteConfig, recorder: RunRecorder, offsite: OffsiteTrack | None = None) -> None:
     """Export the final adapter(s) in PEFT format and write the summary (every path ends here)."""
     final, final_offsite = split_tracks(final)
-    set_lora_arrays(model, final)
-    export_adapter(model, Path(config.out) / "adapter", resolve_model_path(config.model))
+    set_global_arrays(model, final)
+    lora, base = split_base(final)
+    if base:  # fedex-lora / flora: the base-weight update goes into an exact higher-rank adapter
+        export_merged_adapter(model, lora, base, Path(config.out) / "adapter", resolve_model_path(config.model))
+    else:
+        export_adapter(model, Path(config.out) / "adapter", resolve_model_path(config.model))
     extra = {}
     if offsite is not None:  # the plug-in: the full backbone with the offsite clients' adapter
         offsite.export(final_offsite, Path(config.out) / "offsite_adapter", config.model)
@@ -129,7 +134,7 @@ def central_evaluator(
         if offsite is not None and config.emulator_share >= 1.0 and not config.experiment:
             result = EvalResult(fields["offsite_eval_loss"], fields["offsite_eval_accuracy"], len(eval_set), fields["offsite_eval_per_task"])
         else:
-            set_lora_arrays(model, arrays)
+            set_global_arrays(model, arrays)
             result = evaluate(model, tokenizer, eval_set, config.max_seq_len, config.max_new_tokens)
         row = recorder.finish_round(
             server_round,

@@ -21,6 +21,7 @@ from coordinator.client_dp import ClientLevelDP
 from coordinator.offsite import KIND_EMULATOR, KIND_LORA, OffsiteTrack, join_tracks, split_tracks
 from coordinator.planner import Planner, planner_for
 from coordinator.results import RunRecorder
+from finetune.base_delta import split_base
 from protos.codecs import CodecError
 from protos.tensors import from_array_record, to_array_record
 from protos.updates import decode_update
@@ -193,6 +194,7 @@ class FedsiteStrategy(FedAvg):
             metrics = dict(msg.content["metrics"])
             # a HetLoRA client of rank r was sent (and returns) the first r rank directions
             track = self._offsite_global if self._kinds.get(msg.metadata.src_node_id) == KIND_EMULATOR else self._global
+            track = split_base(track)[0]  # clients return LoRA arrays only, never the base-weight update
             base, rank = self.planner.base_for(msg.metadata.src_node_id, track) if self.planner else (track, 0)
             update = decode_update(from_array_record(msg.content["arrays"]), base)
         except CodecError as err:

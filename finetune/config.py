@@ -118,6 +118,7 @@ class FedsiteConfig:
 
     def validate(self) -> FedsiteConfig:
         from aggregation.rules import RULES
+        from finetune.base_delta import BASE_RULES
 
         checks = [
             ("aggregation", self.aggregation in RULES, "one of " + ", ".join(RULES)),
@@ -151,6 +152,9 @@ class FedsiteConfig:
             ("emulator-distill-steps", self.emulator_distill_steps >= 0, "non-negative"),
             ("offsite-train", self.offsite_train in ("lora", "blocks"), "lora or blocks"),
             ("aggregation", self.dp != "client" or self.aggregation == "fedavg", "fedavg with dp 'client' (DP-FedAvg)"),
+            # fedex-lora / flora fold updates into the frozen base weights (finetune/base_delta.py)
+            ("quantize", self.quantize == "none" or self.aggregation not in BASE_RULES, f"none with aggregation {self.aggregation!r} (it updates the frozen base weights)"),
+            ("emulator-share", self.emulator_share == 0.0 or self.aggregation not in BASE_RULES, f"0 with aggregation {self.aggregation!r} (emulator clients cannot take base-weight updates)"),
             *self._secure_checks(RULES),
         ]
         for key, ok, expected in checks:

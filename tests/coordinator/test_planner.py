@@ -151,3 +151,11 @@ def test_smaller_rank_update_is_rejected_without_hetlora(tmp_path):
     strategy.aggregate_train(1, [reply(100, GLOBAL, GLOBAL, 1.0), reply(101, small, small, 1.0)])
     rejected = [json.loads(line) for line in (tmp_path / "clients.jsonl").read_text().splitlines()][1]
     assert rejected["status"] == "rejected" and "shape" in rejected["reason"]
+
+
+def test_base_rules_refuse_quantized_profiles_and_flora_takes_small_ranks():
+    with pytest.raises(ValueError, match="'phone' is quantized"):
+        Planner(FakePopulation({0: FAST, 1: PHONE}), {**RUN, "clients": 2}, "fedex-lora")
+    small = DeviceProfile("small", share=0.5, lora_rank=4)
+    package = plan_package(small, RUN, 1000, 1.0, rule="flora")
+    assert package.lora_rank == 4 and package.quantize == "none"

@@ -37,3 +37,11 @@ def test_toml_file(tmp_path):
     path.write_text("model = [")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_toml(path)
+
+
+def test_rules_that_update_the_base_need_an_fp32_backbone_on_every_client():
+    FedsiteConfig(aggregation="fedex-lora").validate()
+    with pytest.raises(ConfigError, match="'quantize'.*updates the frozen base weights"):
+        FedsiteConfig(aggregation="fedex-lora", quantize="nf4").validate()
+    with pytest.raises(ConfigError, match="'emulator-share'"):
+        FedsiteConfig(aggregation="flora", emulator_share=0.5).validate()

@@ -33,3 +33,28 @@ def test_rule_runs_in_simulation(rule, tmp_path):
         assert all(np.array_equal(final[k], initial[k]) for k in a_keys)
     else:
         assert any(not np.array_equal(final[k], initial[k]) for k in a_keys)
+
+
+@pytest.mark.parametrize("rule", ["fedex-lora", "flora"])
+def test_rules_that_update_the_base_weights_run_and_export_what_was_scored(rule, tmp_path):
+    """FedEx-LoRA / FLoRA in the federation: clients receive and apply the dense base update,
+    and the exported adapter (stock PEFT, higher rank) scores exactly what the coordinator scored."""
+    from finetune.evaluate import evaluate
+    from finetune.sources import central_eval_set
+    from finetune.backbone import build_char_tokenizer
+
+    config = FedsiteConfig(
+        model="tiny", clients=3, num_server_rounds=2, local_steps=2, batch_size=4, train_per_task=6, test_per_task=1,
+        eval_examples=6, max_new_tokens=2, aggregation=rule, lr=0.01, out=str(tmp_path / rule), workers=1,
+    )
+    out = simulate(config)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["aggregation"] for r in rows] == [rule, rule]
+    assert all(len(r["contributors"]) == 3 and not r["rejected"] for r in rows)
+    loaded = PeftModel.from_pretrained(build_tiny_llama(), out / "adapter")
+    assert loaded.peft_config["default"].r > config.lora_rank  # the base update does not fit in rank 8
+    tokenizer = build_char_tokenizer()
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    result = evaluate(loaded, tokenizer, central_eval_set(config), config.max_seq_len, config.max_new_tokens)
+    assert result.loss == pytest.approx(rows[-1]["eval_loss"], abs=1e-4)
+    assert result.loss != pytest.approx(rows[0]["eval_loss"], abs=1e-6)  # training moved the model
