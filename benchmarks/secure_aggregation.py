@@ -14,7 +14,7 @@ protocol stages). Printed per client count:
   adapters (with `--rounds 1` that is the unmasking error alone; over more rounds AdamW on the
   clients can magnify it on coordinates whose gradients are near zero).
 
-    python benchmarks/secure_aggregation.py                         # tiny Llama, 4, 8 and 16 clients
+    python benchmarks/secure_aggregation.py                         # tiny Llama, 10, 50 and 100 clients
     python benchmarks/secure_aggregation.py --clients 4,8 --dropout 0.25   # secure runs also lose clients
 """
 
@@ -37,9 +37,9 @@ from simulations.runner import simulate
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
-    p.add_argument("--clients", default="4,8,16", help="comma-separated client counts")
+    p.add_argument("--clients", default="10,50,100", help="comma-separated client counts")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--local-steps", type=int, default=4)
+    p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.0, help="share of clients that drop out of every secure round (after sharing keys)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="results/bench-secure-aggregation")

@@ -18,6 +18,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from client.offsite import PACKAGE_KEY, PUBLIC_KEY_KEY, OffsiteSpec, offsite_model, offsite_spec
+from client.state import load_state, save_state
 from emulator.keys import PackageError
 from emulator.offsite import get_offsite_arrays, set_offsite_arrays
 from finetune.base_delta import set_global_arrays, split_base
@@ -172,14 +173,12 @@ def declined(msg: Message, context: Context, reason: str) -> Message:
 
 
 def encode_upload(trained: dict, received: dict, config: FedsiteConfig, context: Context) -> dict:
-    """Encode the delta with the run's codec; error-feedback state lives in the node's context."""
-    feedback = None
-    if config.error_feedback:
-        stored = context.state.get(FEEDBACK_KEY)
-        feedback = ErrorFeedback(from_array_record(stored) if stored is not None else None)
+    """Encode the delta with the run's codec; the error-feedback residual lives on the client's
+    disk (client/state.py), not in Flower's in-memory node state."""
+    feedback = ErrorFeedback(load_state(context, FEEDBACK_KEY)) if config.error_feedback else None
     payload = encode_update(trained, received, config.upload_codec, config.upload_topk or None, feedback)
     if feedback is not None:
-        context.state[FEEDBACK_KEY] = to_array_record(feedback.state_dict())
+        save_state(context, FEEDBACK_KEY, feedback.state_dict())
     return payload
 
 

@@ -76,6 +76,7 @@ def node_config(settings: EdgeSettings) -> str:
         "memory-gb": float(settings.memory_gb),
         "holds-backbone": settings.holds_backbone,
         "quantized": settings.quantized,
+        "state-dir": str(Path.home() / ".cache" / "fedsite" / "client-state"),  # error-feedback residuals
     }
     if settings.profile:
         values["profile"] = settings.profile

@@ -22,9 +22,11 @@ def test_node_config_carries_data_path_and_profile_through_flowers_parser(data):
     from flwr.common.config import parse_config_args
 
     plain = parse_config_args([node_config(EdgeSettings("h:1", data, memory_gb=2.5))])
+    state_dir = plain.pop("state-dir")
+    assert state_dir.endswith("client-state")
     assert plain == {"data-path": data, "memory-gb": 2.5, "holds-backbone": True, "quantized": False}
     settings = EdgeSettings("h:1", data, memory_gb=4.0, holds_backbone=False, quantized=True, profile="phone")
-    assert parse_config_args([node_config(settings)]) == {"data-path": data, "memory-gb": 4.0, "holds-backbone": False, "quantized": True, "profile": "phone"}
+    assert parse_config_args([node_config(settings)]) == {"data-path": data, "memory-gb": 4.0, "holds-backbone": False, "quantized": True, "profile": "phone", "state-dir": state_dir}
 
 
 def test_supernode_command_uses_tls_key_and_reconnects_forever(data, tmp_path):
