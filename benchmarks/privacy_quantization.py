@@ -40,6 +40,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-steps", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="client batch size in the federated runs")
+    p.add_argument("--eval-examples", type=int, default=60, help="held-out examples the coordinator scores")
     p.add_argument("--target-epsilon", type=float, default=8.0)
     p.add_argument("--skip-federated", action="store_true", help="only timings and bytes")
     p.add_argument("--out", default="results/bench-privacy-quantization")
@@ -85,7 +87,9 @@ def upload_ratios(model_spec: str, examples) -> dict[str, tuple[int, float]]:
 
 def federated(args: argparse.Namespace) -> dict[str, dict]:
     out = Path(args.out)
-    base = FedsiteConfig(model=args.model, clients=args.clients, num_server_rounds=args.rounds, local_steps=args.local_steps, batch_size=8)
+    base = FedsiteConfig(
+        model=args.model, clients=args.clients, num_server_rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size, eval_examples=args.eval_examples
+    )
     variants = {
         "plain (fp32 upload)": {},
         "fp16 upload": {"upload_codec": "fp16"},
@@ -130,7 +134,7 @@ def main() -> None:
     if args.skip_federated:
         return
     results = federated(args)
-    print(f"\n## Held-out exact match after the same federated run ({args.clients} clients, {args.rounds} rounds, {args.local_steps} local steps)\n")
+    print(f"\n## Held-out exact match after the same federated run ({args.clients} clients, {args.rounds} rounds, {args.local_steps} local steps, batch {args.batch_size}, {args.eval_examples} held-out examples)\n")
     print("| run | exact match | vs plain | upload MB | epsilon |\n|---|---:|---:|---:|---:|")
     plain = results["plain (fp32 upload)"]["accuracy"]
     for name, r in results.items():

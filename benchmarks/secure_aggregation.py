@@ -41,6 +41,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.0, help="share of clients that drop out of every secure round (after sharing keys)")
+    p.add_argument("--num-shares", type=float, default=1.0, help="SecAgg+ neighbours per client: a share of the clients (<= 1, 1 = all pairs, as in SecAgg) or a count (the k of SecAgg+)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="results/bench-secure-aggregation")
     return p.parse_args()
@@ -55,6 +56,7 @@ def run_pair(args: argparse.Namespace, clients: int) -> dict:
         model=args.model, clients=clients, min_train_clients=clients, num_server_rounds=args.rounds, local_steps=args.local_steps,
         batch_size=4, train_per_task=4 * clients, test_per_task=4, eval_examples=24, max_new_tokens=4, workers=args.workers,
         secure_max_weight=float(4 * clients),  # >= any client's examples here, so both runs weight clients alike
+        secure_num_shares=args.num_shares if args.num_shares <= 1 else float(min(args.num_shares, clients - 1)),
     )
     plain_out = simulate(base.replace(out=f"{args.out}/plain-{clients}"))
     dropped = range(int(round(args.dropout * clients)))
@@ -87,7 +89,7 @@ def main() -> None:
     results = [run_pair(args, int(n)) for n in args.clients.split(",")]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nsecure (SecAgg+) vs plain, model {args.model}, {args.rounds} rounds, {args.local_steps} local steps, dropout {args.dropout:.0%} in secure runs")
+    print(f"\nsecure (SecAgg+) vs plain, model {args.model}, {args.rounds} rounds, {args.local_steps} local steps, dropout {args.dropout:.0%} in secure runs, num-shares {args.num_shares:g}")
     print("| clients | round s plain | round s secure | time ratio | bytes ratio (all stages) | bytes ratio (masked only) | acc plain | acc secure | loss plain | loss secure | max |Δ| adapter |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
