@@ -63,7 +63,13 @@ def share_parameters(config: FedsiteConfig) -> tuple[int | float, int | float]:
     def as_param(value: float) -> int | float:
         return float(value) if value <= 1 else int(value)
 
-    return as_param(config.secure_num_shares), as_param(config.secure_threshold)
+    shares = as_param(config.secure_num_shares)
+    if isinstance(shares, int) and shares % 2 == 0:
+        # a client shares with k/2 neighbours on each side plus itself: the count is odd. Flower 1.41
+        # rounds an even count up only after telling clients the even one, and they fail in share_keys.
+        log.info("secure-num-shares %d rounded up to %d (SecAgg+ neighbourhoods are odd)", shares, shares + 1)
+        shares += 1
+    return shares, as_param(config.secure_threshold)
 
 
 def message_nbytes(msg: Message) -> int:

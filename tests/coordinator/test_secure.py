@@ -183,6 +183,8 @@ def test_local_dp_clients_get_the_same_ledger_lines_as_on_the_plain_path(tmp_pat
 def test_share_parameters_read_shares_and_counts():
     assert share_parameters(FedsiteConfig(secure=True, secure_num_shares=1.0, secure_threshold=0.6)) == (1.0, 0.6)
     assert share_parameters(FedsiteConfig(secure=True, secure_num_shares=5.0, secure_threshold=3.0)) == (5, 3)
+    # an even neighbourhood would make Flower's clients fail in share_keys: rounded up to odd
+    assert share_parameters(FedsiteConfig(secure=True, secure_num_shares=10.0, secure_threshold=6.0)) == (11, 6)
 
 
 def test_the_unmasked_sum_is_checked_and_frozen_factors_restored():
