@@ -39,9 +39,31 @@ def flwr_home(tmp_path):
     stop_processes(str(home))  # the managed SuperLink's command line names its log file in FLWR_HOME
 
 
-def test_flwr_run_dot_simulates_and_writes_results(flwr_home, tmp_path):
+EXPERIMENT = """
+[population]
+clients = 3
+
+[[profiles]]
+name = "big"
+share = 0.5
+
+[[profiles]]
+name = "small"
+share = 0.5
+lora-rank = 4
+"""
+
+
+def test_flwr_run_dot_simulates_a_population_and_writes_results(flwr_home, tmp_path):
+    """Flower's own front door with an experiment file: the ServerApp plans per-client packages
+    (HetLoRA ranks by profile) for the SuperLink's simulated SuperNodes."""
     out = tmp_path / "run"
-    overrides = f"model='tiny' num-server-rounds=2 local-steps=3 train-per-task=20 test-per-task=4 eval-examples=12 max-new-tokens=4 out='{out}'"
+    experiment = tmp_path / "experiment.toml"
+    experiment.write_text(EXPERIMENT)
+    overrides = (
+        f"model='tiny' num-server-rounds=2 local-steps=3 train-per-task=20 test-per-task=4 eval-examples=12 max-new-tokens=4 "
+        f"clients=3 aggregation='hetlora' experiment='{experiment}' out='{out}'"
+    )
     env = {**os.environ, "FLWR_HOME": str(flwr_home)}
     # flwr migrates (rewrites) the pyproject.toml it runs from: run a copy of the app
     app = tmp_path / "app"
@@ -54,4 +76,8 @@ def test_flwr_run_dot_simulates_and_writes_results(flwr_home, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert len(rows[-1]["contributors"]) == 3
+    assert all(sum(r["profiles"].values()) == 3 for r in rows)
+    clients = [json.loads(line) for line in (out / "clients.jsonl").read_text().splitlines()]
+    assert len(clients) == 6 and all(c["status"] == "accepted" for c in clients)
+    assert all(c["lora_rank"] == (4 if c["profile"] == "small" else 8) for c in clients)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
