@@ -14,8 +14,8 @@ from simulations.runner import simulate
 RULES = ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "ffa-lora", "rolora", "hetlora", "median", "trimmed-mean"]
 
 
-@pytest.mark.parametrize("rule", RULES)
-def test_rule_runs_in_simulation(rule, tmp_path):
+def run_rule(rule: str, tmp_path) -> tuple[FedsiteConfig, object, list[dict]]:
+    """Three clients, two rounds of `rule` on the tiny Llama: every client contributes every round."""
     config = FedsiteConfig(
         model="tiny", clients=3, num_server_rounds=2, local_steps=2, batch_size=4, train_per_task=6, test_per_task=1,
         eval_examples=6, max_new_tokens=2, aggregation=rule, lr=0.01, out=str(tmp_path / rule), workers=1,
@@ -24,6 +24,12 @@ def test_rule_runs_in_simulation(rule, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["aggregation"] for r in rows] == [rule, rule]
     assert all(len(r["contributors"]) == 3 and not r["rejected"] for r in rows)
+    return config, out, rows
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_rule_runs_in_simulation(rule, tmp_path):
+    _, out, _ = run_rule(rule, tmp_path)
     final = get_lora_arrays(PeftModel.from_pretrained(build_tiny_llama(), out / "adapter"))
     initial = get_lora_arrays(attach_lora(build_tiny_llama(), LoraSettings(), seed=0))
     a_keys = [k for k in initial if "lora_A" in k]
@@ -39,18 +45,11 @@ def test_rule_runs_in_simulation(rule, tmp_path):
 def test_rules_that_update_the_base_weights_run_and_export_what_was_scored(rule, tmp_path):
     """FedEx-LoRA / FLoRA in the federation: clients receive and apply the dense base update,
     and the exported adapter (stock PEFT, higher rank) scores exactly what the coordinator scored."""
+    from finetune.backbone import build_char_tokenizer
     from finetune.evaluate import evaluate
     from finetune.sources import central_eval_set
-    from finetune.backbone import build_char_tokenizer
 
-    config = FedsiteConfig(
-        model="tiny", clients=3, num_server_rounds=2, local_steps=2, batch_size=4, train_per_task=6, test_per_task=1,
-        eval_examples=6, max_new_tokens=2, aggregation=rule, lr=0.01, out=str(tmp_path / rule), workers=1,
-    )
-    out = simulate(config)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["aggregation"] for r in rows] == [rule, rule]
-    assert all(len(r["contributors"]) == 3 and not r["rejected"] for r in rows)
+    config, out, rows = run_rule(rule, tmp_path)
     loaded = PeftModel.from_pretrained(build_tiny_llama(), out / "adapter")
     assert loaded.peft_config["default"].r > config.lora_rank  # the base update does not fit in rank 8
     tokenizer = build_char_tokenizer()
