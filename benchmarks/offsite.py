@@ -41,6 +41,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize", default="int8", help="storage of the emulator's middle: none, int8 or nf4")
     p.add_argument("--distill-steps", type=int, default=0)
     p.add_argument("--train", default="lora", help="offsite clients train 'lora' on the adapter blocks or the 'blocks' themselves")
+    p.add_argument("--offsite-lr", type=float, default=0.0, help="learning rate of the offsite clients (0 = the run's lr; whole blocks want less than LoRA)")
     p.add_argument("--eval-examples", type=int, default=60)
     p.add_argument("--steps", type=int, default=4, help="steps per timing repeat")
     p.add_argument("--repeats", type=int, default=3)
@@ -64,6 +65,7 @@ def run_config(args: argparse.Namespace, share: float, name: str) -> FedsiteConf
         emulator_distill_steps=args.distill_steps,
         offsite_train=args.train,
         out=str(Path(args.out) / name),
+        **({"lr": args.offsite_lr} if args.offsite_lr and share > 0 else {}),
     ).validate()
 
 
@@ -142,7 +144,7 @@ def main() -> None:
     memory = {kind: peak_memory_mb(kind, args, package, key_file) for kind in ("full", "emulator")}
 
     print()
-    print(f"model {args.model}; {args.clients} clients x {args.rounds} rounds x {args.local_steps} steps; emulator k={args.adapter_layers}, stride {args.stride}, middle {args.quantize}, distill {args.distill_steps} steps, clients train {args.train}")
+    print(f"model {args.model}; {args.clients} clients x {args.rounds} rounds x {args.local_steps} steps; emulator k={args.adapter_layers}, stride {args.stride}, middle {args.quantize}, distill {args.distill_steps} steps, clients train {args.train}" + (f" at lr {args.offsite_lr:g}" if args.offsite_lr else ""))
     print("| setting | exact match | eval loss |")
     print("|---|---:|---:|")
     print(f"| full model zero-shot | {summary_full['initial']['eval_accuracy']:.3f} | {summary_full['initial']['eval_loss']:.3f} |")
