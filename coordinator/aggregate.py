@@ -19,14 +19,9 @@ from aggregation.hetero_rank import flora_stack, hetlora
 from aggregation.lora import factor_keys, fedex_lora, ffa_lora, product, rolora, rolora_trainable
 from aggregation.robust import coordinate_median, trimmed_mean
 from aggregation.rules import get_rule
-from finetune.base_delta import add_to_base, join_base, split_base
+from finetune.base_delta import BASE_RULES, add_to_base, join_base, split_base
 
 NamedArrays = dict[str, np.ndarray]
-
-
-def check_rule(name: str) -> None:
-    """Raise a one-line ValueError if `name` is unknown."""
-    get_rule(name)
 
 
 def train_factors(rule: str, server_round: int) -> str:
@@ -48,7 +43,7 @@ class Aggregator:
     state: server_opt.ServerOptState | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        check_rule(self.rule)
+        get_rule(self.rule)  # one-line ValueError for an unknown name
 
     def __call__(self, current: NamedArrays, updates: Sequence[NamedArrays], weights: Sequence[float], server_round: int) -> NamedArrays:
         """The new global arrays from validated client updates (trained arrays, not deltas)."""
@@ -61,7 +56,7 @@ class Aggregator:
             return ffa_lora(updates, weights)
         if self.rule == "rolora":
             return rolora(updates, weights, server_round, current)
-        if self.rule in ("fedex-lora", "flora"):
+        if self.rule in BASE_RULES:
             return self._fold_into_base(current, updates, weights)
         if self.rule == "hetlora":
             return hetlora(updates, weights)
@@ -79,7 +74,8 @@ class Aggregator:
             factors, residual = fedex_lora(updates, weights, scaling=self.lora_scaling)
             return join_base({k: v.astype(lora[k].dtype) for k, v in factors.items()}, add_to_base(base, residual))
         stacked = flora_stack(updates, weights, scalings=[self.lora_scaling] * len(updates))
-        fresh = {k: (np.zeros_like(v) if k in set(factor_keys(lora, "B")) else v) for k, v in lora.items()}
+        b_keys = set(factor_keys(lora, "B"))
+        fresh = {k: (np.zeros_like(v) if k in b_keys else v) for k, v in lora.items()}
         return join_base(fresh, add_to_base(base, product(stacked)))
 
     def _hparams(self, optimizer: str) -> dict:

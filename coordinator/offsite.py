@@ -63,22 +63,17 @@ class OffsiteTrack:
         """What an offsite client's round config adds: package reference, signer key, train mode."""
         return {"package-kind": KIND_EMULATOR, "emulator-package": self.reference or str(self.package), "emulator-public-key": self.public_key_pem, "offsite-train": self.mode}
 
-    def route(self, messages: list[Message], arrays_for: Callable[[int], Mapping[str, np.ndarray]]) -> list[Message]:
-        """Emulator clients' messages carry the offsite arrays (`arrays_for(node)`, e.g. cut to the
+    def route(self, messages: list[Message], record_for: Callable[[int], ArrayRecord]) -> list[Message]:
+        """Emulator clients' messages carry the offsite arrays (`record_for(node)`, e.g. cut to the
         client's LoRA rank) and the package reference instead of LoRA arrays: nothing of the
         backbone beyond what the package holds reaches them."""
-        records: dict[int, tuple[Mapping, ArrayRecord]] = {}  # per distinct arrays object (kept alive: ids stay unique)
         out = []
         for msg in messages:
             config = msg.content["config"]
             if config.get("package-kind") != KIND_EMULATOR:
                 out.append(msg)
                 continue
-            arrays = arrays_for(msg.metadata.dst_node_id)
-            if id(arrays) not in records:
-                records[id(arrays)] = (arrays, to_array_record(dict(arrays)))
-            record = records[id(arrays)][1]
-            content = RecordDict({"arrays": record, "config": ConfigRecord({**dict(config), **self.client_config()})})
+            content = RecordDict({"arrays": record_for(msg.metadata.dst_node_id), "config": ConfigRecord({**dict(config), **self.client_config()})})
             out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=msg.metadata.dst_node_id))
         return out
 

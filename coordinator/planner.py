@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,9 +33,9 @@ from protos.tensors import from_array_record, to_array_record
 
 log = logging.getLogger("fedsite.coordinator")
 
-# Bits per value on the wire, most precise first (int8 and 4bit carry small per-block scales).
 # rules that take updates of smaller LoRA ranks (padded, or stacked) from weaker devices
 HETERO_RANK_RULES = ("hetlora", "flora")
+# Bits per value on the wire, most precise first (int8 and 4bit carry small per-block scales).
 CODEC_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.25, "4bit": 4.5}
 QUERY_TIMEOUT = 600.0
 
@@ -178,7 +178,7 @@ class Planner:
         self._learn_partitions([m.metadata.dst_node_id for m in messages], grid)
         current = from_array_record(arrays)
         num_values = sum(int(v.size) for k, v in current.items() if not k.startswith(BASE_PREFIX))  # what a client uploads
-        by_rank: dict[int, ArrayRecord] = {int(self.run["lora-rank"]): arrays}
+        record_at = self.records_by_rank(current, arrays)
         base_config = messages[0].content["config"] if messages else ConfigRecord()
         self._sent, out = {}, []
         events: dict[str, list[int]] = {"unavailable": [], "dropped": []}
@@ -194,9 +194,7 @@ class Planner:
                 events["unavailable"].append(name)
                 continue
             package = plan_package(profile, self.run, num_values, self.population.upload_seconds, self.backbone_gb, self.rule)
-            if package.lora_rank not in by_rank:
-                by_rank[package.lora_rank] = to_array_record(truncate_to_rank(current, package.lora_rank))
-            record = by_rank[package.lora_rank]
+            record = record_at(package.lora_rank)
             nbytes = sum(len(a.data) for a in record.values())
             download += nbytes
             if event == "dropout":  # received the package, never answers
@@ -246,6 +244,18 @@ class Planner:
                 ).validate()
         for node in unknown:
             self._partition.setdefault(node, -1)
+
+    def records_by_rank(self, current: dict[str, np.ndarray], full: ArrayRecord | None = None) -> Callable[[int], ArrayRecord]:
+        """rank -> `current` cut to that LoRA rank as an ArrayRecord, built once per rank (HetLoRA);
+        `full` is the record of `current` itself, when the caller already has it."""
+        cache: dict[int, ArrayRecord] = {} if full is None else {int(self.run["lora-rank"]): full}
+
+        def record_at(rank: int) -> ArrayRecord:
+            if rank not in cache:
+                cache[rank] = to_array_record(current if rank == int(self.run["lora-rank"]) else truncate_to_rank(current, rank))
+            return cache[rank]
+
+        return record_at
 
     # ----------------------------------------------------------------------------- replies
     def rank_for(self, node: int) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -86,7 +86,6 @@ class FedsiteStrategy(FedAvg):
         self.offsite = offsite
         self.offsite_aggregator = offsite_aggregator or Aggregator(self.aggregator.rule)
         self._offsite_global: dict[str, np.ndarray] = {}
-        self._offsite_by_rank: dict[int, dict[str, np.ndarray]] = {}  # this round's offsite arrays per LoRA rank
         self._kinds: dict[int, str] = {}  # node id -> the kind of package it was sent this round
         self._emulator_nodes: set[int] = set()  # never sent the LoRA track, not even to evaluate
 
@@ -103,8 +102,7 @@ class FedsiteStrategy(FedAvg):
         if self.planner is not None:
             messages = self.planner.plan_round(server_round, messages, arrays, grid)
         if self.offsite is not None:
-            self._offsite_by_rank = {}
-            messages = self.offsite.route(messages, self._offsite_sent_to)
+            messages = self.offsite.route(messages, self._offsite_records())
         self._kinds = {m.metadata.dst_node_id: str(m.content["config"].get("package-kind", KIND_LORA)) for m in messages}
         self._emulator_nodes |= {node for node, kind in self._kinds.items() if kind == KIND_EMULATOR}
         self._awaited = {m.metadata.dst_node_id for m in messages}
@@ -207,15 +205,14 @@ class FedsiteStrategy(FedAvg):
         reason = validate_update(update, base, **self.bounds)
         return reason, (self.planner.restore(update, rank) if reason is None and rank else update), metrics
 
-    def _offsite_sent_to(self, node: int) -> dict[str, np.ndarray]:
-        """The offsite arrays `node` trains: the track's global at its package's LoRA rank (HetLoRA),
-        one copy per rank and round."""
+    def _offsite_records(self) -> Callable[[int], ArrayRecord]:
+        """node -> the offsite arrays it trains: the track's global at its package's LoRA rank
+        (HetLoRA), one record per rank."""
         if self.planner is None:
-            return self._offsite_global
-        rank = self.planner.rank_for(node)
-        if rank not in self._offsite_by_rank:
-            self._offsite_by_rank[rank] = self.planner.base_for(node, self._offsite_global)[0]
-        return self._offsite_by_rank[rank]
+            record = to_array_record(self._offsite_global)
+            return lambda node: record
+        record_at = self.planner.records_by_rank(self._offsite_global)
+        return lambda node: record_at(self.planner.rank_for(node))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Federated evaluation of the LoRA track on clients that hold the backbone."""

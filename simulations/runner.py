@@ -15,7 +15,6 @@ from flwr.simulation import run_simulation
 
 from client.client_app import app as client_app
 from client.secure import app as secure_client_app
-from coordinator.aggregate import check_rule
 from coordinator.server_app import make_server_app
 from finetune.config import FedsiteConfig
 
@@ -47,8 +46,7 @@ def simulate(config: FedsiteConfig, verbose: bool = False, client: ClientApp | N
 
     `client` replaces the ClientApp (default: the plain app, or with `secure` the SecAgg+ one).
     """
-    config.validate()
-    check_rule(config.aggregation)
+    config.validate()  # names an unknown aggregation rule, among others
     out = Path(config.out)
     log.info("[fedsite] simulating %d clients for %d rounds on '%s' -> %s", config.clients, config.num_server_rounds, config.model, out)
     share_threads(config.workers)

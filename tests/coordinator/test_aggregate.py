@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from coordinator.aggregate import Aggregator, check_rule, train_factors
+from aggregation.rules import get_rule
+from coordinator.aggregate import Aggregator, train_factors
 
 rng = np.random.default_rng(0)
 CURRENT = {"m.lora_A.weight": rng.standard_normal((2, 4)).astype(np.float32), "m.lora_B.weight": np.zeros((4, 2), np.float32)}
@@ -85,6 +86,6 @@ def test_one_round_of_a_base_rule_gives_exactly_the_mean_product(rule):
 
 def test_unknown_names_are_refused():
     with pytest.raises(ValueError, match="unknown aggregation rule"):
-        check_rule("fedmagic")
+        get_rule("fedmagic")
     with pytest.raises(ValueError, match="unknown aggregation rule"):
         Aggregator("fedmagic")
