@@ -121,6 +121,7 @@ def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
             None if config.emulator_quantize == "none" else config.emulator_quantize,
             out / "keys" / "signing_key.pem",
             distill_steps=config.emulator_distill_steps,
+            distill_data=config.emulator_distill_data,
         )
         public_key = load_public_key(out / "keys" / "public_key.pem")
         manifest = verify_package(package, public_key)

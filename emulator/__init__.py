@@ -4,8 +4,9 @@ Offsite-Tuning (Xiao, Lin, Han 2023): the coordinator keeps the backbone and shi
 package holding the first/last k blocks (the trainable adapter) and a compressed middle.
 
 - `emulator.layers`   LayerMap, make_layer_map: which blocks are adapter, kept middle, dropped
-- `emulator.build`    build_emulator, distill_middle, quantize_middle, adapter_state,
-                      load_adapter_state, plug_in, attach_adapter_lora
+- `emulator.build`    build_emulator, quantize_middle, adapter_state, load_adapter_state,
+                      plug_in, attach_adapter_lora
+- `emulator.distill`  distill_middle: train the kept middle toward the backbone (KL or hidden MSE)
 - `emulator.quantize` blockwise int8 / NF4 storage of the frozen middle
 - `emulator.package`  write_package, verify_package, load_package, PackageError (+ keys)
 - `emulator.cli`      build_command, verify_command behind `fedsite emulator build|verify`

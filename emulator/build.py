@@ -11,13 +11,13 @@ load them into the full model without knowing emulator positions.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from emulator.layers import LayerMap
 from emulator.quantize import canonical, fake_quantize
@@ -94,63 +94,6 @@ def quantize_middle(emulator: PreTrainedModel, layer_map: LayerMap, method: str)
     for weight in middle_linear_weights(emulator, layer_map).values():
         weight.copy_(fake_quantize(weight, method))
     emulator.config.emulator_quantization = method
-
-
-def text_batches(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 8, max_length: int = 64
-) -> list[dict[str, torch.Tensor]]:
-    """Padded token batches (input_ids, attention_mask) of `texts` for `distill_middle`."""
-    return [
-        dict(tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True, max_length=max_length))
-        for i in range(0, len(texts), batch_size)
-    ]
-
-
-def distill_middle(
-    emulator: PreTrainedModel,
-    full_model: PreTrainedModel,
-    layer_map: LayerMap,
-    batches: Iterable[Mapping[str, torch.Tensor] | torch.Tensor],
-    *,
-    steps: int = 100,
-    lr: float = 1e-4,
-) -> list[float]:
-    """Layer-wise distillation (the paper's NLKD idea): train the kept middle blocks so the
-    emulator's hidden state entering the top adapter matches the full model's (MSE over real
-    tokens), then freeze them again. Returns the loss of each step. Run before quantizing."""
-    if emulator.config.emulator_quantization:
-        raise ValueError("emulator: distil before quantizing the middle")
-    batches = [b if isinstance(b, Mapping) else {"input_ids": b} for b in batches]
-    if not batches or steps < 1:
-        raise ValueError("emulator: distillation needs at least one batch and one step")
-    emulator_in, full_in = layer_map.k + len(layer_map.middle_kept), layer_map.top[0]
-    layers = decoder_layers(emulator)
-    params = [p for pos in layer_map.middle_positions() for p in layers[pos].parameters()]
-    was_training = emulator.training
-    emulator.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    emulator.train()
-    full_model.eval()
-    losses = []
-    for step in range(steps):
-        batch = batches[step % len(batches)]
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
-        with torch.no_grad():
-            target = full_model.model(**inputs, output_hidden_states=True).hidden_states[full_in]
-        hidden = emulator.model(**inputs, output_hidden_states=True).hidden_states[emulator_in]
-        mask = inputs["attention_mask"]
-        weight = torch.ones(hidden.shape[:2]) if mask is None else mask.to(hidden.dtype)
-        loss = (((hidden - target) ** 2).mean(-1) * weight).sum() / weight.sum().clamp(min=1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    freeze_non_adapter(emulator, layer_map)
-    emulator.train(was_training)
-    emulator.config.emulator_distilled = True
-    return losses
 
 
 def attach_adapter_lora(model: PreTrainedModel, layer_map: LayerMap, settings: LoraSettings, seed: int = 0) -> PeftModel:

@@ -11,11 +11,13 @@ deployments pin the coordinator's public key out of band and pass it as `--publi
 from __future__ import annotations
 
 import logging
+import random
 import sys
 from pathlib import Path
 from typing import Any
 
-from emulator.build import build_emulator, distill_middle, quantize_middle, text_batches, unique_parameters
+from emulator.build import build_emulator, quantize_middle, unique_parameters
+from emulator.distill import distill_middle, example_batches
 from emulator.layers import make_layer_map
 from emulator.package import (
     PUBLIC_KEY,
@@ -31,6 +33,7 @@ from emulator.quantize import canonical
 from finetune.backbone import SMOLLM2_ID, load_backbone
 
 MB = 1024 * 1024
+DISTILL_SEED = 7919  # the built-in distillation corpus has its own seed, apart from any run's
 log = logging.getLogger("fedsite.emulator")
 
 
@@ -48,9 +51,10 @@ def build_command(
     key_path: str | None = None,
     *,
     distill_steps: int = 0,
+    distill_data: str = "",
 ) -> dict[str, Any]:
     """`fedsite emulator build`: `build_package`, then print the summary."""
-    summary = build_package(model_spec, out, adapter_layers, stride, quantize, key_path, distill_steps=distill_steps)
+    summary = build_package(model_spec, out, adapter_layers, stride, quantize, key_path, distill_steps=distill_steps, distill_data=distill_data)
     print(_describe(summary))
     return summary
 
@@ -64,10 +68,13 @@ def build_package(
     key_path: str | Path | None = None,
     *,
     distill_steps: int = 0,
+    distill_data: str = "",
 ) -> dict[str, Any]:
     """Build, sign and write the emulator package `out` for backbone `model_spec`; return a summary.
 
-    `distill_steps` > 0 first distils the kept middle on the built-in instruction tasks.
+    `distill_steps` > 0 first distils the kept middle toward the backbone on `distill_data`
+    (a JSONL file or dataset folder the coordinator may use) or, without it, on examples of
+    the built-in task families drawn from their own seed (never a client's data).
     """
     out_dir = Path(out).expanduser().resolve()
     key_file = Path(key_path).expanduser().resolve() if key_path else out_dir.parent / "keys" / "signing_key.pem"
@@ -79,8 +86,15 @@ def build_package(
     layer_map = make_layer_map(num_layers, adapter_layers or default_adapter_layers(num_layers), stride)
     emulator = build_emulator(model, layer_map)
     if distill_steps > 0:
-        losses = distill_middle(emulator, model, layer_map, _distill_batches(tokenizer), steps=distill_steps, lr=1e-4)
-        log.info(f"distillation: MSE {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps")
+        batches = distillation_batches(tokenizer, distill_data)
+        progress = max(1, distill_steps // 10)
+
+        def report(step: int, loss: float) -> None:
+            if step % progress == 0 or step == distill_steps:
+                log.info(f"distillation step {step}/{distill_steps}: KL {loss:.4f}")
+
+        losses = distill_middle(emulator, model, layer_map, batches, steps=distill_steps, on_step=report)
+        log.info(f"distillation: KL {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps")
     if quantize:
         quantize_middle(emulator, layer_map, quantize)
     created = not key_file.exists()
@@ -142,11 +156,16 @@ def _backbone_id(spec: str, model: Any) -> str:
     return str(getattr(model.config, "_name_or_path", "") or Path(spec).name)
 
 
-def _distill_batches(tokenizer: Any) -> list:
+def distillation_batches(tokenizer: Any, distill_data: str = "") -> list:
+    """Chat-formatted batches for `distill_middle`: `distill_data` or the built-in families."""
     from finetune.tasks import generate_suite
+    from finetune.userdata import load_examples
 
-    texts = [f"{e.instruction}\n{e.input}\n{e.output}" for e in generate_suite(per_task=16, seed=0)]
-    return text_batches(tokenizer, texts, batch_size=8, max_length=96)
+    examples = load_examples(distill_data) if distill_data else generate_suite(per_task=32, seed=DISTILL_SEED)
+    if not examples:
+        raise ValueError(f"emulator: no distillation examples in {distill_data!r}")
+    random.Random(DISTILL_SEED).shuffle(examples)  # mixed families in every batch
+    return example_batches(tokenizer, examples, batch_size=8, max_len=128)
 
 
 def _describe(s: dict[str, Any]) -> str:

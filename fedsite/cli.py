@@ -71,8 +71,10 @@ FIELD_HELP = {
     "emulator-adapter-layers": "offsite tuning: trainable blocks kept at each end of the emulator (0 = 2, or 1 below 8 blocks)",
     "emulator-stride": "offsite tuning: keep every n-th middle block in the emulator",
     "emulator-quantize": "offsite tuning: storage of the emulator's frozen middle: none, int8 or nf4",
-    "emulator-distill-steps": "offsite tuning: layer-wise distillation steps of the emulator's middle toward the full model",
-    "offsite-train": "offsite tuning: clients train 'lora' on the adapter blocks or the adapter 'blocks' themselves",
+    "emulator-distill-steps": "offsite tuning: distillation steps of the emulator's middle toward the full model (KL of next-token distributions)",
+    "emulator-distill-data": "offsite tuning: examples the coordinator distils on (.jsonl or datasets folder; default: built-in task families, own seed)",
+    "offsite-train": "offsite tuning: clients train 'lora' on the adapter blocks or the adapter 'blocks' themselves (the paper's; learns far more)",
+    "offsite-lr": "offsite tuning: learning rate of emulator clients (0 = --lr for lora, 1e-4 for blocks)",
     "artifact-url": "deployment: HOST:PORT of the coordinator's artifact service; emulator packages go to OUT/artifacts and clients fetch them by reference (serve it with `fedsite coordinator --artifacts OUT/artifacts`)",
     "eval-examples": "held-out examples in the coordinator's evaluation",
     "client-eval-examples": "test examples per client in federated evaluation",
@@ -113,7 +115,7 @@ def cmd_emulator_build(args: argparse.Namespace) -> int:
     from emulator.cli import build_command
 
     quantize = None if args.quantize == "none" else args.quantize
-    build_command(args.model, args.out, args.adapter_layers, args.stride, quantize, args.key, distill_steps=args.distill_steps)
+    build_command(args.model, args.out, args.adapter_layers, args.stride, quantize, args.key, distill_steps=args.distill_steps, distill_data=args.distill_data)
     return 0
 
 
@@ -165,7 +167,8 @@ def add_emulator_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--adapter-layers", type=int, default=None, help="adapter blocks kept at each end (default: 2, or 1 below 8 blocks)")
     build.add_argument("--stride", type=int, default=2, help="keep every n-th middle block (default: 2; 1 keeps all)")
     build.add_argument("--quantize", choices=["none", "int8", "nf4", "4bit"], default="none", help="weight quantization of the frozen middle (default: none)")
-    build.add_argument("--distill-steps", type=int, default=0, help="layer-wise distillation steps of the kept middle toward the full model (default: 0)")
+    build.add_argument("--distill-steps", type=int, default=0, help="distillation steps of the kept middle toward the full model, KL of next-token distributions (default: 0)")
+    build.add_argument("--distill-data", default="", help="examples to distil on: .jsonl or datasets folder (default: built-in task families, own seed)")
     build.add_argument("--key", default=None, help="Ed25519 signing key (PEM); default: created once in OUT/../keys/")
     build.set_defaults(func=cmd_emulator_build)
     verify = actions.add_parser("verify", help="check a package's signature and every file's hash", description="Exit 0 if the package is intact and signed by the key; else non-zero with a one-line reason.")

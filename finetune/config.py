@@ -90,8 +90,10 @@ class FedsiteConfig:
     emulator_adapter_layers: int = 0  # trainable blocks kept at each end (0 = 2, or 1 below 8 blocks)
     emulator_stride: int = 2  # keep every n-th middle block
     emulator_quantize: str = "none"  # storage of the emulator's frozen middle: none, int8 or nf4
-    emulator_distill_steps: int = 0  # layer-wise distillation of the kept middle toward the full model
+    emulator_distill_steps: int = 0  # distillation of the kept middle toward the full model (KL of next-token distributions)
+    emulator_distill_data: str = ""  # examples to distil on (.jsonl or datasets folder; "" = built-in families, own seed)
     offsite_train: str = "lora"  # offsite clients train LoRA on the adapter blocks, or the "blocks" themselves
+    offsite_lr: float = 0.0  # learning rate of offsite clients (0 = `lr` for LoRA, 1e-4 for whole blocks)
     artifact_url: str = ""  # HOST:PORT of the coordinator's artifact service: emulators are published to <out>/artifacts and fetched by reference
     # evaluation
     eval_examples: int = 60
@@ -108,6 +110,13 @@ class FedsiteConfig:
     def lora_settings(self) -> LoraSettings:
         targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
         return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets)
+
+    def client_lr(self, offsite_mode: str | None = None) -> float:
+        """A client's learning rate: `lr`, or `offsite-lr` for offsite clients (whole adapter
+        blocks diverge at a LoRA learning rate, so their default is 1e-4)."""
+        if offsite_mode is None:
+            return self.lr
+        return self.offsite_lr or (1e-4 if offsite_mode == "blocks" else self.lr)
 
     def to_flat(self) -> dict[str, Any]:
         """Kebab-case keys and plain values, as Flower's run config and ConfigRecord want them."""
@@ -151,6 +160,7 @@ class FedsiteConfig:
             ("emulator-quantize", self.emulator_quantize in ("none", "int8", "nf4"), "none, int8 or nf4"),
             ("emulator-distill-steps", self.emulator_distill_steps >= 0, "non-negative"),
             ("offsite-train", self.offsite_train in ("lora", "blocks"), "lora or blocks"),
+            ("offsite-lr", self.offsite_lr >= 0, "non-negative (0 = default)"),
             ("aggregation", self.dp != "client" or self.aggregation == "fedavg", "fedavg with dp 'client' (DP-FedAvg)"),
             # fedex-lora / flora fold updates into the frozen base weights (finetune/base_delta.py)
             ("quantize", self.quantize == "none" or self.aggregation not in BASE_RULES, f"none with aggregation {self.aggregation!r} (it updates the frozen base weights)"),

@@ -9,10 +9,8 @@ from emulator.build import (
     attach_adapter_lora,
     build_emulator,
     decoder_layers,
-    distill_middle,
     load_adapter_state,
     plug_in,
-    text_batches,
 )
 from emulator.layers import make_layer_map
 from finetune.lora import LoraSettings, attach_lora
@@ -170,34 +168,6 @@ def test_adapter_state_of_a_full_model_with_lora(tiny8, map8, batch):
     config.layers_to_transform = [0, 3]
     with pytest.raises(ValueError, match="outside the adapter blocks"):
         adapter_state(get_peft_model(copy.deepcopy(full), config), map8)
-
-
-def middle_mse(emulator, full, lm, batches):
-    with torch.no_grad():
-        total = 0.0
-        for b in batches:
-            h = emulator.model(**b, output_hidden_states=True).hidden_states[lm.k + len(lm.middle_kept)]
-            t = full.model(**b, output_hidden_states=True).hidden_states[lm.top[0]]
-            total += float(((h - t) ** 2).mean())
-    return total / len(batches)
-
-
-def test_distillation_reduces_middle_mse_and_freezes(tiny8, map8):
-    full, tokenizer = tiny8
-    emulator = build_emulator(full, map8)
-    texts = [f"item {i}: {'abcdefgh'[i % 8] * (i % 5 + 1)} = {i * 7}" for i in range(16)]
-    batches = text_batches(tokenizer, texts, batch_size=8, max_length=32)
-    adapters_before = adapter_state(emulator, map8)
-    before = middle_mse(emulator, full, map8, batches)
-    losses = distill_middle(emulator, full, map8, batches, steps=12, lr=3e-3)
-    after = middle_mse(emulator, full, map8, batches)
-    assert len(losses) == 12 and losses[-1] < losses[0]
-    assert after < 0.5 * before
-    assert emulator.config.emulator_distilled
-    adapters_after = adapter_state(emulator, map8)
-    assert all(np.array_equal(adapters_before[k], adapters_after[k]) for k in adapters_before)
-    trainable = {n.split(".")[2] for n, p in emulator.named_parameters() if p.requires_grad}
-    assert trainable == {"0", "1", "4", "5"}
 
 
 def test_build_rejects_wrong_layer_map_and_peft(tiny8):

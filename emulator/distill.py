@@ -1,0 +1,145 @@
+"""Distil an emulator's kept middle toward the full backbone (the paper's NLKD step).
+
+Layer drop leaves the top adapter blocks reading a hidden state the backbone never produced;
+distillation trains the kept middle blocks (only them) so the emulator behaves like the full
+model again, then freezes them. Two objectives:
+
+- "logits" (default): KL(full || emulator) of the next-token distributions over real tokens.
+  It is what the clients' loss sees, and it is not swamped by the few massive residual-stream
+  dimensions of Llama-family models (on SmolLM2 the hidden-state MSE starts near 4e4 and
+  hardly moves in 150 steps, while the emulator's zero-shot loss stays far from the model's).
+- "hidden": MSE of the hidden state entering the top adapter (the layer-wise target).
+
+Batches should look like what clients train on (chat-formatted instructions): an emulator
+distilled on raw text matches the backbone there and not on the clients' prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from emulator.build import decoder_layers, freeze_non_adapter
+from emulator.layers import LayerMap
+from finetune.batches import collate, encode_example
+from finetune.examples import Example
+
+OBJECTIVES = ("logits", "hidden")
+
+
+def text_batches(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 8, max_length: int = 64
+) -> list[dict[str, torch.Tensor]]:
+    """Padded token batches (input_ids, attention_mask) of raw `texts`."""
+    return [
+        dict(tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True, max_length=max_length))
+        for i in range(0, len(texts), batch_size)
+    ]
+
+
+def example_batches(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], batch_size: int = 8, max_len: int = 128
+) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of whole examples (prompt in the chat template + answer), as clients see them."""
+    encoded = [encode_example(tokenizer, example, max_len) for example in examples]
+    batches = []
+    for i in range(0, len(encoded), batch_size):
+        batch = collate(encoded[i : i + batch_size], tokenizer.pad_token_id)
+        batches.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    return batches
+
+
+def _schedule(steps: int) -> Callable[[int], float]:
+    """Linear warm-up over the first ~10 % of steps (at most 20), then linear decay to zero."""
+    warmup = max(1, min(20, steps // 10))
+    return lambda step: min(1.0, (step + 1) / warmup) * max(0.0, 1.0 - step / steps)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _scored_positions(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Boolean (batch, seq) mask of the real tokens after the prefix all rows share.
+
+    Every chat-formatted example starts with the same system prompt; its next-token
+    distributions are the same in every row, so scoring them once per row only costs time
+    (the lm_head over a 49k vocabulary dominates a distillation step's memory traffic).
+    """
+    same = (input_ids == input_ids[:1]).all(dim=0) & (mask > 0).all(dim=0)
+    shared = int(same.long().cumprod(0).sum()) if input_ids.shape[0] > 1 else 0
+    scored = mask > 0
+    scored[:, : max(0, shared - 1)] = False  # the last shared token predicts the first differing one
+    return scored
+
+
+def _logits_at(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor | None], scored: torch.Tensor) -> torch.Tensor:
+    """fp32 next-token logits at the `scored` positions only, shape (n, vocab)."""
+    hidden = model.model(**inputs).last_hidden_state
+    return model.lm_head(hidden[scored]).float()
+
+
+def distill_middle(
+    emulator: PreTrainedModel,
+    full_model: PreTrainedModel,
+    layer_map: LayerMap,
+    batches: Iterable[Mapping[str, torch.Tensor] | torch.Tensor],
+    *,
+    steps: int = 100,
+    lr: float = 3e-4,
+    objective: str = "logits",
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train the kept middle blocks toward `full_model` under `objective`, then freeze them again.
+
+    Returns the loss of each step. Run before quantizing (the package stores the result).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"emulator: distillation objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if emulator.config.emulator_quantization:
+        raise ValueError("emulator: distil before quantizing the middle")
+    batches = [b if isinstance(b, Mapping) else {"input_ids": b} for b in batches]
+    if not batches or steps < 1:
+        raise ValueError("emulator: distillation needs at least one batch and one step")
+    emulator_in, full_in = layer_map.k + len(layer_map.middle_kept), layer_map.top[0]
+    layers = decoder_layers(emulator)
+    params = [p for position in layer_map.middle_positions() for p in layers[position].parameters()]
+    was_training = emulator.training
+    emulator.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
+    emulator.train()
+    full_model.eval()
+    losses = []
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        mask = torch.ones(inputs["input_ids"].shape) if inputs["attention_mask"] is None else inputs["attention_mask"].float()
+        if objective == "logits":
+            scored = _scored_positions(inputs["input_ids"], mask)
+            with torch.no_grad():
+                target = F.log_softmax(_logits_at(full_model, inputs, scored), dim=-1)
+            log_probs = F.log_softmax(_logits_at(emulator, inputs, scored), dim=-1)
+            loss = F.kl_div(log_probs, target, log_target=True, reduction="batchmean")
+        else:
+            with torch.no_grad():
+                target = full_model.model(**inputs, output_hidden_states=True).hidden_states[full_in]
+            hidden = emulator.model(**inputs, output_hidden_states=True).hidden_states[emulator_in]
+            loss = _masked_mean(((hidden - target) ** 2).mean(-1), mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
+    freeze_non_adapter(emulator, layer_map)
+    emulator.train(was_training)
+    emulator.config.emulator_distilled = True
+    return losses

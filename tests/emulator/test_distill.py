@@ -1,0 +1,112 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from emulator.build import adapter_state, build_emulator
+from emulator.cli import distillation_batches
+from emulator.distill import _scored_positions, distill_middle, example_batches, text_batches
+from finetune.batches import encode_example
+from finetune.examples import Example
+from finetune.userdata import DataError
+
+TEXTS = [f"item {i}: {'abcdefgh'[i % 8] * (i % 5 + 1)} = {i * 7}" for i in range(16)]
+
+
+def middle_mse(emulator, full, lm, batches):
+    with torch.no_grad():
+        total = 0.0
+        for b in batches:
+            h = emulator.model(**b, output_hidden_states=True).hidden_states[lm.k + len(lm.middle_kept)]
+            t = full.model(**b, output_hidden_states=True).hidden_states[lm.top[0]]
+            total += float(((h - t) ** 2).mean())
+    return total / len(batches)
+
+
+def output_kl(emulator, full, batches):
+    """Mean KL(full || emulator) of the next-token distributions over real tokens."""
+    with torch.no_grad():
+        total = 0.0
+        for b in batches:
+            p = torch.log_softmax(full(**b).logits, -1)
+            q = torch.log_softmax(emulator(**b).logits, -1)
+            kl = (p.exp() * (p - q)).sum(-1)
+            total += float((kl * b["attention_mask"]).sum() / b["attention_mask"].sum())
+    return total / len(batches)
+
+
+def trainable_blocks(model):
+    return {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_hidden_objective_reduces_middle_mse_and_freezes(tiny8, map8):
+    full, tokenizer = tiny8
+    emulator = build_emulator(full, map8)
+    batches = text_batches(tokenizer, TEXTS, batch_size=8, max_length=32)
+    adapters_before = adapter_state(emulator, map8)
+    before = middle_mse(emulator, full, map8, batches)
+    losses = distill_middle(emulator, full, map8, batches, steps=12, lr=3e-3, objective="hidden")
+    after = middle_mse(emulator, full, map8, batches)
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert after < 0.5 * before
+    assert emulator.config.emulator_distilled
+    adapters_after = adapter_state(emulator, map8)
+    assert all(np.array_equal(adapters_before[k], adapters_after[k]) for k in adapters_before)
+    assert trainable_blocks(emulator) == {"0", "1", "4", "5"}
+
+
+def test_logits_objective_brings_the_emulator_output_toward_the_model(tiny8, map8):
+    full, tokenizer = tiny8
+    emulator = build_emulator(full, map8)
+    batches = text_batches(tokenizer, TEXTS, batch_size=8, max_length=32)
+    adapters_before = adapter_state(emulator, map8)
+    before = output_kl(emulator, full, batches)
+    seen = []
+    losses = distill_middle(emulator, full, map8, batches, steps=20, lr=3e-3, on_step=lambda step, loss: seen.append(step))
+    after = output_kl(emulator, full, batches)
+    assert seen == list(range(1, 21)) and len(losses) == 20
+    assert after < 0.7 * before, (before, after)
+    adapters_after = adapter_state(emulator, map8)
+    assert all(np.array_equal(adapters_before[k], adapters_after[k]) for k in adapters_before)
+    assert trainable_blocks(emulator) == {"0", "1", "4", "5"}
+
+
+def test_bad_objective_quantized_or_empty_input_is_refused(tiny8, map8):
+    full, tokenizer = tiny8
+    emulator = build_emulator(full, map8)
+    batches = text_batches(tokenizer, TEXTS[:4])
+    with pytest.raises(ValueError, match="objective must be one of logits, hidden"):
+        distill_middle(emulator, full, map8, batches, objective="mse")
+    with pytest.raises(ValueError, match="at least one batch"):
+        distill_middle(emulator, full, map8, [], steps=3)
+    quantized = build_emulator(full, map8, quantize="int8")
+    with pytest.raises(ValueError, match="distil before quantizing"):
+        distill_middle(quantized, full, map8, batches, steps=1)
+
+
+def test_shared_prompt_prefix_is_scored_once_per_row():
+    ids = torch.tensor([[5, 6, 7, 1, 2, 0], [5, 6, 7, 3, 0, 0], [5, 6, 7, 4, 4, 4]])
+    mask = (torch.arange(6) < torch.tensor([[5], [4], [6]])).long()
+    scored = _scored_positions(ids, mask)
+    # positions 0-1 predict shared tokens; position 2 predicts the first differing token
+    assert scored.tolist() == [
+        [False, False, True, True, True, False],
+        [False, False, True, True, False, False],
+        [False, False, True, True, True, True],
+    ]
+    assert _scored_positions(ids[:1], mask[:1]).tolist() == [mask[0].bool().tolist()]
+
+
+def test_distillation_batches_are_chat_examples_from_a_file_or_the_builtin_families(tiny8, tmp_path):
+    tokenizer = tiny8[1]
+    builtin = distillation_batches(tokenizer)
+    assert sum(len(b["input_ids"]) for b in builtin) == 6 * 32 and set(builtin[0]) == {"input_ids", "attention_mask"}
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": "Say it.", "input": str(i), "output": "ok"}) for i in range(10)))
+    own = distillation_batches(tokenizer, str(data))
+    assert [len(b["input_ids"]) for b in own] == [8, 2]
+    one = example_batches(tokenizer, [Example("Say it.", "7", "ok")])[0]
+    assert one["input_ids"][0].tolist() == encode_example(tokenizer, Example("Say it.", "7", "ok"), 128)["input_ids"]
+    with pytest.raises(DataError, match="missing.jsonl"):
+        distillation_batches(tokenizer, str(tmp_path / "missing.jsonl"))
