@@ -40,8 +40,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=4, help="keep every n-th middle block")
     p.add_argument("--quantize", default="int8", help="storage of the emulator's middle: none, int8 or nf4")
     p.add_argument("--distill-steps", type=int, default=0)
-    p.add_argument("--train", default="lora", help="offsite clients train 'lora' on the adapter blocks or the 'blocks' themselves")
-    p.add_argument("--offsite-lr", type=float, default=0.0, help="learning rate of the offsite clients (0 = the run's lr; whole blocks want less than LoRA)")
+    p.add_argument("--distill-data", default="", help="examples to distil on (default: built-in families, own seed)")
+    p.add_argument("--train", default="blocks", help="offsite clients train the adapter 'blocks' themselves (the paper's) or 'lora' on them")
+    p.add_argument("--offsite-lr", type=float, default=0.0, help="learning rate of the offsite clients (0 = 1e-4 for blocks, the run's lr for lora)")
     p.add_argument("--eval-examples", type=int, default=60)
     p.add_argument("--steps", type=int, default=4, help="steps per timing repeat")
     p.add_argument("--repeats", type=int, default=3)
@@ -63,9 +64,10 @@ def run_config(args: argparse.Namespace, share: float, name: str) -> FedsiteConf
         emulator_stride=args.stride,
         emulator_quantize=args.quantize,
         emulator_distill_steps=args.distill_steps,
+        emulator_distill_data=args.distill_data,
         offsite_train=args.train,
+        offsite_lr=args.offsite_lr,
         out=str(Path(args.out) / name),
-        **({"lr": args.offsite_lr} if args.offsite_lr and share > 0 else {}),
     ).validate()
 
 

@@ -106,7 +106,7 @@ def local_training(
         steps=config.local_steps,
         epochs=config.local_epochs,
         batch_size=config.batch_size,
-        lr=config.lr,
+        lr=config.client_lr(offsite.mode if offsite is not None else None),
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         max_seq_len=config.max_seq_len,

@@ -45,3 +45,14 @@ def test_rules_that_update_the_base_need_an_fp32_backbone_on_every_client():
         FedsiteConfig(aggregation="fedex-lora", quantize="nf4").validate()
     with pytest.raises(ConfigError, match="'emulator-share'"):
         FedsiteConfig(aggregation="flora", emulator_share=0.5).validate()
+
+
+def test_offsite_clients_get_their_own_learning_rate():
+    config = FedsiteConfig(lr=2e-3)
+    assert config.client_lr() == 2e-3
+    assert config.client_lr("lora") == 2e-3
+    assert config.client_lr("blocks") == 1e-4  # whole blocks diverge at a LoRA learning rate
+    tuned = FedsiteConfig(lr=2e-3, offsite_lr=3e-4)
+    assert tuned.client_lr("blocks") == tuned.client_lr("lora") == 3e-4 and tuned.client_lr() == 2e-3
+    with pytest.raises(ValueError, match="offsite-lr"):
+        FedsiteConfig(offsite_lr=-1.0).validate()
