@@ -40,6 +40,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=4, help="keep every n-th middle block")
     p.add_argument("--quantize", default="int8", help="storage of the emulator's middle: none, int8 or nf4")
     p.add_argument("--distill-steps", type=int, default=0)
+    p.add_argument("--distill-objective", default="logits+hidden", help="logits, hidden or logits+hidden")
     p.add_argument("--distill-data", default="", help="examples to distil on (default: built-in families, own seed)")
     p.add_argument("--train", default="blocks", help="offsite clients train the adapter 'blocks' themselves (the paper's) or 'lora' on them")
     p.add_argument("--offsite-lr", type=float, default=0.0, help="learning rate of the offsite clients (0 = 1e-4 for blocks, the run's lr for lora)")
@@ -65,6 +66,7 @@ def run_config(args: argparse.Namespace, share: float, name: str) -> FedsiteConf
         emulator_quantize=args.quantize,
         emulator_distill_steps=args.distill_steps,
         emulator_distill_data=args.distill_data,
+        emulator_distill_objective=args.distill_objective,
         offsite_train=args.train,
         offsite_lr=args.offsite_lr,
         out=str(Path(args.out) / name),
@@ -146,7 +148,7 @@ def main() -> None:
     memory = {kind: peak_memory_mb(kind, args, package, key_file) for kind in ("full", "emulator")}
 
     print()
-    print(f"model {args.model}; {args.clients} clients x {args.rounds} rounds x {args.local_steps} steps; emulator k={args.adapter_layers}, stride {args.stride}, middle {args.quantize}, distill {args.distill_steps} steps, clients train {args.train}" + (f" at lr {args.offsite_lr:g}" if args.offsite_lr else ""))
+    print(f"model {args.model}; {args.clients} clients x {args.rounds} rounds x {args.local_steps} steps; emulator k={args.adapter_layers}, stride {args.stride}, middle {args.quantize}, distill {args.distill_steps} steps ({args.distill_objective}), clients train {args.train}" + (f" at lr {args.offsite_lr:g}" if args.offsite_lr else ""))
     print("| setting | exact match | eval loss |")
     print("|---|---:|---:|")
     print(f"| full model zero-shot | {summary_full['initial']['eval_accuracy']:.3f} | {summary_full['initial']['eval_loss']:.3f} |")

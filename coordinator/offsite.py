@@ -122,6 +122,7 @@ def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
             out / "keys" / "signing_key.pem",
             distill_steps=config.emulator_distill_steps,
             distill_data=config.emulator_distill_data,
+            distill_objective=config.emulator_distill_objective,
         )
         public_key = load_public_key(out / "keys" / "public_key.pem")
         manifest = verify_package(package, public_key)

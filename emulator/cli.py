@@ -52,9 +52,13 @@ def build_command(
     *,
     distill_steps: int = 0,
     distill_data: str = "",
+    distill_objective: str = "logits+hidden",
 ) -> dict[str, Any]:
     """`fedsite emulator build`: `build_package`, then print the summary."""
-    summary = build_package(model_spec, out, adapter_layers, stride, quantize, key_path, distill_steps=distill_steps, distill_data=distill_data)
+    summary = build_package(
+        model_spec, out, adapter_layers, stride, quantize, key_path,
+        distill_steps=distill_steps, distill_data=distill_data, distill_objective=distill_objective,
+    )
     print(_describe(summary))
     return summary
 
@@ -69,6 +73,7 @@ def build_package(
     *,
     distill_steps: int = 0,
     distill_data: str = "",
+    distill_objective: str = "logits+hidden",
 ) -> dict[str, Any]:
     """Build, sign and write the emulator package `out` for backbone `model_spec`; return a summary.
 
@@ -91,10 +96,10 @@ def build_package(
 
         def report(step: int, loss: float) -> None:
             if step % progress == 0 or step == distill_steps:
-                log.info(f"distillation step {step}/{distill_steps}: KL {loss:.4f}")
+                log.info(f"distillation step {step}/{distill_steps}: {distill_objective} loss {loss:.4f}")
 
-        losses = distill_middle(emulator, model, layer_map, batches, steps=distill_steps, on_step=report)
-        log.info(f"distillation: KL {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps")
+        losses = distill_middle(emulator, model, layer_map, batches, steps=distill_steps, objective=distill_objective, on_step=report)
+        log.info(f"distillation ({distill_objective}): {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps")
     if quantize:
         quantize_middle(emulator, layer_map, quantize)
     created = not key_file.exists()

@@ -2,13 +2,17 @@
 
 Layer drop leaves the top adapter blocks reading a hidden state the backbone never produced;
 distillation trains the kept middle blocks (only them) so the emulator behaves like the full
-model again, then freezes them. Two objectives:
+model again, then freezes them. Objectives:
 
-- "logits" (default): KL(full || emulator) of the next-token distributions over real tokens.
+- "logits": KL(full || emulator) of the next-token distributions over real tokens.
   It is what the clients' loss sees, and it is not swamped by the few massive residual-stream
   dimensions of Llama-family models (on SmolLM2 the hidden-state MSE starts near 4e4 and
   hardly moves in 150 steps, while the emulator's zero-shot loss stays far from the model's).
 - "hidden": MSE of the hidden state entering the top adapter (the layer-wise target).
+- "logits+hidden" (default): KL plus that MSE with every dimension scaled by the backbone's
+  spread, so the top adapter blocks train on inputs like the ones they get once plugged in.
+  On SmolLM2 (stride 2, 100 steps; adapter blocks then trained 30 steps on the emulator) the
+  plug-in's eval loss was 1.57 against 1.66 after plain KL.
 
 Batches should look like what clients train on (chat-formatted instructions): an emulator
 distilled on raw text matches the backbone there and not on the clients' prompts.
@@ -27,7 +31,7 @@ from emulator.layers import LayerMap
 from finetune.batches import collate, encode_example
 from finetune.examples import Example
 
-OBJECTIVES = ("logits", "hidden")
+OBJECTIVES = ("logits", "hidden", "logits+hidden")
 
 
 def text_batches(
@@ -76,10 +80,14 @@ def _scored_positions(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return scored
 
 
-def _logits_at(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor | None], scored: torch.Tensor) -> torch.Tensor:
-    """fp32 next-token logits at the `scored` positions only, shape (n, vocab)."""
-    hidden = model.model(**inputs).last_hidden_state
-    return model.lm_head(hidden[scored]).float()
+def _standardized_error(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token mean squared error with every dimension scaled by the target's spread over the
+    batch's real tokens, so that the few massive dimensions weigh like the others."""
+    weights = mask.unsqueeze(-1)
+    count = weights.sum().clamp(min=1)
+    mean = (target * weights).sum((0, 1)) / count
+    spread = (((target - mean) ** 2 * weights).sum((0, 1)) / count).sqrt().clamp(min=1e-3)
+    return (((hidden - target) / spread) ** 2).mean(-1)
 
 
 def distill_middle(
@@ -90,7 +98,7 @@ def distill_middle(
     *,
     steps: int = 100,
     lr: float = 3e-4,
-    objective: str = "logits",
+    objective: str = "logits+hidden",
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train the kept middle blocks toward `full_model` under `objective`, then freeze them again.
@@ -120,17 +128,21 @@ def distill_middle(
         batch = batches[step % len(batches)]
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
         mask = torch.ones(inputs["input_ids"].shape) if inputs["attention_mask"] is None else inputs["attention_mask"].float()
-        if objective == "logits":
+        with torch.no_grad():
+            full_out = full_model.model(**inputs, output_hidden_states=objective != "logits")
+        out = emulator.model(**inputs, output_hidden_states=objective != "logits")
+        loss = torch.zeros(())
+        if objective in ("logits", "logits+hidden"):
             scored = _scored_positions(inputs["input_ids"], mask)
             with torch.no_grad():
-                target = F.log_softmax(_logits_at(full_model, inputs, scored), dim=-1)
-            log_probs = F.log_softmax(_logits_at(emulator, inputs, scored), dim=-1)
-            loss = F.kl_div(log_probs, target, log_target=True, reduction="batchmean")
-        else:
-            with torch.no_grad():
-                target = full_model.model(**inputs, output_hidden_states=True).hidden_states[full_in]
-            hidden = emulator.model(**inputs, output_hidden_states=True).hidden_states[emulator_in]
-            loss = _masked_mean(((hidden - target) ** 2).mean(-1), mask)
+                target = F.log_softmax(full_model.lm_head(full_out.last_hidden_state[scored]).float(), dim=-1)
+            log_probs = F.log_softmax(emulator.lm_head(out.last_hidden_state[scored]).float(), dim=-1)
+            loss = loss + F.kl_div(log_probs, target, log_target=True, reduction="batchmean")
+        if objective == "hidden":
+            error = (out.hidden_states[emulator_in] - full_out.hidden_states[full_in]) ** 2
+            loss = loss + _masked_mean(error.mean(-1), mask)
+        if objective == "logits+hidden":
+            loss = loss + _masked_mean(_standardized_error(out.hidden_states[emulator_in], full_out.hidden_states[full_in], mask), mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

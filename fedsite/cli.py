@@ -72,6 +72,7 @@ FIELD_HELP = {
     "emulator-stride": "offsite tuning: keep every n-th middle block in the emulator",
     "emulator-quantize": "offsite tuning: storage of the emulator's frozen middle: none, int8 or nf4",
     "emulator-distill-steps": "offsite tuning: distillation steps of the emulator's middle toward the full model (KL of next-token distributions)",
+    "emulator-distill-objective": "offsite tuning: distil on 'logits' (KL), 'hidden' (MSE into the top adapter) or 'logits+hidden' (both, dimensions standardized)",
     "emulator-distill-data": "offsite tuning: examples the coordinator distils on (.jsonl or datasets folder; default: built-in task families, own seed)",
     "offsite-train": "offsite tuning: clients train 'lora' on the adapter blocks or the adapter 'blocks' themselves (the paper's; learns far more)",
     "offsite-lr": "offsite tuning: learning rate of emulator clients (0 = --lr for lora, 1e-4 for blocks)",
@@ -115,7 +116,7 @@ def cmd_emulator_build(args: argparse.Namespace) -> int:
     from emulator.cli import build_command
 
     quantize = None if args.quantize == "none" else args.quantize
-    build_command(args.model, args.out, args.adapter_layers, args.stride, quantize, args.key, distill_steps=args.distill_steps, distill_data=args.distill_data)
+    build_command(args.model, args.out, args.adapter_layers, args.stride, quantize, args.key, distill_steps=args.distill_steps, distill_data=args.distill_data, distill_objective=args.distill_objective)
     return 0
 
 
@@ -168,6 +169,7 @@ def add_emulator_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--stride", type=int, default=2, help="keep every n-th middle block (default: 2; 1 keeps all)")
     build.add_argument("--quantize", choices=["none", "int8", "nf4", "4bit"], default="none", help="weight quantization of the frozen middle (default: none)")
     build.add_argument("--distill-steps", type=int, default=0, help="distillation steps of the kept middle toward the full model, KL of next-token distributions (default: 0)")
+    build.add_argument("--distill-objective", choices=["logits", "hidden", "logits+hidden"], default="logits+hidden", help="what the distillation matches (default: logits+hidden)")
     build.add_argument("--distill-data", default="", help="examples to distil on: .jsonl or datasets folder (default: built-in task families, own seed)")
     build.add_argument("--key", default=None, help="Ed25519 signing key (PEM); default: created once in OUT/../keys/")
     build.set_defaults(func=cmd_emulator_build)

@@ -56,17 +56,20 @@ def test_hidden_objective_reduces_middle_mse_and_freezes(tiny8, map8):
     assert trainable_blocks(emulator) == {"0", "1", "4", "5"}
 
 
-def test_logits_objective_brings_the_emulator_output_toward_the_model(tiny8, map8):
+@pytest.mark.parametrize("objective", ["logits", "logits+hidden"])
+def test_logits_objectives_bring_the_emulator_output_toward_the_model(tiny8, map8, objective):
     full, tokenizer = tiny8
     emulator = build_emulator(full, map8)
     batches = text_batches(tokenizer, TEXTS, batch_size=8, max_length=32)
     adapters_before = adapter_state(emulator, map8)
-    before = output_kl(emulator, full, batches)
+    before, mse_before = output_kl(emulator, full, batches), middle_mse(emulator, full, map8, batches)
     seen = []
-    losses = distill_middle(emulator, full, map8, batches, steps=20, lr=3e-3, on_step=lambda step, loss: seen.append(step))
-    after = output_kl(emulator, full, batches)
+    losses = distill_middle(emulator, full, map8, batches, steps=20, lr=3e-3, objective=objective, on_step=lambda step, loss: seen.append(step))
+    after, mse_after = output_kl(emulator, full, batches), middle_mse(emulator, full, map8, batches)
     assert seen == list(range(1, 21)) and len(losses) == 20
     assert after < 0.7 * before, (before, after)
+    if objective == "logits+hidden":  # the top adapter's input moves toward the backbone's too
+        assert mse_after < 0.7 * mse_before, (mse_before, mse_after)
     adapters_after = adapter_state(emulator, map8)
     assert all(np.array_equal(adapters_before[k], adapters_after[k]) for k in adapters_before)
     assert trainable_blocks(emulator) == {"0", "1", "4", "5"}
@@ -76,7 +79,7 @@ def test_bad_objective_quantized_or_empty_input_is_refused(tiny8, map8):
     full, tokenizer = tiny8
     emulator = build_emulator(full, map8)
     batches = text_batches(tokenizer, TEXTS[:4])
-    with pytest.raises(ValueError, match="objective must be one of logits, hidden"):
+    with pytest.raises(ValueError, match="objective must be one of logits, hidden, logits\\+hidden"):
         distill_middle(emulator, full, map8, batches, objective="mse")
     with pytest.raises(ValueError, match="at least one batch"):
         distill_middle(emulator, full, map8, [], steps=3)
