@@ -29,9 +29,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from emulator.build import decoder_layers, freeze_non_adapter
 from emulator.layers import LayerMap
 from finetune.batches import collate, encode_example
+from finetune.config import DISTILL_OBJECTIVES
 from finetune.examples import Example
 
-OBJECTIVES = ("logits", "hidden", "logits+hidden")
+OBJECTIVES = DISTILL_OBJECTIVES
 
 
 def text_batches(
@@ -69,9 +70,9 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _scored_positions(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Boolean (batch, seq) mask of the real tokens after the prefix all rows share.
 
-    Every chat-formatted example starts with the same system prompt; its next-token
-    distributions are the same in every row, so scoring them once per row only costs time
-    (the lm_head over a 49k vocabulary dominates a distillation step's memory traffic).
+    Every chat-formatted example starts with the same system prompt; those positions are left
+    out of the KL (identical in every row, and the lm_head over a 49k vocabulary dominates a
+    distillation step's memory traffic), except the last, which predicts the first differing token.
     """
     same = (input_ids == input_ids[:1]).all(dim=0) & (mask > 0).all(dim=0)
     shared = int(same.long().cumprod(0).sum()) if input_ids.shape[0] > 1 else 0

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from finetune.logs import setup_logging
-from finetune.config import ConfigError, FedsiteConfig, field_help, from_mapping
+from finetune.config import DISTILL_OBJECTIVES, ConfigError, FedsiteConfig, field_help, from_mapping
 from fedsite.service_cli import add_service_parsers
 
 FIELD_HELP = {
@@ -71,7 +71,7 @@ FIELD_HELP = {
     "emulator-adapter-layers": "offsite tuning: trainable blocks kept at each end of the emulator (0 = 2, or 1 below 8 blocks)",
     "emulator-stride": "offsite tuning: keep every n-th middle block in the emulator",
     "emulator-quantize": "offsite tuning: storage of the emulator's frozen middle: none, int8 or nf4",
-    "emulator-distill-steps": "offsite tuning: distillation steps of the emulator's middle toward the full model (KL of next-token distributions)",
+    "emulator-distill-steps": "offsite tuning: distillation steps of the emulator's middle toward the full model",
     "emulator-distill-objective": "offsite tuning: distil on 'logits' (KL), 'hidden' (MSE into the top adapter) or 'logits+hidden' (both, dimensions standardized)",
     "emulator-distill-data": "offsite tuning: examples the coordinator distils on (.jsonl or datasets folder; default: built-in task families, own seed)",
     "offsite-train": "offsite tuning: clients train 'lora' on the adapter blocks or the adapter 'blocks' themselves (the paper's; learns far more)",
@@ -168,8 +168,8 @@ def add_emulator_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--adapter-layers", type=int, default=None, help="adapter blocks kept at each end (default: 2, or 1 below 8 blocks)")
     build.add_argument("--stride", type=int, default=2, help="keep every n-th middle block (default: 2; 1 keeps all)")
     build.add_argument("--quantize", choices=["none", "int8", "nf4", "4bit"], default="none", help="weight quantization of the frozen middle (default: none)")
-    build.add_argument("--distill-steps", type=int, default=0, help="distillation steps of the kept middle toward the full model, KL of next-token distributions (default: 0)")
-    build.add_argument("--distill-objective", choices=["logits", "hidden", "logits+hidden"], default="logits+hidden", help="what the distillation matches (default: logits+hidden)")
+    build.add_argument("--distill-steps", type=int, default=0, help="distillation steps of the kept middle toward the full model (default: 0)")
+    build.add_argument("--distill-objective", choices=DISTILL_OBJECTIVES, default=DISTILL_OBJECTIVES[-1], help="what the distillation matches (default: logits+hidden)")
     build.add_argument("--distill-data", default="", help="examples to distil on: .jsonl or datasets folder (default: built-in task families, own seed)")
     build.add_argument("--key", default=None, help="Ed25519 signing key (PEM); default: created once in OUT/../keys/")
     build.set_defaults(func=cmd_emulator_build)

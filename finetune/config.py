@@ -15,6 +15,9 @@ from typing import Any
 
 from finetune.lora import LoraSettings
 
+# what emulator distillation matches (emulator/distill.py); the last is the default
+DISTILL_OBJECTIVES = ("logits", "hidden", "logits+hidden")
+
 
 class ConfigError(ValueError):
     """A configuration value or key that is wrong; the message names it."""
@@ -90,7 +93,7 @@ class FedsiteConfig:
     emulator_adapter_layers: int = 0  # trainable blocks kept at each end (0 = 2, or 1 below 8 blocks)
     emulator_stride: int = 2  # keep every n-th middle block
     emulator_quantize: str = "none"  # storage of the emulator's frozen middle: none, int8 or nf4
-    emulator_distill_steps: int = 0  # distillation of the kept middle toward the full model (KL of next-token distributions)
+    emulator_distill_steps: int = 0  # distillation steps of the kept middle toward the full model
     emulator_distill_objective: str = "logits+hidden"  # logits (KL), hidden (MSE into the top adapter) or both
     emulator_distill_data: str = ""  # examples to distil on (.jsonl or datasets folder; "" = built-in families, own seed)
     offsite_train: str = "lora"  # offsite clients train LoRA on the adapter blocks, or the "blocks" themselves
@@ -162,7 +165,7 @@ class FedsiteConfig:
             ("emulator-distill-steps", self.emulator_distill_steps >= 0, "non-negative"),
             ("offsite-train", self.offsite_train in ("lora", "blocks"), "lora or blocks"),
             ("offsite-lr", self.offsite_lr >= 0, "non-negative (0 = default)"),
-            ("emulator-distill-objective", self.emulator_distill_objective in ("logits", "hidden", "logits+hidden"), "logits, hidden or logits+hidden"),
+            ("emulator-distill-objective", self.emulator_distill_objective in DISTILL_OBJECTIVES, f"{', '.join(DISTILL_OBJECTIVES[:-1])} or {DISTILL_OBJECTIVES[-1]}"),
             ("aggregation", self.dp != "client" or self.aggregation == "fedavg", "fedavg with dp 'client' (DP-FedAvg)"),
             # fedex-lora / flora fold updates into the frozen base weights (finetune/base_delta.py)
             ("quantize", self.quantize == "none" or self.aggregation not in BASE_RULES, f"none with aggregation {self.aggregation!r} (it updates the frozen base weights)"),
