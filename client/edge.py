@@ -104,6 +104,16 @@ def supernode_command(settings: EdgeSettings) -> list[str]:
     return command
 
 
+def client_home(runtime_port: int, home: str | Path | None = None) -> Path:
+    """Flower's folder (FLWR_HOME) for one client: `home`, else its own folder per runtime port
+    under $FLWR_HOME (default ~/.flwr). Each SuperNode installs the run's app into its home on the
+    first round, and Flower's install is not safe against a second SuperNode installing into the
+    same folder at the same moment (one finds a half-copied app and its round fails)."""
+    if home is not None:
+        return Path(home).expanduser()
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser() / f"fedsite-client-{runtime_port}"
+
+
 def flower_env(home: str | Path | None = None, threads: int = 0) -> dict[str, str]:
     """Environment of Flower's processes: its own FLWR_HOME if given, no update check."""
     env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -145,7 +155,7 @@ def run_edge(settings: EdgeSettings, home: str | Path | None = None) -> int:
     restarts or `max_wait_time` seconds are used up (both unlimited by default).
     """
     settings.validate()
-    command, env = supernode_command(settings), flower_env(home, settings.threads)
+    command, env = supernode_command(settings), flower_env(client_home(settings.runtime_port, home), settings.threads)
     log.info("[fedsite] edge client: data %s -> coordinator %s (%s)", settings.data, settings.coordinator, "no TLS" if settings.insecure else "TLS")
     proc: subprocess.Popen | None = None
 

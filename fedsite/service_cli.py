@@ -97,5 +97,5 @@ def add_service_parsers(sub: argparse._SubParsersAction) -> None:
     client.add_argument("--max-retries", type=int, default=None, help="give up after this many reconnection attempts (default: never)")
     client.add_argument("--max-wait-time", type=float, default=None, help="give up after this many seconds of reconnecting (default: never)")
     client.add_argument("--threads", type=int, default=0, help="torch threads for local training (default: 0 = all cores)")
-    client.add_argument("--home", default=None, help="Flower's folder for this client (FLWR_HOME; default: Flower's ~/.flwr)")
+    client.add_argument("--home", default=None, help="Flower's folder for this client (default: fedsite-client-<runtime-port> under $FLWR_HOME or ~/.flwr, one per client)")
     client.set_defaults(func=cmd_client)

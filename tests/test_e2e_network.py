@@ -68,8 +68,12 @@ def wait_for(condition, what: str, procs: Processes, timeout: float = DEADLINE) 
         if condition():
             return
         time.sleep(1.0)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(procs.root.glob("*.log")))
-    pytest.fail(f"timed out waiting for {what}\n{logs}")
+    pytest.fail(f"timed out waiting for {what}\n{logs(procs.root)}")
+
+
+def logs(root: Path) -> str:
+    """The end of every process log, for a failure message."""
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(root.glob("*.log")))
 
 
 def rows(out: Path) -> list[dict]:
@@ -123,7 +127,9 @@ def test_e2e_network_three_clients_tls_auth_three_rounds(network):
     out = root / "run"
     metrics = rows(out)
     assert [r["round"] for r in metrics] == [1, 2, 3]
-    assert all(len(r["contributors"]) == 3 for r in metrics)  # node ids of the three enrolled clients
+    not_accepted = [c for c in map(json.loads, (out / "clients.jsonl").read_text().splitlines()) if c["status"] != "accepted"]
+    assert all(len(r["contributors"]) == 3 for r in metrics), (  # node ids of the three enrolled clients
+        [(r["round"], r["contributors"], r.get("dropped")) for r in metrics], not_accepted, logs(root))
     assert len({c for r in metrics for c in r["contributors"]}) == 3
     clients = [json.loads(line) for line in (out / "clients.jsonl").read_text().splitlines()]
     assert len(clients) == 9 and all(c["status"] == "accepted" for c in clients)

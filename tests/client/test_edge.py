@@ -8,7 +8,7 @@ import psutil
 import pytest
 
 from client import edge
-from client.edge import EdgeSettings, node_config, run_edge, stop_process_tree, supernode_command
+from client.edge import EdgeSettings, client_home, node_config, run_edge, stop_process_tree, supernode_command
 
 
 @pytest.fixture()
@@ -87,3 +87,14 @@ def test_stop_process_tree_stops_children_too():
     child = psutil.Process(parent.pid).children()[0]
     stop_process_tree(parent, grace=5.0)
     assert parent.poll() is not None and not child.is_running()
+
+
+def test_clients_on_one_machine_get_their_own_flower_home(tmp_path, monkeypatch):
+    # two SuperNodes installing the run's app into one FLWR_HOME at once can load a half-copied app
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    first, second = client_home(9094), client_home(9095)
+    assert first != second and first.parent == second.parent == tmp_path / "flwr"
+    assert client_home(9094, tmp_path / "mine") == tmp_path / "mine"  # --home wins
+    monkeypatch.delenv("FLWR_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert client_home(9094).parent == tmp_path / ".flwr"
