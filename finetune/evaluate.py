@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune.batches import IGNORE_INDEX, encode_example, fixed_batches, format_prompt
+from finetune.batches import encode_example, fixed_batches, format_prompt
 from finetune.examples import Example
+from finetune.loss import token_losses
 
 
 @dataclass
@@ -36,9 +37,9 @@ def eval_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
     encoded = [encode_example(tokenizer, ex, max_len) for ex in examples]
     total, count = 0.0, 0
     for batch in fixed_batches(encoded, batch_size, tokenizer.pad_token_id):
-        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        total += model(**batch).loss.item() * tokens
-        count += tokens
+        losses, mask = token_losses(model, batch)
+        total += float((losses * mask).sum())
+        count += int(mask.sum())
     return total / max(count, 1)
 
 

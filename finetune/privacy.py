@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -28,8 +27,9 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune.batches import IGNORE_INDEX, collate, encode_example
+from finetune.batches import collate, encode_example
 from finetune.examples import Example
+from finetune.loss import token_losses
 from finetune.train import TrainResult, TrainSettings
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -160,10 +160,7 @@ def _per_example_mean_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor
     HF's built-in loss averages over all tokens of the batch, which couples examples; DP-SGD
     needs a sum (here: mean, Opacus' loss_reduction="mean") of independent per-example losses.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    tokens = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    mask = (labels != IGNORE_INDEX).to(tokens.dtype)
+    tokens, mask = token_losses(model, batch)
     return ((tokens * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.batches import batch_stream, encode_example
 from finetune.examples import Example
+from finetune.loss import answer_loss
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def train(
     model.train()
     for step in range(steps):
         batch = next(batches)
-        loss = model(**batch).loss
+        loss = answer_loss(model, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"train: loss became {loss.item()} at step {step + 1}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
