@@ -24,7 +24,7 @@ from pathlib import Path
 from client.offsite import OffsiteSpec, offsite_model
 from emulator.keys import load_public_key, public_key_pem
 from finetune.cache import lora_model
-from finetune.config import FedsiteConfig
+from finetune.config import DEFAULT_DISTILL_OBJECTIVE, DISTILL_OBJECTIVES, FedsiteConfig
 from finetune.sources import run_splits
 from finetune.train import TrainSettings, train
 from simulations.runner import simulate
@@ -40,7 +40,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=4, help="keep every n-th middle block")
     p.add_argument("--quantize", default="int8", help="storage of the emulator's middle: none, int8 or nf4")
     p.add_argument("--distill-steps", type=int, default=0)
-    p.add_argument("--distill-objective", default="logits+hidden", help="logits, hidden or logits+hidden")
+    p.add_argument("--distill-objective", default=DEFAULT_DISTILL_OBJECTIVE, choices=DISTILL_OBJECTIVES)
     p.add_argument("--distill-data", default="", help="examples to distil on (default: built-in families, own seed)")
     p.add_argument("--train", default="blocks", help="offsite clients train the adapter 'blocks' themselves (the paper's) or 'lora' on them")
     p.add_argument("--offsite-lr", type=float, default=0.0, help="learning rate of the offsite clients (0 = 1e-4 for blocks, the run's lr for lora)")
@@ -80,7 +80,7 @@ def client_models(config: FedsiteConfig, package: Path, key_file: Path, kinds: t
         models["full"] = lora_model(config.model, config.lora_settings(), config.seed)
     if "emulator" in kinds:
         spec = OffsiteSpec(str(package), public_key_pem(load_public_key(key_file)).decode(), config.offsite_train)
-        emulator, tokenizer, _ = offsite_model(spec, config.lora_settings(), config.seed)
+        emulator, tokenizer, _ = offsite_model(spec, config.offsite_lora_settings(), config.seed)
         models["emulator"] = (emulator, tokenizer)
     return models
 

@@ -95,7 +95,7 @@ def local_training(
     trains the adapter of the coordinator's emulator instead of LoRA on the backbone.
     """
     if offsite is not None:
-        model, tokenizer, layer_map = offsite_model(offsite, config.lora_settings(), config.seed, context.node_config)
+        model, tokenizer, layer_map = offsite_model(offsite, config.offsite_lora_settings(), config.seed, context.node_config)
         set_offsite_arrays(model, received, layer_map, offsite.mode)
     else:
         model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)

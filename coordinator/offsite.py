@@ -136,7 +136,7 @@ def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
         reference = str(store.ref(store.add(package).sha256, config.artifact_url))
         summary["artifact"] = reference
     backbone, tokenizer = load_backbone(config.model)
-    plug_in = trainable_model(backbone, layer_map, config.offsite_train, config.lora_settings(), config.seed)
+    plug_in = trainable_model(backbone, layer_map, config.offsite_train, config.offsite_lora_settings(), config.seed)
     initial = get_offsite_arrays(plug_in, layer_map, config.offsite_train)
     summary.update(emulator_bytes=manifest.emulator_bytes, backbone_bytes=manifest.backbone_bytes, layer_map=layer_map.to_dict())
     return OffsiteTrack(package, public_key_pem(public_key).decode(), layer_map, config.offsite_train, plug_in, tokenizer, initial, summary, public_key, reference)
@@ -161,5 +161,5 @@ def offsite_evaluation(track: OffsiteTrack, arrays: Mapping[str, np.ndarray], ev
 
     fields = score(track.load(arrays), "offsite_eval")
     if with_emulator:
-        fields.update(score(track.emulator(arrays, config.lora_settings(), config.seed), "emulator_eval"))
+        fields.update(score(track.emulator(arrays, config.offsite_lora_settings(), config.seed), "emulator_eval"))
     return fields

@@ -31,6 +31,7 @@ from emulator.package import (
 )
 from emulator.quantize import canonical
 from finetune.backbone import SMOLLM2_ID, load_backbone
+from finetune.config import DEFAULT_DISTILL_OBJECTIVE
 
 MB = 1024 * 1024
 DISTILL_SEED = 7919  # the built-in distillation corpus has its own seed, apart from any run's
@@ -52,7 +53,7 @@ def build_command(
     *,
     distill_steps: int = 0,
     distill_data: str = "",
-    distill_objective: str = "logits+hidden",
+    distill_objective: str = DEFAULT_DISTILL_OBJECTIVE,
 ) -> dict[str, Any]:
     """`fedsite emulator build`: `build_package`, then print the summary."""
     summary = build_package(
@@ -73,7 +74,7 @@ def build_package(
     *,
     distill_steps: int = 0,
     distill_data: str = "",
-    distill_objective: str = "logits+hidden",
+    distill_objective: str = DEFAULT_DISTILL_OBJECTIVE,
 ) -> dict[str, Any]:
     """Build, sign and write the emulator package `out` for backbone `model_spec`; return a summary.
 

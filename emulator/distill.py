@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from emulator.build import decoder_layers, freeze_non_adapter
 from emulator.layers import LayerMap
 from finetune.batches import collate, encode_example
-from finetune.config import DISTILL_OBJECTIVES
+from finetune.config import DEFAULT_DISTILL_OBJECTIVE, DISTILL_OBJECTIVES
 from finetune.examples import Example
 
 OBJECTIVES = DISTILL_OBJECTIVES
@@ -99,7 +99,7 @@ def distill_middle(
     *,
     steps: int = 100,
     lr: float = 3e-4,
-    objective: str = "logits+hidden",
+    objective: str = DEFAULT_DISTILL_OBJECTIVE,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train the kept middle blocks toward `full_model` under `objective`, then freeze them again.

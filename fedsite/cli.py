@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from finetune.logs import setup_logging
-from finetune.config import DISTILL_OBJECTIVES, ConfigError, FedsiteConfig, field_help, from_mapping
+from finetune.config import DEFAULT_DISTILL_OBJECTIVE, DISTILL_OBJECTIVES, ConfigError, FedsiteConfig, field_help, from_mapping
 from fedsite.service_cli import add_service_parsers
 
 FIELD_HELP = {
@@ -75,6 +75,7 @@ FIELD_HELP = {
     "emulator-distill-objective": "offsite tuning: distil on 'logits' (KL), 'hidden' (MSE into the top adapter) or 'logits+hidden' (both, dimensions standardized)",
     "emulator-distill-data": "offsite tuning: examples the coordinator distils on (.jsonl or datasets folder; default: built-in task families, own seed)",
     "offsite-train": "offsite tuning: clients train 'lora' on the adapter blocks or the adapter 'blocks' themselves (the paper's; learns far more)",
+    "offsite-lora-targets": "offsite tuning: modules of the adapter blocks that get LoRA when --offsite-train lora (default: all seven linears)",
     "offsite-lr": "offsite tuning: learning rate of emulator clients (0 = --lr for lora, 1e-4 for blocks)",
     "artifact-url": "deployment: HOST:PORT of the coordinator's artifact service; emulator packages go to OUT/artifacts and clients fetch them by reference (serve it with `fedsite coordinator --artifacts OUT/artifacts`)",
     "eval-examples": "held-out examples in the coordinator's evaluation",
@@ -169,7 +170,7 @@ def add_emulator_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--stride", type=int, default=2, help="keep every n-th middle block (default: 2; 1 keeps all)")
     build.add_argument("--quantize", choices=["none", "int8", "nf4", "4bit"], default="none", help="weight quantization of the frozen middle (default: none)")
     build.add_argument("--distill-steps", type=int, default=0, help="distillation steps of the kept middle toward the full model (default: 0)")
-    build.add_argument("--distill-objective", choices=DISTILL_OBJECTIVES, default=DISTILL_OBJECTIVES[-1], help="what the distillation matches (default: logits+hidden)")
+    build.add_argument("--distill-objective", choices=DISTILL_OBJECTIVES, default=DEFAULT_DISTILL_OBJECTIVE, help=f"what the distillation matches (default: {DEFAULT_DISTILL_OBJECTIVE})")
     build.add_argument("--distill-data", default="", help="examples to distil on: .jsonl or datasets folder (default: built-in task families, own seed)")
     build.add_argument("--key", default=None, help="Ed25519 signing key (PEM); default: created once in OUT/../keys/")
     build.set_defaults(func=cmd_emulator_build)

@@ -29,7 +29,7 @@ def test_package_reference_is_fetched_once_and_loaded(served, tmp_path):
     values = {**track.client_config(), "emulator-package": str(ref)}
     spec = offsite_spec(values, {})
     node = {"artifact-cache": str(tmp_path / "cache")}
-    model, _, layer_map = offsite_model(spec, config.lora_settings(), config.seed, node)
+    model, _, layer_map = offsite_model(spec, config.offsite_lora_settings(), config.seed, node)
     assert layer_map == track.layer_map and any(p.requires_grad for p in model.parameters())
     assert (tmp_path / "cache" / ref.sha256 / "manifest.sig").is_file()  # cached, verified copy
 
@@ -39,7 +39,7 @@ def test_reference_signed_by_another_key_is_refused(served, tmp_path):
     other = public_key_pem(generate_signing_key(tmp_path / "other.pem").public_key()).decode()
     spec = OffsiteSpec(str(ref), other, "lora")
     with pytest.raises(PackageError, match="offsite client"):
-        offsite_model(spec, config.lora_settings(), config.seed, {"artifact-cache": str(tmp_path / "cache")})
+        offsite_model(spec, config.offsite_lora_settings(), config.seed, {"artifact-cache": str(tmp_path / "cache")})
     assert not (tmp_path / "cache" / ref.sha256).exists()
 
 

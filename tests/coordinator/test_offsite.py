@@ -26,12 +26,15 @@ def test_package_is_built_signed_and_smaller(track):
     assert set(t.client_config()) == {"package-kind", "emulator-package", "emulator-public-key", "offsite-train"}
     blocks = {int(k.split(".layers.")[1].split(".")[0]) for k in t.initial}
     assert blocks == {0, 3}
+    # offsite LoRA covers every linear of the adapter blocks (the run's LoRA track only q/v)
+    modules = {k.split(".")[-3] for k in t.initial if ".lora_A." in k}
+    assert modules == set(config.offsite_lora_targets.split(",")) and len(modules) == 7
 
 
 def test_client_trains_what_the_plug_in_loads(track):
     config, t = track
     spec = OffsiteSpec.from_config(t.client_config())
-    emulator, tokenizer, layer_map = offsite_model(spec, config.lora_settings(), config.seed)
+    emulator, tokenizer, layer_map = offsite_model(spec, config.offsite_lora_settings(), config.seed)
     set_offsite_arrays(emulator, t.initial, layer_map, spec.mode)
     with torch.no_grad():  # stands in for local training: move every LoRA factor
         for name, p in emulator.named_parameters():

@@ -56,3 +56,12 @@ def test_offsite_clients_get_their_own_learning_rate():
     assert tuned.client_lr("blocks") == tuned.client_lr("lora") == 3e-4 and tuned.client_lr() == 2e-3
     with pytest.raises(ValueError, match="offsite-lr"):
         FedsiteConfig(offsite_lr=-1.0).validate()
+
+
+def test_offsite_lora_has_its_own_targets_and_the_runs_rank():
+    config = FedsiteConfig(lora_rank=4, lora_targets="q_proj", offsite_lora_targets="up_proj, down_proj")
+    assert config.lora_settings().targets == ("q_proj",)
+    offsite = config.offsite_lora_settings()
+    assert offsite.targets == ("up_proj", "down_proj") and offsite.rank == 4
+    with pytest.raises(ValueError, match="offsite-lora-targets"):
+        FedsiteConfig(offsite_lora_targets=" , ").validate()
