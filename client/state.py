@@ -5,8 +5,8 @@ them in the coordinator's process), so an adapter-sized residual per client make
 with the number of clients. The residual goes to the client's own disk instead, one
 safetensors file per run and client, written atomically.
 
-Where: the node config's `state-dir` (set by `fedsite client`), else FEDSITE_CLIENT_STATE,
-else the system's temp folder; below it `run-<run id>/<client>-<name>.safetensors`, so a new
+Where: the node config's `state-dir` (set by `fedsite client`), else FEDSITE_CLIENT_STATE (a
+simulation sets it to a folder of its own and removes it after the run), else the system's temp folder; below it `run-<run id>/<client>-<name>.safetensors`, so a new
 run never picks up an old residual.
 """
 
@@ -22,8 +22,11 @@ from flwr.app import Context
 from safetensors.numpy import load_file, save_file
 
 
+STATE_ENV = "FEDSITE_CLIENT_STATE"  # a simulation points it at a folder of its own (simulations.runner)
+
+
 def state_root(context: Context) -> Path:
-    explicit = context.node_config.get("state-dir") or os.environ.get("FEDSITE_CLIENT_STATE")
+    explicit = context.node_config.get("state-dir") or os.environ.get(STATE_ENV)
     return Path(str(explicit)).expanduser() if explicit else Path(tempfile.gettempdir()) / "fedsite-client-state"
 
 

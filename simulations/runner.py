@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flwr.clientapp import ClientApp
@@ -15,6 +19,7 @@ from flwr.simulation import run_simulation
 
 from client.client_app import app as client_app
 from client.secure import app as secure_client_app
+from client.state import STATE_ENV
 from coordinator.server_app import make_server_app
 from finetune.config import FedsiteConfig
 
@@ -41,6 +46,23 @@ def share_threads(workers: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@contextmanager
+def client_state_dir() -> Iterator[Path | None]:
+    """Simulated clients keep their error-feedback residuals (`client.state`) in a folder of this
+    run only, removed afterwards: one file per client per run would otherwise pile up in the temp
+    folder over sweeps. A folder the user named in FEDSITE_CLIENT_STATE is kept as it is."""
+    if os.environ.get(STATE_ENV):
+        yield None
+        return
+    path = Path(tempfile.mkdtemp(prefix="fedsite-client-state-"))
+    os.environ[STATE_ENV] = str(path)  # Ray's workers inherit it, like the thread settings
+    try:
+        yield path
+    finally:
+        os.environ.pop(STATE_ENV, None)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def simulate(config: FedsiteConfig, verbose: bool = False, client: ClientApp | None = None) -> Path:
     """Run `config.clients` simulated clients for `config.num_server_rounds` rounds; return the results folder.
 
@@ -51,13 +73,14 @@ def simulate(config: FedsiteConfig, verbose: bool = False, client: ClientApp | N
     log.info("[fedsite] simulating %d clients for %d rounds on '%s' -> %s", config.clients, config.num_server_rounds, config.model, out)
     share_threads(config.workers)
     try:
-        run_simulation(
-            server_app=make_server_app(config),
-            client_app=client or (secure_client_app if config.secure else client_app),
-            num_supernodes=config.clients,
-            backend_config=backend_config(config),
-            verbose_logging=verbose,
-        )
+        with client_state_dir():
+            run_simulation(
+                server_app=make_server_app(config),
+                client_app=client or (secure_client_app if config.secure else client_app),
+                num_supernodes=config.clients,
+                backend_config=backend_config(config),
+                verbose_logging=verbose,
+            )
     except RuntimeError as err:
         cause = err.__cause__ or err
         while cause.__cause__ is not None:
