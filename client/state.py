@@ -6,8 +6,9 @@ with the number of clients. The residual goes to the client's own disk instead, 
 safetensors file per run and client, written atomically.
 
 Where: the node config's `state-dir` (set by `fedsite client`), else FEDSITE_CLIENT_STATE (a
-simulation sets it to a folder of its own and removes it after the run), else the system's temp folder; below it `run-<run id>/<client>-<name>.safetensors`, so a new
-run never picks up an old residual.
+simulation sets it to a folder of its own and removes it after the run), else the system's
+temp folder; below it `run-<run id>/<client>-<name>.safetensors`, so a new run never picks up
+an old residual.
 """
 
 from __future__ import annotations
