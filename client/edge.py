@@ -114,11 +114,9 @@ def client_home(runtime_port: int, home: str | Path | None = None) -> Path:
     return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser() / f"fedsite-client-{runtime_port}"
 
 
-def flower_env(home: str | Path | None = None, threads: int = 0) -> dict[str, str]:
-    """Environment of Flower's processes: its own FLWR_HOME if given, no update check."""
-    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if home is not None:
-        env["FLWR_HOME"] = str(Path(home).resolve())
+def flower_env(home: str | Path, threads: int = 0) -> dict[str, str]:
+    """Environment of Flower's processes: their own FLWR_HOME, no update check."""
+    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "FLWR_HOME": str(Path(home).resolve())}
     if threads > 0:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env

@@ -32,8 +32,6 @@ from finetune.batches import collate, encode_example
 from finetune.config import DEFAULT_DISTILL_OBJECTIVE, DISTILL_OBJECTIVES
 from finetune.examples import Example
 
-OBJECTIVES = DISTILL_OBJECTIVES
-
 
 def text_batches(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 8, max_length: int = 64
@@ -106,8 +104,8 @@ def distill_middle(
 
     Returns the loss of each step. Run before quantizing (the package stores the result).
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"emulator: distillation objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if objective not in DISTILL_OBJECTIVES:
+        raise ValueError(f"emulator: distillation objective must be one of {', '.join(DISTILL_OBJECTIVES)}, got {objective!r}")
     if emulator.config.emulator_quantization:
         raise ValueError("emulator: distil before quantizing the middle")
     batches = [b if isinstance(b, Mapping) else {"input_ids": b} for b in batches]
