@@ -29,7 +29,7 @@ from finetune.privacy import BudgetExhausted, DPSettings, check_budget, train_pr
 from finetune.lora import get_lora_arrays, set_trainable_factors
 from finetune.sources import client_splits
 from finetune.examples import Example
-from finetune.train import TrainResult, TrainSettings, train
+from finetune.train import NoGradient, TrainResult, TrainSettings, train
 from protos.codecs import ErrorFeedback, encoded_nbytes
 from protos.tensors import from_array_record, to_array_record
 from protos.updates import encode_update
@@ -78,6 +78,9 @@ def train_handler(msg: Message, context: Context) -> Message:
         return declined(msg, context, str(err))
     except BudgetExhausted as err:
         log.info("client %s round %d: %s", client_label(context), server_round, err)
+        return declined(msg, context, str(err))
+    except NoGradient as err:  # training would change nothing, or corrupt the update: say so
+        log.error("client %s round %d: %s", client_label(context), server_round, err)
         return declined(msg, context, str(err))
     payload = encode_upload(trained, split_base(received)[0], config, context)
     metrics = MetricRecord(train_metrics(result, encoded_nbytes(payload), privacy, context))

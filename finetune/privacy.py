@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from finetune.batches import collate, encode_example
 from finetune.examples import Example
 from finetune.loss import token_losses
-from finetune.train import TrainResult, TrainSettings
+from finetune.train import NoGradient, TrainResult, TrainSettings, check_gradients
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 MECHANISM = "local-dp-sgd"
@@ -181,11 +181,27 @@ def _strip_opacus(model: torch.nn.Module) -> None:
                 delattr(module, attr)
 
 
+def _first_backward(loss: torch.Tensor, named: list[tuple[str, torch.nn.Parameter]]) -> None:
+    """The first DP backward, checked: Opacus' per-sample hooks fail with an AttributeError when no
+    gradient reaches a LoRA module (its grad_output is None); that, too, is a NoGradient."""
+    try:
+        loss.backward()
+    except AttributeError as err:
+        if any(p.grad is not None for _, p in named):
+            raise
+        raise NoGradient(f"train_private: no gradient reached the LoRA modules (Opacus: {err})") from err
+    check_gradients(named)
+
+
 def _dp_steps(
-    model: torch.nn.Module, params: list[torch.nn.Parameter], encoded: list[dict], pad_id: int,
+    model: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]], encoded: list[dict], pad_id: int,
     sampler: UniformWithReplacementSampler, optimizer: Any,
 ) -> list[float]:
-    """One DP-SGD step per Poisson draw of the sampler; returns the loss of each non-empty batch."""
+    """One DP-SGD step per Poisson draw of the sampler; returns the loss of each non-empty batch.
+
+    The first non-empty batch's gradients are checked before any noise is added (NoGradient).
+    """
+    params = [p for _, p in named]
     losses: list[float] = []
     for step, indices in enumerate(sampler):
         optimizer.zero_grad(set_to_none=True)
@@ -197,7 +213,12 @@ def _dp_steps(
             loss = _per_example_mean_loss(model, collate([encoded[i] for i in indices], pad_id))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"train_private: loss became {loss.item()} at step {step + 1}; lower the learning rate")
-            loss.backward()
+            if not loss.requires_grad:
+                raise NoGradient("train_private: the loss does not depend on any trainable parameter (no gradient can flow)")
+            if losses:
+                loss.backward()
+            else:
+                _first_backward(loss, named)
             losses.append(loss.item())
         optimizer.step()
     return losses
@@ -230,7 +251,8 @@ def train_private(
     history = _history(accountant_state, dp.accountant)
     noise_multiplier = _noise(dp, accountant_state, sample_rate, total_steps_budget or steps)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named_params]
     if not params:
         raise ValueError("train_private: the model has no trainable parameters")
     names = [name for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name]
@@ -266,7 +288,7 @@ def train_private(
             sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=sampling_rng, steps=steps)
             dp_optimizer.expected_batch_size = sample_rate * n
             dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-            losses = _dp_steps(model, params, encoded, tokenizer.pad_token_id, sampler, dp_optimizer)
+            losses = _dp_steps(model, named_params, encoded, tokenizer.pad_token_id, sampler, dp_optimizer)
         finally:
             if hooks is not None:
                 hooks.cleanup()

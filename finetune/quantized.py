@@ -4,6 +4,15 @@
 local folder, then runs `peft.prepare_model_for_kbit_training`; attach LoRA afterwards with
 `finetune.lora.attach_lora` as for a plain backbone (LoRA weights stay fp32). A mode this
 machine cannot run raises `QuantizationUnsupported`: never a silent fp32 fallback.
+
+Gradients must flow through the frozen 4-bit layers to every LoRA module below them. On CPUs
+with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit`'s weight, on its first forward in
+eval mode without grad (an evaluation), into an inference-only layout; from then on
+`matmul_4bit` calls the fused `gemv_4bit` kernel, which has no autograd formula, so every later
+backward stops at the first frozen layer and LoRA gets no gradient at all, silently. The
+loader turns that repacking off (`keep_trainable_layout`): training and evaluation then both
+run `MatMul4Bit` (dequantize + matmul, fp32), on every CPU and on CUDA. `dequantized_backbone`
+is the exact fp32 twin of a quantized backbone, the reference its gradients are checked against.
 """
 
 from __future__ import annotations
@@ -122,6 +131,7 @@ def load_quantized_backbone(
     if not is_quantized(model):
         raise QuantizationUnsupported(f"quantization '{mode}': '{folder}' loaded without any bitsandbytes layer; refusing an fp32 fallback")
 
+    keep_trainable_layout(model)
     from peft import prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
@@ -130,6 +140,69 @@ def load_quantized_backbone(
     model.eval()
     log.info("Loaded %s as %s: %.1f MiB", spec, mode, model_memory_bytes(model) / 2**20)
     return model, tokenizer
+
+
+def keep_trainable_layout(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its inference-only CPU layout.
+
+    Returns how many layers were switched. Must run before the model's first forward: a layer
+    already repacked is an error (its kernel cannot backpropagate and the repacking is not
+    undone by a public call).
+    """
+    import bitsandbytes as bnb
+
+    switched = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            raise QuantizationUnsupported(f"quantization: layer {name} was repacked for inference before training was set up; load the backbone afresh")
+        module.support_avx512bf16_for_cpu = False
+        switched += 1
+    return switched
+
+
+def inference_packed_layers(model: torch.nn.Module) -> list[str]:
+    """Names of 4-bit layers in bitsandbytes' inference-only CPU layout (through which no gradient flows)."""
+    import bitsandbytes as bnb
+
+    return [
+        name for name, m in model.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit) and getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+    ]
+
+
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The fp32 weight a bitsandbytes 4-bit or 8-bit layer computes with."""
+    import bitsandbytes as bnb
+
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    if isinstance(module, bnb.nn.Linear8bitLt):  # row scales move to the layer's state on its first forward
+        scales = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+        return module.weight.data.float() * scales.float().unsqueeze(1) / 127.0
+    raise TypeError(f"dequantized_weight: {type(module).__name__} is not a bitsandbytes layer")
+
+
+def dequantized_backbone(model: torch.nn.Module, plain: torch.nn.Module) -> torch.nn.Module:
+    """Copy into `plain` (the same architecture in fp32) the weights `model` computes with.
+
+    Every bitsandbytes layer of `model` gives its dequantized weight to the Linear at the same
+    path of `plain`; the other parameters (embeddings, norms, head) are copied as they are.
+    """
+    import bitsandbytes as bnb
+
+    targets = dict(plain.named_modules())
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                targets[name].weight.copy_(dequantized_weight(module).reshape(targets[name].weight.shape))
+        quantized = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+        params = dict(plain.named_parameters())
+        for name, p in model.named_parameters():
+            if name not in quantized and name in params:
+                params[name].copy_(p.detach().float())
+    return plain
 
 
 def _quant_state_tensors(param: torch.Tensor) -> list[torch.Tensor]:

@@ -1,4 +1,10 @@
-"""Local training: AdamW on the trainable parameters, gradient clipping, a fixed step budget."""
+"""Local training: AdamW on the trainable parameters, gradient clipping, a fixed step budget.
+
+The first step's gradients are checked (`check_gradients`): a step that computes no gradient,
+or a non-finite one, for the trainable parameters raises `NoGradient` instead of training
+nothing in silence (a frozen layer that does not backpropagate, as bitsandbytes' inference-only
+4-bit kernel, cuts every LoRA module below it off).
+"""
 
 from __future__ import annotations
 
@@ -42,6 +48,32 @@ class TrainResult:
     seconds: float
 
 
+class NoGradient(RuntimeError):
+    """A training step computed no usable gradient for the trainable parameters."""
+
+
+def check_gradients(named: Sequence[tuple[str, torch.nn.Parameter]]) -> None:
+    """Raise NoGradient unless every trainable LoRA parameter got a gradient, all of them are
+    finite, and at least one is non-zero.
+
+    A LoRA factor may legitimately get a zero gradient (A while B is still zero), never none.
+    Costs one reduction per parameter: run it on the first step only.
+    """
+    missing = [n for n, p in named if p.grad is None and "lora_" in n]
+    present = [(n, p.grad) for n, p in named if p.grad is not None]
+    if missing or not present:
+        first = missing[0] if missing else named[0][0] if named else "-"
+        raise NoGradient(
+            f"training computed no gradient for {len(missing) or len(named)} of {len(named)} trainable parameters (first: {first}): "
+            "the backbone does not backpropagate to them"
+        )
+    bad = next((n for n, g in present if not bool(torch.isfinite(g).all())), None)
+    if bad is not None:
+        raise NoGradient(f"training computed a non-finite gradient for {bad}; lower the learning rate or check the data")
+    if not any(bool(g.any()) for _, g in present):
+        raise NoGradient(f"training computed an all-zero gradient for all {len(present)} trainable parameters: nothing would change")
+
+
 def proximal_term(params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx (Li et al. 2020): mu/2 times the squared distance from the round's starting point."""
     return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
@@ -58,7 +90,8 @@ def train(
     started = time.perf_counter()
     encoded = [encode_example(tokenizer, ex, settings.max_seq_len) for ex in examples]
     batches = batch_stream(encoded, settings.batch_size, tokenizer.pad_token_id, settings.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise ValueError("train: the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -73,7 +106,11 @@ def train(
             raise FloatingPointError(f"train: loss became {loss.item()} at step {step + 1}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         objective = loss + proximal_term(params, anchors, settings.proximal_mu) if anchors else loss
+        if not objective.requires_grad:
+            raise NoGradient("training: the loss does not depend on any trainable parameter (no gradient can flow)")
         objective.backward()
+        if step == 0:
+            check_gradients(named)
         if settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()

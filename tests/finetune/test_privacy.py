@@ -18,7 +18,8 @@ from finetune.privacy import (
     epsilon_for,
     train_private,
 )
-from finetune.train import TrainSettings, train
+from finetune.train import NoGradient, TrainSettings, train
+from tests.finetune.test_train_eval import cut_gradients_at_the_last_norm
 
 WORDS = ["abc", "dog", "tree", "sun", "moon", "star", "leaf", "rain"]
 EXAMPLES = [Example("Reverse the word.", w, w[::-1], "reverse") for w in WORDS]
@@ -172,3 +173,14 @@ def test_target_epsilon_holds_over_the_planned_participation(lora_tiny):
     assert second.epsilon > 1.9  # calibrated, not just "very noisy"
     assert second.epsilon == pytest.approx(rdp_epsilon(second.noise_multiplier, 0.5, 6, dp.delta), rel=1e-9)
     check_budget(state, dp)  # still within budget after the planned 6 steps
+
+
+def test_dp_sgd_refuses_a_first_step_without_gradients_before_spending_budget(lora_tiny):
+    model, tokenizer = lora_tiny
+    handle = cut_gradients_at_the_last_norm(model, "drop")
+    try:
+        with pytest.raises(NoGradient, match="no gradient"):
+            train_private(model, tokenizer, EXAMPLES, TrainSettings(steps=2, batch_size=4), DPSettings(seed=0), None)
+    finally:
+        handle.remove()
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # the model is plain again

@@ -1,11 +1,12 @@
 import numpy as np
+import pytest
 import torch
 
 from finetune.batches import IGNORE_INDEX, batch_stream, encode_example, format_prompt
 from finetune.evaluate import evaluate, normalize_answer
 from finetune.examples import Example
 from finetune.lora import LoraSettings, attach_lora, get_lora_arrays
-from finetune.train import TrainSettings, train
+from finetune.train import NoGradient, TrainSettings, train
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EXAMPLES = [Example("Reverse the word.", w, w[::-1], "reverse") for w in ["abc", "dog", "tree", "sun", "moon", "star"]]
@@ -87,3 +88,57 @@ def test_proximal_term_keeps_the_update_closer_to_the_start(tiny):
         end = get_lora_arrays(model)
         distances.append(sum(float(np.sum((end[k] - start[k]) ** 2)) for k in start))
     assert distances[1] < distances[0] * 0.8
+
+
+class DropsGradient(torch.autograd.Function):
+    """Identity forward, no gradient backward: what an op without an autograd formula does
+    (bitsandbytes' inference-only 4-bit kernel through torch's autograd fallback)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def cut_gradients_at_the_last_norm(model, how: str):
+    """A forward hook on the final norm that drops, detaches, zeroes or poisons (inf) what flows
+    back through it: the ways a broken backbone fails."""
+    norm = model.get_base_model().model.norm
+
+    def hook(module, args, output):
+        if how == "drop":
+            return DropsGradient.apply(output)
+        if how == "detach":
+            return output.detach()
+        if how == "zero":
+            return output * 0
+        out = output * 1
+        out.register_hook(lambda g: g * float("inf"))
+        return out
+
+    return norm.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("how, match", [
+    ("drop", "no gradient for 16 of 16"), ("detach", "does not depend on any trainable"), ("zero", "all-zero gradient"), ("poison", "non-finite gradient"),
+])
+def test_a_first_step_without_a_usable_gradient_is_an_error(tiny, how, match):
+    model, tokenizer = tiny
+    model = attach_lora(model, LoraSettings(rank=2))
+    handle = cut_gradients_at_the_last_norm(model, how)
+    before = get_lora_arrays(model)
+    with pytest.raises(NoGradient, match=match):
+        train(model, tokenizer, EXAMPLES, TrainSettings(steps=3, batch_size=3))
+    handle.remove()
+    after = get_lora_arrays(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # refused before any step
+
+
+def test_lora_a_may_get_a_zero_gradient_while_b_is_zero(tiny):
+    model, tokenizer = tiny
+    model = attach_lora(model, LoraSettings(rank=2))
+    result = train(model, tokenizer, EXAMPLES, TrainSettings(steps=1, batch_size=3))  # B starts at 0: A's gradient is 0
+    assert result.steps == 1
