@@ -1,13 +1,16 @@
 """What privacy and quantization cost, measured side by side in one run.
 
 1. Client step time: DP-SGD vs plain, NF4 and int8 backbones vs fp32 (interleaved repeats,
-   median), plus model memory.
+   median), plus model memory; for NF4 and int8, whether LoRA gets the right gradient after an
+   evaluation pass (cosine to the gradient through the dequantized fp32 twin; 0 = no gradient).
 2. Upload bytes of one real client update under each codec, as ratios to fp32.
 3. Held-out exact match after the same federated run: plain, each upload codec, local DP
-   (Opacus, target epsilon), user-level DP (DP-FedAvg).
+   (Opacus, target epsilon), user-level DP (DP-FedAvg), NF4 and int8 backbones (with federated
+   evaluation on, so each client evaluates its cached model between training rounds).
 
-    python benchmarks/privacy_quantization.py                # embedded SmolLM2 (long: ~6 runs)
+    python benchmarks/privacy_quantization.py                # embedded SmolLM2 (long: ~8 runs)
     python benchmarks/privacy_quantization.py --model tiny   # plumbing check in a minute or two
+    python benchmarks/privacy_quantization.py --variants plain,nf4,int8   # a subset of the federated runs
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from finetune.config import FedsiteConfig
 from finetune.lora import LoraSettings, attach_lora, get_lora_arrays
 from finetune.privacy import DPSettings, train_private
 from finetune.quantized import load_quantized_backbone, model_memory_bytes
+from finetune.quantized_grads import compare
 from finetune.sources import run_splits
 from finetune.train import TrainSettings, train
 from protos.codecs import CODECS, encoded_nbytes
@@ -44,8 +48,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eval-examples", type=int, default=60, help="held-out examples the coordinator scores")
     p.add_argument("--target-epsilon", type=float, default=8.0)
     p.add_argument("--skip-federated", action="store_true", help="only timings and bytes")
+    p.add_argument("--variants", default="", help="comma-separated keys of the federated runs to do (default: all): " + ",".join(VARIANT_KEYS))
     p.add_argument("--out", default="results/bench-privacy-quantization")
     return p.parse_args()
+
+
+VARIANT_KEYS = ("plain", "fp16", "int8-upload", "4bit", "local-dp", "user-dp", "nf4", "int8")
 
 
 def step_times(model_spec: str, examples, steps: int, repeats: int) -> tuple[dict[str, float], dict[str, int]]:
@@ -91,19 +99,26 @@ def federated(args: argparse.Namespace) -> dict[str, dict]:
         model=args.model, clients=args.clients, num_server_rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size, eval_examples=args.eval_examples
     )
     variants = {
-        "plain (fp32 upload)": {},
-        "fp16 upload": {"upload_codec": "fp16"},
-        "int8 upload": {"upload_codec": "int8"},
-        "4bit upload": {"upload_codec": "4bit"},
-        f"local DP (eps {args.target_epsilon:g})": {"dp": "local", "target_epsilon": args.target_epsilon},
-        "user-level DP (z=0.5)": {"dp": "client", "noise_multiplier": 0.5, "dp_clip_norm": 0.05},
+        "plain": ("plain (fp32 upload)", {}),
+        "fp16": ("fp16 upload", {"upload_codec": "fp16"}),
+        "int8-upload": ("int8 upload", {"upload_codec": "int8"}),
+        "4bit": ("4bit upload", {"upload_codec": "4bit"}),
+        "local-dp": (f"local DP (eps {args.target_epsilon:g})", {"dp": "local", "target_epsilon": args.target_epsilon}),
+        "user-dp": ("user-level DP (z=0.5)", {"dp": "client", "noise_multiplier": 0.5, "dp_clip_norm": 0.05}),
+        "nf4": ("NF4 backbone (federated eval on)", {"quantize": "nf4", "fraction_evaluate": 1.0}),
+        "int8": ("int8 backbone (federated eval on)", {"quantize": "int8", "fraction_evaluate": 1.0}),
     }
+    chosen = [k.strip() for k in args.variants.split(",") if k.strip()] or list(VARIANT_KEYS)
+    unknown = sorted(set(chosen) - set(variants))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANT_KEYS)}")
     results = {}
-    for name, changes in variants.items():
+    for name, changes in (variants[k] for k in chosen):
         folder = out / name.split(" (")[0].replace(" ", "-")
         simulate(base.replace(out=str(folder), **changes))
         final = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
-        ledger = [json.loads(line) for line in (folder / "privacy.jsonl").read_text().splitlines()]
+        ledger_file = folder / "privacy.jsonl"
+        ledger = [json.loads(line) for line in ledger_file.read_text().splitlines()] if ledger_file.exists() else []
         results[name] = {
             "accuracy": final["eval_accuracy"],
             "upload_mb": sum(json.loads(l)["upload_bytes"] for l in (folder / "metrics.jsonl").read_text().splitlines()) / 1e6,
@@ -119,12 +134,15 @@ def main() -> None:
     examples = list(run_splits(FedsiteConfig())[0][:64])
 
     times, memory = step_times(args.model, examples, args.steps, args.repeats)
+    grads = {f"plain {mode}": compare(mode, args.model) for mode in ("nf4", "int8")}
     print(f"\n## Client step time ({args.model}, LoRA r=8 q/v, batch 4; median of {args.repeats} x {args.steps} steps)\n")
-    print("| client | s/step | vs plain fp32 | model memory MiB | vs fp32 |\n|---|---:|---:|---:|---:|")
+    print("LoRA grad: after one evaluation pass, cosine of the LoRA gradient to the one through the dequantized fp32 backbone (0: no gradient).\n")
+    print("| client | s/step | vs plain fp32 | model memory MiB | vs fp32 | LoRA grad |\n|---|---:|---:|---:|---:|---:|")
     memory_of = {"plain fp32": "fp32", "DP-SGD fp32": "fp32", "plain nf4": "nf4", "plain int8": "int8"}
     for name, seconds in times.items():
         mem = memory[memory_of[name]]
-        print(f"| {name} | {seconds:.3f} | {seconds / times['plain fp32']:.2f}x | {mem / 2**20:.1f} | {mem / memory['fp32']:.2f}x |")
+        grad = f"{grads[name]['cosine']:.4f}" if name in grads else "–"
+        print(f"| {name} | {seconds:.3f} | {seconds / times['plain fp32']:.2f}x | {mem / 2**20:.1f} | {mem / memory['fp32']:.2f}x | {grad} |")
 
     print("\n## Upload bytes of one client update\n")
     print("| codec | bytes | fp32 / codec |\n|---|---:|---:|")
@@ -136,7 +154,7 @@ def main() -> None:
     results = federated(args)
     print(f"\n## Held-out exact match after the same federated run ({args.clients} clients, {args.rounds} rounds, {args.local_steps} local steps, batch {args.batch_size}, {args.eval_examples} held-out examples)\n")
     print("| run | exact match | vs plain | upload MB | epsilon |\n|---|---:|---:|---:|---:|")
-    plain = results["plain (fp32 upload)"]["accuracy"]
+    plain = results.get("plain (fp32 upload)", {}).get("accuracy", 0.0)
     for name, r in results.items():
         eps = "–" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         print(f"| {name} | {r['accuracy']:.3f} | {r['accuracy'] - plain:+.3f} | {r['upload_mb']:.2f} | {eps} |")
