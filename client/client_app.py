@@ -7,7 +7,6 @@ only LoRA arrays and metrics leave the client.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import zlib
@@ -18,14 +17,15 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from client.offsite import PACKAGE_KEY, PUBLIC_KEY_KEY, OffsiteSpec, offsite_model, offsite_spec
-from client.state import load_state, save_state
+from client.privacy_policy import DevicePolicy, PolicyRefusal
+from client.state import LedgerError, load_ledger, load_state, save_ledger, save_state
 from emulator.keys import PackageError
 from emulator.offsite import get_offsite_arrays, set_offsite_arrays
 from finetune.base_delta import set_global_arrays, split_base
 from finetune.cache import lora_model
 from finetune.config import FedsiteConfig, from_mapping
 from finetune.evaluate import evaluate
-from finetune.privacy import BudgetExhausted, DPSettings, check_budget, train_private
+from finetune.privacy import BudgetExhausted, DPSettings, check_budget, plan_round, train_private
 from finetune.lora import get_lora_arrays, set_trainable_factors
 from finetune.sources import client_splits
 from finetune.examples import Example
@@ -76,7 +76,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     except PackageError as err:
         log.warning("client %s round %d: %s", client_label(context), server_round, err)
         return declined(msg, context, str(err))
-    except BudgetExhausted as err:
+    except (BudgetExhausted, PolicyRefusal, LedgerError) as err:
         log.info("client %s round %d: %s", client_label(context), server_round, err)
         return declined(msg, context, str(err))
     except NoGradient as err:  # training would change nothing, or corrupt the update: say so
@@ -118,6 +118,7 @@ def local_training(
         seed=zlib.crc32(f"{config.seed}/{server_round}/{client_label(context)}".encode()),
     )
     privacy: dict[str, float] = {}
+    DevicePolicy.from_node_config(context.node_config).admit(config)  # PolicyRefusal: decline
     try:
         if config.dp == "local":
             result, privacy = train_locally_private(model, tokenizer, train_examples, settings, config, context)
@@ -145,25 +146,33 @@ def train_metrics(result: TrainResult, upload_bytes: int, privacy: dict[str, flo
 
 
 FEEDBACK_KEY = "error-feedback"
-PRIVACY_KEY = "privacy-accountant"
 
 
 def train_locally_private(
     model: PeftModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example], settings: TrainSettings, config: FedsiteConfig, context: Context
 ) -> tuple[TrainResult, dict[str, float]]:
-    """DP-SGD through Opacus; the accountant's history persists in the node's state across rounds."""
+    """DP-SGD through Opacus under the device's own policy; the accountant lives on the device's
+    disk (client/state.py), written after every round, so a restart never forgets what was spent.
+
+    The round message sets the noise (or a target epsilon) and the run's budget; the device's
+    policy raises the noise floor, lowers delta and caps the cumulative epsilon: a round that
+    asks for less privacy than the policy allows, or would overspend it, is declined before
+    anything is trained (PolicyRefusal).
+    """
+    policy = DevicePolicy.from_node_config(context.node_config)
     dp = DPSettings(
         noise_multiplier=None if config.target_epsilon > 0 else config.noise_multiplier,
         target_epsilon=config.target_epsilon or None,
-        delta=config.delta,
+        delta=policy.delta_for(config.delta),
         max_grad_norm=config.dp_max_grad_norm,
     )
-    stored = context.state.get(PRIVACY_KEY)
-    state = json.loads(stored["json"]) if stored is not None else None
+    state = load_ledger(context)
     check_budget(state, dp, config.epsilon_budget or None)
     planned = config.num_server_rounds * settings.num_steps(len(examples))
+    plan = plan_round(state, dp, len(examples), settings, total_steps_budget=planned)
+    policy.check(plan.noise_multiplier, plan.epsilon)
     result, spend, state = train_private(model, tokenizer, examples, settings, dp, state, total_steps_budget=planned)
-    context.state[PRIVACY_KEY] = ConfigRecord({"json": json.dumps(state)})
+    save_ledger(context, state)
     spent = spend.to_dict()
     metrics = {f"dp-{key.replace('_', '-')}": float(spent[key]) for key in ("noise_multiplier", "sample_rate", "steps", "total_steps", "delta", "epsilon")}
     return result, metrics

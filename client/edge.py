@@ -12,7 +12,9 @@ the coordinator goes away, so a restarted coordinator finds its clients again.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from client.privacy_policy import LEDGER_KEY, DevicePolicy
 
 log = logging.getLogger("fedsite.client")
 
@@ -44,6 +48,10 @@ class EdgeSettings:
     max_retries: int | None = None  # reconnect attempts before giving up (None = forever)
     max_wait_time: float | None = None  # seconds of reconnecting before giving up (None = forever)
     threads: int = 0  # torch threads of the ClientApp (0 = all cores)
+    dp_min_noise: float = 0.0  # privacy policy: train only with local DP-SGD at this noise or more (0 = none)
+    epsilon_budget: float = 0.0  # privacy policy: never spend more epsilon than this on this data (0 = none)
+    delta: float = 0.0  # privacy policy: account at this delta or less (0 = the round's)
+    privacy_ledger: str | None = None  # the device's accountant file (default: one per data path under the state folder)
 
     def validate(self) -> EdgeSettings:
         host, sep, port = self.coordinator.rpartition(":")
@@ -58,7 +66,15 @@ class EdgeSettings:
             raise ValueError("--key (node authentication) needs TLS; drop --insecure")
         if self.memory_gb < 0:
             raise ValueError(f"--memory-gb must be non-negative, got {self.memory_gb}")
+        for option, value in (("--dp-min-noise", self.dp_min_noise), ("--epsilon-budget", self.epsilon_budget), ("--delta", self.delta)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{option} must be a finite number >= 0, got {value}")
+        if self.delta >= 1:
+            raise ValueError(f"--delta must be below 1, got {self.delta}")
         return self
+
+    def policy(self) -> DevicePolicy:
+        return DevicePolicy(self.dp_min_noise, self.epsilon_budget, self.delta)
 
 
 def _toml_value(value: object) -> str:
@@ -69,14 +85,25 @@ def _toml_value(value: object) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+STATE_DIR = Path.home() / ".cache" / "fedsite" / "client-state"  # error-feedback residuals, privacy ledgers
+
+
+def default_ledger(data: str) -> Path:
+    """One privacy ledger per dataset on the device: what its data has spent, across runs."""
+    digest = hashlib.sha256(str(Path(data).resolve()).encode()).hexdigest()[:16]
+    return STATE_DIR / f"privacy-{digest}.json"
+
+
 def node_config(settings: EdgeSettings) -> str:
-    """The SuperNode's `--node-config`: the data path and the device profile, as TOML values."""
+    """The SuperNode's `--node-config`: the data path, the device profile and its privacy policy, as TOML values."""
     values = {
         "data-path": str(Path(settings.data).resolve()),
         "memory-gb": float(settings.memory_gb),
         "holds-backbone": settings.holds_backbone,
         "quantized": settings.quantized,
-        "state-dir": str(Path.home() / ".cache" / "fedsite" / "client-state"),  # error-feedback residuals
+        "state-dir": str(STATE_DIR),
+        LEDGER_KEY: str(Path(settings.privacy_ledger).expanduser().resolve()) if settings.privacy_ledger else str(default_ledger(settings.data)),
+        **settings.policy().node_config(),
     }
     if settings.profile:
         values["profile"] = settings.profile

@@ -56,6 +56,10 @@ def cmd_client(args: argparse.Namespace) -> int:
         max_retries=args.max_retries,
         max_wait_time=args.max_wait_time,
         threads=args.threads,
+        dp_min_noise=args.dp_min_noise,
+        epsilon_budget=args.epsilon_budget,
+        delta=args.delta,
+        privacy_ledger=args.privacy_ledger,
     )
     return run_edge(settings, args.home)
 
@@ -97,5 +101,10 @@ def add_service_parsers(sub: argparse._SubParsersAction) -> None:
     client.add_argument("--max-retries", type=int, default=None, help="give up after this many reconnection attempts (default: never)")
     client.add_argument("--max-wait-time", type=float, default=None, help="give up after this many seconds of reconnecting (default: never)")
     client.add_argument("--threads", type=int, default=0, help="torch threads for local training (default: 0 = all cores)")
+    privacy = client.add_argument_group("privacy policy (enforced on this device, whatever the coordinator asks)")
+    privacy.add_argument("--dp-min-noise", type=float, default=0.0, metavar="Z", help="train only with local DP-SGD at a noise multiplier of at least Z; rounds asking for less, or for no local DP, are declined (default: 0 = no policy)")
+    privacy.add_argument("--epsilon-budget", type=float, default=0.0, metavar="EPS", help="decline any round that would bring this device's cumulative epsilon on its data past EPS, over all runs (default: 0 = none)")
+    privacy.add_argument("--delta", type=float, default=0.0, help="account privacy at this delta or lower (default: the round's)")
+    privacy.add_argument("--privacy-ledger", default=None, metavar="FILE", help="this device's privacy accountant (default: one per --data under ~/.cache/fedsite/client-state/)")
     client.add_argument("--home", default=None, help="Flower's folder for this client (default: fedsite-client-<runtime-port> under $FLWR_HOME or ~/.flwr, one per client)")
     client.set_defaults(func=cmd_client)

@@ -139,6 +139,23 @@ def check_budget(accountant_state: dict | None, dp: DPSettings, target_epsilon_b
     return spent
 
 
+def plan_round(accountant_state: dict | None, dp: DPSettings, num_examples: int, settings: TrainSettings, total_steps_budget: int | None = None) -> PrivacySpend:
+    """What `train_private` will spend on `num_examples` examples, before it trains: its noise,
+    sample rate and steps, and the cumulative epsilon after the round. A device checks this
+    against its own policy and budget and declines before anything is spent."""
+    if num_examples <= 0:
+        raise ValueError("no training examples: this client's data partition is empty")
+    sample_rate = min(1.0, settings.batch_size / num_examples)
+    steps = settings.num_steps(num_examples)
+    noise = _noise(dp, accountant_state, sample_rate, total_steps_budget or steps)
+    history = [*_history(accountant_state, dp.accountant), (noise, sample_rate, steps)]
+    return PrivacySpend(
+        mechanism=MECHANISM, noise_multiplier=noise, sample_rate=sample_rate, steps=steps,
+        total_steps=sum(s for _, _, s in history), delta=dp.delta, epsilon=epsilon_for(history, dp.delta, dp.accountant),
+        accountant=dp.accountant,
+    )
+
+
 def _noise(dp: DPSettings, state: dict | None, sample_rate: float, planned_steps: int) -> float:
     if dp.noise_multiplier is not None:
         return float(dp.noise_multiplier)
@@ -243,13 +260,10 @@ def train_private(
     """
     started = time.perf_counter()
     encoded = [encode_example(tokenizer, ex, settings.max_seq_len) for ex in examples]
-    if not encoded:
-        raise ValueError("no training examples: this client's data partition is empty")
     n = len(encoded)
-    sample_rate = min(1.0, settings.batch_size / n)
-    steps = settings.num_steps(n)
+    plan = plan_round(accountant_state, dp, n, settings, total_steps_budget)
+    sample_rate, steps, noise_multiplier = plan.sample_rate, plan.steps, plan.noise_multiplier
     history = _history(accountant_state, dp.accountant)
-    noise_multiplier = _noise(dp, accountant_state, sample_rate, total_steps_budget or steps)
 
     named_params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named_params]

@@ -23,10 +23,25 @@ def test_node_config_carries_data_path_and_profile_through_flowers_parser(data):
 
     plain = parse_config_args([node_config(EdgeSettings("h:1", data, memory_gb=2.5))])
     state_dir = plain.pop("state-dir")
-    assert state_dir.endswith("client-state")
+    ledger = plain.pop("privacy-ledger")
+    assert state_dir.endswith("client-state") and ledger.startswith(state_dir) and ledger.endswith(".json")
     assert plain == {"data-path": data, "memory-gb": 2.5, "holds-backbone": True, "quantized": False}
     settings = EdgeSettings("h:1", data, memory_gb=4.0, holds_backbone=False, quantized=True, profile="phone")
-    assert parse_config_args([node_config(settings)]) == {"data-path": data, "memory-gb": 4.0, "holds-backbone": False, "quantized": True, "profile": "phone", "state-dir": state_dir}
+    assert parse_config_args([node_config(settings)]) == {
+        "data-path": data, "memory-gb": 4.0, "holds-backbone": False, "quantized": True, "profile": "phone", "state-dir": state_dir, "privacy-ledger": ledger,
+    }
+
+
+def test_node_config_carries_the_devices_privacy_policy(data, tmp_path):
+    from flwr.common.config import parse_config_args
+
+    settings = EdgeSettings("h:1", data, dp_min_noise=1.2, epsilon_budget=4.0, delta=1e-6, privacy_ledger=str(tmp_path / "ledger.json"))
+    values = parse_config_args([node_config(settings)])
+    assert values["dp-min-noise"] == 1.2 and values["dp-epsilon-budget"] == 4.0 and values["dp-delta"] == 1e-6
+    assert values["privacy-ledger"] == str(tmp_path / "ledger.json")
+    other = tmp_path / "other.jsonl"
+    other.write_text(open(data).read())
+    assert parse_config_args([node_config(EdgeSettings("h:1", str(other)))])["privacy-ledger"] != parse_config_args([node_config(EdgeSettings("h:1", data))])["privacy-ledger"]
 
 
 def test_supernode_command_uses_tls_key_and_reconnects_forever(data, tmp_path):
@@ -48,6 +63,9 @@ def test_supernode_command_uses_tls_key_and_reconnects_forever(data, tmp_path):
         ({"data": "/nonexistent.jsonl"}, "--data '/nonexistent.jsonl' does not exist"),
         ({"key": "/nonexistent-key"}, "--key '/nonexistent-key' does not exist"),
         ({"memory_gb": -1.0}, "--memory-gb must be non-negative"),
+        ({"dp_min_noise": -1.0}, "--dp-min-noise must be a finite number >= 0"),
+        ({"epsilon_budget": float("nan")}, "--epsilon-budget must be a finite number >= 0"),
+        ({"delta": 1.0}, "--delta must be below 1"),
     ],
 )
 def test_bad_settings_are_one_line_errors(data, changes, message):
