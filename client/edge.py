@@ -16,17 +16,14 @@ import hashlib
 import logging
 import math
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from client.privacy_policy import LEDGER_KEY, DevicePolicy
+from finetune.processes import flower_env, flower_tool, stop_process_tree
 
 log = logging.getLogger("fedsite.client")
 
@@ -110,12 +107,6 @@ def node_config(settings: EdgeSettings) -> str:
     return " ".join(f"{key}={_toml_value(value)}" for key, value in values.items())
 
 
-def flower_tool(name: str) -> str:
-    """A Flower command installed beside this Python (the venv's), else on PATH."""
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else (shutil.which(name) or name)
-
-
 def supernode_command(settings: EdgeSettings) -> list[str]:
     command = [flower_tool("flower-supernode"), "--superlink", settings.coordinator, "--node-config", node_config(settings), "--port", str(settings.runtime_port)]
     if settings.insecure:
@@ -139,37 +130,6 @@ def client_home(runtime_port: int, home: str | Path | None = None) -> Path:
     if home is not None:
         return Path(home).expanduser()
     return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser() / f"fedsite-client-{runtime_port}"
-
-
-def flower_env(home: str | Path, threads: int = 0) -> dict[str, str]:
-    """Environment of Flower's processes: their own FLWR_HOME, no update check."""
-    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "FLWR_HOME": str(Path(home).resolve())}
-    if threads > 0:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    return env
-
-
-def stop_process_tree(proc: subprocess.Popen | psutil.Process, grace: float = 10.0) -> None:
-    """Stop a process and everything it started (Flower detaches its SuperExec into a new session)."""
-    try:
-        root = proc if isinstance(proc, psutil.Process) else psutil.Process(proc.pid)
-        family = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for member in family:
-        try:
-            member.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(family, timeout=grace)
-    for member in alive:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
-    if isinstance(proc, subprocess.Popen):
-        proc.wait()
 
 
 def run_edge(settings: EdgeSettings, home: str | Path | None = None) -> int:

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import tomli_w
 
-from client.edge import flower_env, flower_tool, stop_process_tree
+from finetune.processes import flower_env, flower_tool, stop_process_tree
 from coordinator.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 from coordinator.checkpoint import load_checkpoint
 from finetune.config import FedsiteConfig

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from client.edge import stop_process_tree
+from finetune.processes import stop_process_tree
 from coordinator.certs import write_certs, write_node_key
 from coordinator.checkpoint import read_checkpoint
 from finetune.tasks import builtin_splits

@@ -8,7 +8,8 @@ import psutil
 import pytest
 
 from client import edge
-from client.edge import EdgeSettings, client_home, node_config, run_edge, stop_process_tree, supernode_command
+from client.edge import EdgeSettings, client_home, node_config, run_edge, supernode_command
+from finetune.processes import stop_process_tree
 
 
 @pytest.fixture()
