@@ -109,8 +109,9 @@ def test_other_config_is_a_one_line_error_naming_the_field(tmp_path):
 
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / ckpt.CHECKPOINT).write_bytes(b"not a zip")
-    with pytest.raises(ckpt.CheckpointError, match="unreadable"):
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint\.npz': not a Fedsite checkpoint \(not an \.npz archive\)") as err:
         ckpt.load_checkpoint(FedsiteConfig(out=str(tmp_path)))
+    assert "\n" not in str(err.value)
 
 
 def test_finished_run_removes_its_checkpoint(tmp_path):
