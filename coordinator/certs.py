@@ -71,8 +71,8 @@ def refuse_existing(paths: Iterable[Path], force: bool) -> None:
         if path.is_symlink():
             raise CertError(f"certs: {path} is a symbolic link; refusing to write through it (remove it, pick another --out, or pass --force to replace the link itself)")
         if path.exists():
-            what = "a CA" if path.name in (CA_CERT, CA_KEY) else "a file"
-            raise CertError(f"certs: {path} already exists ({what} made earlier); pass --force to replace it or pick another --out")
+            what = " (a CA made earlier: with --force, clients must then trust the new ca.crt)" if path.name in (CA_CERT, CA_KEY) else ""
+            raise CertError(f"certs: {path} already exists{what}; pass --force to replace it or pick another --out")
 
 
 def _write(path: Path, data: bytes, mode: int, force: bool) -> None:

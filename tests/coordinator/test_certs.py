@@ -71,7 +71,7 @@ def test_an_existing_ca_is_refused_without_force_and_nothing_changes(tmp_path):
     with pytest.raises(CertError) as err:
         write_certs(tmp_path)
     message = str(err.value)
-    assert "\n" not in message and f"{tmp_path / 'ca.crt'} already exists (a CA made earlier)" in message
+    assert "\n" not in message and f"{tmp_path / 'ca.crt'} already exists (a CA made earlier: with --force, clients must then trust the new ca.crt)" in message
     assert "pass --force" in message and "another --out" in message
     (tmp_path / "ca.crt").unlink()  # the key alone is a CA too
     with pytest.raises(CertError, match="ca.key already exists"):
