@@ -9,6 +9,11 @@ Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Ada
 Clipping"): move C geometrically toward the `target_quantile` of client update norms, from
 the (noised) fraction of clients that were clipped, as Flower's adaptive-clipping wrappers do.
 
+Noise: every Gaussian draw here (the update noise and the adaptive clipping's count noise)
+comes from the OS CSPRNG (`os.urandom`) through the Box-Muller transform, so it has no seed and
+no state that a checkpoint could save or a reader of one could replay. Tests may pass a seeded
+`np.random.Generator` instead (anything with `.normal(loc, scale, size)`).
+
 Accounting: each round is one sampled Gaussian mechanism with client sampling rate
 q = clients per round / total clients, so the user-level epsilon after T rounds comes from
 Opacus' RDP analysis (`opacus.accountants.analysis.rdp`), imported lazily so that importing
@@ -18,13 +23,76 @@ this module stays numpy-only.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 
 from aggregation.validate import global_l2_norm
 
 NamedArrays = Mapping[str, np.ndarray]
+
+# Secure normals are drawn in chunks of this many, so temporaries stay small for any array size.
+_CHUNK = 1 << 20
+
+
+class NormalSource(Protocol):
+    """What the noise is drawn from: `SecureGaussian` (default) or, in tests, `np.random.Generator`."""
+
+    def normal(self, loc: float = 0.0, scale: float = 1.0, size: int | tuple[int, ...] | None = None) -> np.ndarray | float: ...
+
+
+def secure_standard_normal(count: int) -> np.ndarray:
+    """`count` independent N(0, 1) float64 samples from the OS CSPRNG (Box-Muller on 53-bit uniforms).
+
+    Each pair of normals takes two uniforms from 16 bytes of `os.urandom`: u1 in (0, 1] (so the
+    log is finite; |z| <= 8.57) and u2 in [0, 1). No rejection loop, no state.
+    """
+    if count < 0:
+        raise ValueError(f"secure_standard_normal: count must be >= 0, got {count}")
+    out = np.empty(count, dtype=np.float64)
+    for start in range(0, count, _CHUNK):
+        n = min(_CHUNK, count - start)
+        half = (n + 1) // 2
+        bits = np.frombuffer(os.urandom(16 * half), dtype=np.uint64) >> np.uint64(11)
+        uniform = bits.astype(np.float64)
+        uniform *= 2.0**-53
+        radius = uniform[:half]
+        radius += 2.0**-53  # (0, 1]
+        np.log(radius, out=radius)
+        radius *= -2.0
+        np.sqrt(radius, out=radius)
+        angle = uniform[half:]
+        angle *= 2.0 * math.pi
+        pair = out[start : start + n]
+        first, second = pair[:half], pair[half:]
+        np.multiply(radius, np.cos(angle), out=first)
+        np.multiply(radius[: n - half], np.sin(angle[: n - half]), out=second)
+    return out
+
+
+class SecureGaussian:
+    """Gaussian noise from the OS CSPRNG, with `np.random.Generator.normal`'s signature.
+
+    It holds no state: nothing to seed, checkpoint or restore, and two processes (or a run and its
+    resumption) never draw the same noise.
+    """
+
+    def normal(self, loc: float = 0.0, scale: float = 1.0, size: int | tuple[int, ...] | None = None) -> np.ndarray | float:
+        shape = () if size is None else (size,) if isinstance(size, int) else tuple(size)
+        sample = secure_standard_normal(math.prod(shape)).reshape(shape)
+        sample *= scale
+        sample += loc
+        return float(sample) if size is None else sample
+
+    def __repr__(self) -> str:
+        return "SecureGaussian(os.urandom)"
+
+
+def _source(rng: NormalSource | None) -> NormalSource:
+    return SecureGaussian() if rng is None else rng
+
 
 # The RDP orders Opacus' RDPAccountant uses (RDPAccountant.DEFAULT_ALPHAS).
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -61,18 +129,24 @@ def noise_std(noise_multiplier: float, clip_norm: float, num_clients: int) -> fl
 
 
 def add_gaussian_noise(
-    aggregate: NamedArrays, noise_multiplier: float, clip_norm: float, num_clients: int, rng: np.random.Generator
+    aggregate: NamedArrays, noise_multiplier: float, clip_norm: float, num_clients: int, rng: NormalSource | None = None
 ) -> dict[str, np.ndarray]:
     """aggregate + N(0, (noise_multiplier * clip_norm / num_clients)^2) on every coordinate.
 
     `aggregate` must be the unweighted mean of `num_clients` updates clipped to `clip_norm`
-    (an example-weighted mean has a different sensitivity). Dtypes are kept.
+    (an example-weighted mean has a different sensitivity). Dtypes are kept. The noise comes
+    from the OS CSPRNG unless a test passes `rng`.
     """
     std = noise_std(noise_multiplier, clip_norm, num_clients)
-    return {
-        key: (np.asarray(value, dtype=np.float64) + rng.normal(0.0, std, size=np.shape(value))).astype(np.asarray(value).dtype)
-        for key, value in aggregate.items()
-    }
+    source = _source(rng)
+    out = {}
+    for key, value in aggregate.items():
+        value = np.asarray(value)
+        noised = value.astype(np.float64)
+        if std > 0:
+            noised += source.normal(0.0, std, size=value.shape)
+        out[key] = noised.astype(value.dtype)
+    return out
 
 
 def adaptive_clip_update(clip_norm: float, fraction_clipped: float, target_quantile: float, lr: float) -> float:
@@ -90,11 +164,17 @@ def adaptive_clip_update(clip_norm: float, fraction_clipped: float, target_quant
     return float(clip_norm * math.exp(-lr * (unclipped - target_quantile)))
 
 
-def noisy_fraction_clipped(num_clipped: int, num_clients: int, count_stddev: float, rng: np.random.Generator) -> float:
-    """The clipped fraction with Gaussian noise on the count (Andrew et al. use sigma_b ~ m/20)."""
+def noisy_fraction_clipped(num_clipped: int, num_clients: int, count_stddev: float, rng: NormalSource | None = None) -> float:
+    """The clipped fraction with Gaussian noise on the count (Andrew et al. use sigma_b ~ m/20).
+
+    The count noise is DP noise too (it protects who was clipped): from the OS CSPRNG unless a
+    test passes `rng`.
+    """
     if num_clients < 1:
         raise ValueError(f"adaptive clipping: num_clients must be >= 1, got {num_clients}")
-    return float((num_clipped + rng.normal(0.0, count_stddev)) / num_clients) if count_stddev > 0 else num_clipped / num_clients
+    if count_stddev <= 0:
+        return num_clipped / num_clients
+    return float((num_clipped + float(_source(rng).normal(0.0, count_stddev))) / num_clients)
 
 
 def adaptive_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:

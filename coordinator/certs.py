@@ -6,14 +6,18 @@
 (`--root-certificates`). `write_node_key` makes a client's enrolment key pair: an EC P-384
 key in OpenSSH format, the format of `flower-supernode --auth-supernode-private-key` and of
 `flwr supernode register PUBLIC_KEY`. For production, use certificates from a real CA.
+
+Every file is written through `coordinator.files.write_atomic`: private keys are created
+owner-only (0600) from their first byte (`O_CREAT | O_EXCL | O_NOFOLLOW`, no chmod afterwards),
+no symbolic link is ever followed, and nothing that exists is overwritten unless `force` is
+given (then each file is replaced atomically; a link at a target is replaced, not followed).
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +26,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from coordinator.files import write_atomic
+
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 VALID_DAYS = 365
+
+
+PRIVATE, PUBLIC = 0o600, 0o644
+
+
+class CertError(ValueError):
+    """A certificate or key that cannot be written as asked (it exists, or a link is in the way)."""
 
 
 @dataclass(frozen=True)
@@ -36,11 +49,41 @@ class CertPaths:
     server_cert: Path
     server_key: Path
 
+    @classmethod
+    def under(cls, out: str | Path) -> CertPaths:
+        out = Path(out)
+        return cls(out / CA_CERT, out / CA_KEY, out / SERVER_CERT, out / SERVER_KEY)
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Private keys are readable by their owner only."""
-    path.write_bytes(data)
-    os.chmod(path, 0o600)
+    def all(self) -> tuple[Path, Path, Path, Path]:
+        return (self.ca_cert, self.ca_key, self.server_cert, self.server_key)
+
+
+def node_key_paths(out: str | Path, name: str) -> tuple[Path, Path]:
+    """A client's private key `name` and public key `name.pub` in `out`."""
+    return Path(out) / name, Path(out) / f"{name}.pub"
+
+
+def refuse_existing(paths: Iterable[Path], force: bool) -> None:
+    """Without `force`, a one-line CertError for the first path that exists (even as a dangling link)."""
+    if force:
+        return
+    for path in paths:
+        if path.is_symlink():
+            raise CertError(f"certs: {path} is a symbolic link; refusing to write through it (remove it, pick another --out, or pass --force to replace the link itself)")
+        if path.exists():
+            what = " (a CA made earlier: with --force, clients must then trust the new ca.crt)" if path.name in (CA_CERT, CA_KEY) else ""
+            raise CertError(f"certs: {path} already exists{what}; pass --force to replace it or pick another --out")
+
+
+def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
+    """Create `path` with `mode` from the start; replace an existing one only with `force`."""
+    try:
+        write_atomic(path, data, mode, replace=force)
+    except FileExistsError:  # it appeared after refuse_existing looked
+        refuse_existing([path], force=False)
+        raise CertError(f"certs: {path} already exists; pass --force to replace it or pick another --out") from None
+    except OSError as err:
+        raise CertError(f"certs: cannot write {path} ({err.strerror or err})") from None
 
 
 def _name(common_name: str) -> x509.Name:
@@ -57,9 +100,14 @@ def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(entries)
 
 
-def write_certs(out: str | Path, hosts: Sequence[str] = (), days: int = VALID_DAYS) -> CertPaths:
-    """Write a CA and a server certificate for `hosts` (plus localhost) into `out`."""
+def write_certs(out: str | Path, hosts: Sequence[str] = (), days: int = VALID_DAYS, force: bool = False) -> CertPaths:
+    """Write a CA and a server certificate for `hosts` (plus localhost) into `out`.
+
+    An existing CA or server file is a CertError unless `force` (then all four are replaced).
+    """
     out = Path(out)
+    paths = CertPaths.under(out)
+    refuse_existing(paths.all(), force)
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
@@ -92,21 +140,37 @@ def write_certs(out: str | Path, hosts: Sequence[str] = (), days: int = VALID_DA
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    paths = CertPaths(out / CA_CERT, out / CA_KEY, out / SERVER_CERT, out / SERVER_KEY)
-    pem = serialization.Encoding.PEM
-    paths.ca_cert.write_bytes(ca_cert.public_bytes(pem))
-    paths.server_cert.write_bytes(server_cert.public_bytes(pem))
-    for path, key in ((paths.ca_key, ca_key), (paths.server_key, server_key)):
-        _write_private(path, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    pem, pkcs8, plain = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    _write(paths.ca_key, ca_key.private_bytes(pem, pkcs8, plain), PRIVATE, force)
+    _write(paths.server_key, server_key.private_bytes(pem, pkcs8, plain), PRIVATE, force)
+    _write(paths.ca_cert, ca_cert.public_bytes(pem), PUBLIC, force)
+    _write(paths.server_cert, server_cert.public_bytes(pem), PUBLIC, force)
     return paths
 
 
-def write_node_key(out: str | Path, name: str) -> tuple[Path, Path]:
-    """Write a client's enrolment key pair `name` (private) and `name.pub` (OpenSSH, EC P-384)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def write_node_key(out: str | Path, name: str, force: bool = False) -> tuple[Path, Path]:
+    """Write a client's enrolment key pair `name` (private) and `name.pub` (OpenSSH, EC P-384).
+
+    An existing key of that name is a CertError unless `force`.
+    """
+    private, public = node_key_paths(out, name)
+    refuse_existing((private, public), force)
+    private.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
-    private, public = out / name, out / f"{name}.pub"
-    _write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    _write(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()), PRIVATE, force)
+    _write(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n", PUBLIC, force)
     return private, public
+
+
+def write_service_files(
+    out: str | Path, hosts: Sequence[str] = (), days: int = VALID_DAYS, clients: int = 0, force: bool = False
+) -> tuple[CertPaths, list[tuple[Path, Path]]]:
+    """`fedsite certs`: a CA, a server certificate and `clients` key pairs in OUT/clients/.
+
+    Everything is checked before anything is written: without `force`, one existing file
+    anywhere leaves the folder exactly as it was.
+    """
+    names = [f"client-{i}" for i in range(1, clients + 1)]
+    refuse_existing([*CertPaths.under(out).all(), *(p for name in names for p in node_key_paths(Path(out) / "clients", name))], force)
+    paths = write_certs(out, hosts, days, force)
+    return paths, [write_node_key(Path(out) / "clients", name, force) for name in names]

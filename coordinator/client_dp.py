@@ -4,18 +4,25 @@ Each client's delta from the global adapter is clipped to `clip_norm`, the clipp
 averaged with equal weights (example weights would let one client's sensitivity grow), and
 Gaussian noise N(0, (z*C/m)^2) is added to the mean. With adaptive clipping C follows a target
 quantile of the update norms (Andrew et al. 2021). The math lives in `aggregation.user_dp`.
+
+The noise (on the mean and on the clipped count) comes from the OS CSPRNG: there is no seed, and
+the state a checkpoint keeps is only the clip bound and the rounds accounted, so a checkpoint
+never lets anyone replay past noise. `rng` exists for tests that need reproducible noise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from aggregation.fedavg import weighted_mean
 from aggregation.user_dp import (
     adaptive_clip_update,
+    NormalSource,
+    SecureGaussian,
     adaptive_noise_multiplier,
     add_gaussian_noise,
     clip_delta,
@@ -35,20 +42,21 @@ class ClientLevelDP:
     target_quantile: float = 0.5
     clip_lr: float = 0.2
     count_stddev: float = 0.0  # noise on the clipped count (adaptive only); 0 = m/20
-    seed: int | None = None
     rounds: int = 0
-    rng: np.random.Generator = field(init=False, repr=False)
+    # Tests only: a seeded np.random.Generator for reproducible noise. None = the OS CSPRNG.
+    rng: NormalSource | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.seed)
+        if self.rng is None:
+            self.rng = SecureGaussian()
 
-    def state_dict(self) -> dict:
-        """What a checkpoint keeps: the (adaptive) clip bound, the rounds accounted, the noise RNG."""
-        return {"clip_norm": self.clip_norm, "rounds": self.rounds, "rng": self.rng.bit_generator.state}
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the (adaptive) clip bound and the rounds accounted; never noise state."""
+        return {"clip_norm": self.clip_norm, "rounds": self.rounds}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of `state_dict`. An older checkpoint's `rng` entry (PCG64 state) is ignored."""
         self.clip_norm, self.rounds = float(state["clip_norm"]), int(state["rounds"])
-        self.rng.bit_generator.state = state["rng"]
 
     def __call__(self, current: NamedArrays, updates: Sequence[NamedArrays], sample_rate: float) -> tuple[NamedArrays, dict]:
         """The noised mean of clipped updates, and the ledger entry for this round."""

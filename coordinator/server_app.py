@@ -165,7 +165,7 @@ def central_evaluator(
 def client_level_dp(config: FedsiteConfig) -> ClientLevelDP | None:
     if config.dp != "client":
         return None
-    return ClientLevelDP(config.noise_multiplier, config.dp_clip_norm, config.delta, adaptive=config.dp_adaptive_clip, seed=None)
+    return ClientLevelDP(config.noise_multiplier, config.dp_clip_norm, config.delta, adaptive=config.dp_adaptive_clip)
 
 
 def make_server_app(config: FedsiteConfig) -> ServerApp:

@@ -7,12 +7,11 @@ import sys
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from coordinator.certs import write_certs, write_node_key
+    from coordinator.certs import write_service_files
 
-    paths = write_certs(args.out, args.host, args.days)
+    paths, node_keys = write_service_files(args.out, args.host, args.days, args.clients, args.force)  # CertError: one line
     print(f"CA {paths.ca_cert}\nserver certificate {paths.server_cert} (key {paths.server_key})")
-    for i in range(1, args.clients + 1):
-        private, public = write_node_key(f"{args.out}/clients", f"client-{i}")
+    for private, public in node_keys:
         print(f"client key {private} (enrol {public})")
     return 0
 
@@ -67,11 +66,12 @@ def cmd_client(args: argparse.Namespace) -> int:
 def add_service_parsers(sub: argparse._SubParsersAction) -> None:
     from fedsite.cli import add_config_options
 
-    certs = sub.add_parser("certs", help="make a test CA, server certificate and client keys", description="Write a self-signed CA (ca.crt), a server certificate it signs (server.pem, server.key; SANs localhost, 127.0.0.1 and --host) and client enrolment keys, for testing the service. Use certificates from a real CA in production.")
+    certs = sub.add_parser("certs", help="make a test CA, server certificate and client keys", description="Write a self-signed CA (ca.crt), a server certificate it signs (server.pem, server.key; SANs localhost, 127.0.0.1 and --host) and client enrolment keys, for testing the service. Private keys are created owner-only (0600); existing files are never overwritten without --force. Use certificates from a real CA in production.")
     certs.add_argument("--out", required=True, help="folder to write the files into")
     certs.add_argument("--host", action="append", default=[], help="extra host name or IP the coordinator is reached at (repeatable)")
     certs.add_argument("--clients", type=int, default=0, help="also make this many client key pairs in OUT/clients/ (default: 0)")
     certs.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
+    certs.add_argument("--force", action="store_true", help="replace the CA, server certificate and client keys already in OUT (clients must then trust the new ca.crt and be enrolled again); without it an existing file is an error")
     certs.set_defaults(func=cmd_certs)
 
     coordinator = sub.add_parser("coordinator", help="serve a run to edge clients over the network (Flower SuperLink + ServerApp)", description="Start Flower's SuperLink with TLS and SuperNode authentication, enrol the clients' public keys, submit the Fedsite app with the run options below and follow it to the end. An interrupted run resumes from the checkpoint in --out.")

@@ -3,10 +3,18 @@
 Both carry `instruction`, `output` and optionally `input` (default "") and `task` (default:
 the file or folder name, so partitioners can tell sources apart). Every problem is a
 `DataError` with one line naming the file, the line or row, and what was expected.
+
+A JSONL file is split at b"\n" only (a trailing "\r" is dropped), so U+2028, U+2029 and U+0085
+inside a JSON string stay part of it, and each line is decoded as UTF-8 on its own, so a bad
+byte is reported with its line. Numbers are never converted: every field of an example is a
+string, so a number (however large, `1e999`, `NaN` or `Infinity` included) where a string is
+expected is reported as the wrong type, and one elsewhere on the line is ignored like any other
+extra field. Brackets nested too deeply for the parser are an error naming the line.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
 from collections.abc import Mapping, Sequence
@@ -22,6 +30,24 @@ class DataError(ValueError):
     """User data that cannot be read as examples."""
 
 
+class _Number:
+    """A JSON number, kept as its text: examples hold no numbers, so no conversion can fail."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+_DECODER = json.JSONDecoder(parse_int=_Number, parse_float=_Number, parse_constant=_Number)
+_TYPE_NAMES = {str: "string", _Number: "number", int: "number", float: "number", bool: "boolean", list: "array", dict: "object", type(None): "null"}
+
+
+def _type_name(value: object) -> str:
+    """JSON's name for the type of `value` (a dataset row's numbers are "number" too)."""
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
 def _example(record: Mapping[str, object], where: str, default_task: str) -> Example:
     """Validate one record (a JSON object or a dataset row) into an Example."""
     for field in REQUIRED:
@@ -33,33 +59,49 @@ def _example(record: Mapping[str, object], where: str, default_task: str) -> Exa
         if value is None and field in OPTIONAL:
             continue
         if not isinstance(value, str):
-            raise DataError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+            raise DataError(f"{where}: field '{field}' must be a string, got {_type_name(value)}")
         if field in REQUIRED and not value.strip():
             raise DataError(f"{where}: field '{field}' is empty")
         values[field] = value
     return Example(values["instruction"], values.get("input", ""), values["output"], values.get("task") or default_task)
 
 
+_BLANK = object()
+
+
+def _parse_line(raw: bytes, where: str) -> object:
+    """One line's JSON value, or _BLANK for a blank line; every failure is a DataError naming `where`."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start + 1} of the line)") from None
+    if not text.strip():
+        return _BLANK
+    try:
+        return _DECODER.decode(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: invalid JSON (brackets nested too deeply)") from None
+
+
 def load_jsonl(path: str | Path) -> list[Example]:
-    """One example per non-blank line; `task` defaults to the file stem."""
+    """One example per non-blank line (lines end at b"\n" only); `task` defaults to the file stem."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
     examples = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, line in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), start=1):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+        record = _parse_line(line.removesuffix(b"\r"), where)
+        if record is _BLANK:
+            continue
         if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {_type_name(record)}")
         examples.append(_example(record, where, path.stem))
     if not examples:
         raise DataError(f"{path}: empty file; expected one JSON object per line")

@@ -20,6 +20,7 @@ from flwr.simulation import run_simulation
 from client.client_app import app as client_app
 from client.secure import app as secure_client_app
 from client.state import STATE_ENV
+from coordinator.checkpoint import load_checkpoint
 from coordinator.server_app import make_server_app
 from finetune.config import FedsiteConfig
 
@@ -69,6 +70,8 @@ def simulate(config: FedsiteConfig, verbose: bool = False, client: ClientApp | N
     `client` replaces the ClientApp (default: the plain app, or with `secure` the SecAgg+ one).
     """
     config.validate()  # names an unknown aggregation rule, among others
+    if not config.secure:
+        load_checkpoint(config)  # an unusable checkpoint fails here, in one line, not inside Flower's server thread
     out = Path(config.out)
     log.info("[fedsite] simulating %d clients for %d rounds on '%s' -> %s", config.clients, config.num_server_rounds, config.model, out)
     share_threads(config.workers)

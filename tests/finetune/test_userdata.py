@@ -72,6 +72,58 @@ def test_jsonl_empty_and_missing_file(tmp_path):
     assert "not found" in _error(load_jsonl, tmp_path / "nope.jsonl")
 
 
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    """U+2028, U+2029 and U+0085 are line breaks to str.splitlines but valid inside JSON strings."""
+    odd = "a\u2028b\u2029c\u0085d\x1ce"
+    path = tmp_path / "odd.jsonl"
+    lines = [json.dumps({"instruction": odd, "output": odd}, ensure_ascii=False), json.dumps(ROWS[1])]
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode())  # CRLF endings too
+    assert load_jsonl(path) == [Example(odd, "", odd, "odd"), Example("Greet.", "", "hello", "greet")]
+    path.write_bytes((lines[0] + "\n" + '{"instruction": "x", "output": ' + "\n").encode())
+    assert "odd.jsonl:2: invalid JSON" in _error(load_jsonl, path)  # the line after the odd one is line 2
+
+
+def test_jsonl_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + b'{"instruction": "x\xff", "output": "y"}\n')
+    message = _error(load_jsonl, path)
+    assert "bytes.jsonl:2: not UTF-8 text (invalid start byte at byte 19 of the line)" in message
+
+
+def test_jsonl_utf8_byte_order_mark_is_allowed(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS[0]).encode() + b"\n")
+    assert load_jsonl(path) == [Example("Add.", "1 + 2", "3", "bom")]
+
+
+@pytest.mark.parametrize(
+    "number",
+    ["1" * 5000, "-" + "9" * 5000, "1e999", "-1e999", "1." + "5" * 5000, "NaN", "Infinity", "-Infinity"],
+    ids=["5000-digit-int", "negative-5000-digit-int", "1e999", "-1e999", "5000-digit-float", "NaN", "Infinity", "-Infinity"],
+)
+def test_jsonl_numbers_of_any_size_are_the_wrong_type_where_a_string_is_expected(tmp_path, number):
+    path = tmp_path / "n.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + '{"instruction": "x", "output": ' + number + "}\n")
+    assert "n.jsonl:2: field 'output' must be a string, got number" in _error(load_jsonl, path)
+    path.write_text('{"instruction": "x", "output": "y", "score": ' + number + "}\n")  # an extra field is ignored
+    assert load_jsonl(path) == [Example("x", "", "y", "n")]
+
+
+@pytest.mark.parametrize("depth", [10_000, 200_000])
+def test_jsonl_deep_nesting_names_the_line(tmp_path, depth):
+    path = tmp_path / "deep.jsonl"
+    deep = '{"instruction": "x", "output": "y", "extra": ' + "[" * depth + "]" * depth + "}"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n" + deep + "\n")
+    assert "deep.jsonl:3: invalid JSON (brackets nested too deeply)" in _error(load_jsonl, path)
+
+
+@pytest.mark.parametrize(("line", "kind"), [("null", "null"), ("3", "number"), ('"text"', "string"), ("true", "boolean"), ("[1]", "array")])
+def test_jsonl_a_line_that_is_not_an_object_names_its_type(tmp_path, line, kind):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + line + "\n")
+    assert f"t.jsonl:2: expected a JSON object, got {kind}" in _error(load_jsonl, path)
+
+
 def test_dataset_folder_round_trip(tmp_path):
     # from_list takes its columns from the first row; a null task falls back to the folder name.
     Dataset.from_list([{**ROWS[0], "task": None}, ROWS[1]]).save_to_disk(str(tmp_path / "plain"))
