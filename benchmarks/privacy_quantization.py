@@ -1,7 +1,8 @@
 """What privacy and quantization cost, measured side by side in one run.
 
-1. Client step time: DP-SGD vs plain, NF4 and int8 backbones vs fp32 (interleaved repeats,
-   median), plus model memory; for NF4 and int8, whether LoRA gets the right gradient after an
+1. Client step time: DP-SGD vs plain (its noise from the OS CSPRNG, as clients draw it, and
+   from a seeded torch generator, to show what secure noise costs), NF4 and int8 backbones vs
+   fp32 (interleaved repeats, median), plus model memory; for NF4 and int8, whether LoRA gets the right gradient after an
    evaluation pass (cosine to the gradient through the dequantized fp32 twin; 0 = no gradient).
 2. Upload bytes of one real client update under each codec, as ratios to fp32.
 3. Held-out exact match after the same federated run: plain, each upload codec, local DP
@@ -69,6 +70,7 @@ def step_times(model_spec: str, examples, steps: int, repeats: int) -> tuple[dic
     runs = {
         "plain fp32": lambda: train(models["fp32"], tokenizer, examples, settings),
         "DP-SGD fp32": lambda: train_private(models["fp32"], tokenizer, examples, settings, DPSettings(), None)[0],
+        "DP-SGD fp32, seeded torch noise": lambda: train_private(models["fp32"], tokenizer, examples, settings, DPSettings(seed=0), None)[0],
         "plain nf4": lambda: train(models["nf4"], tokenizer, examples, settings),
         "plain int8": lambda: train(models["int8"], tokenizer, examples, settings),
     }
@@ -136,9 +138,10 @@ def main() -> None:
     times, memory = step_times(args.model, examples, args.steps, args.repeats)
     grads = {f"plain {mode}": compare(mode, args.model) for mode in ("nf4", "int8")}
     print(f"\n## Client step time ({args.model}, LoRA r=8 q/v, batch 4; median of {args.repeats} x {args.steps} steps)\n")
-    print("LoRA grad: after one evaluation pass, cosine of the LoRA gradient to the one through the dequantized fp32 backbone (0: no gradient).\n")
+    print("LoRA grad: after one evaluation pass, cosine of the LoRA gradient to the one through the dequantized fp32 backbone (0: no gradient).")
+    print(f"Secure DP-SGD noise costs {times['DP-SGD fp32'] / times['DP-SGD fp32, seeded torch noise']:.2f}x the seeded-noise step.\n")
     print("| client | s/step | vs plain fp32 | model memory MiB | vs fp32 | LoRA grad |\n|---|---:|---:|---:|---:|---:|")
-    memory_of = {"plain fp32": "fp32", "DP-SGD fp32": "fp32", "plain nf4": "nf4", "plain int8": "int8"}
+    memory_of = {"plain fp32": "fp32", "DP-SGD fp32": "fp32", "DP-SGD fp32, seeded torch noise": "fp32", "plain nf4": "nf4", "plain int8": "int8"}
     for name, seconds in times.items():
         mem = memory[memory_of[name]]
         grad = f"{grads[name]['cosine']:.4f}" if name in grads else "–"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+import types
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,10 +24,12 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from aggregation.user_dp import secure_standard_normal
 from finetune.batches import collate, encode_example
 from finetune.examples import Example
 from finetune.loss import token_losses
@@ -49,8 +52,10 @@ class DPSettings:
 
     With `target_epsilon` the noise is calibrated once, for the client's whole expected
     participation (`total_steps_budget` of `train_private`), and kept in the ledger state.
-    `seed` fixes sampling and noise (tests only); None draws fresh OS entropy every call, so
-    no two rounds ever reuse a noise stream.
+    `seed` fixes sampling and noise (tests only). With None (every real client) the Poisson
+    sampling draws a fresh seed from OS entropy every call, and the Gaussian noise comes from
+    the OS CSPRNG itself (`secure_noise`): no generator state exists that could be saved or
+    replayed.
     """
 
     noise_multiplier: float | None = 1.0
@@ -171,6 +176,28 @@ def _noise(dp: DPSettings, state: dict | None, sample_rate: float, planned_steps
 # ------------------------------------------------------------------ training
 
 
+def secure_noise(reference: torch.Tensor, std: float) -> torch.Tensor:
+    """N(0, std^2) noise shaped like `reference`, from the OS CSPRNG.
+
+    As Opacus' `secure_mode`, each entry is the sum of four standard normals halved (Holohan &
+    Braghin 2021), against attacks on the floating-point representation of a single Gaussian
+    sample; Opacus' own secure mode needs `torchcsprng`, which is not built for this torch.
+    """
+    if std == 0:
+        return torch.zeros_like(reference)
+    draws = secure_standard_normal(4 * reference.numel()).reshape(4, -1).sum(0) / 2
+    return (torch.from_numpy(draws).to(reference.dtype) * std).view(reference.shape).to(reference.device)
+
+
+def _add_secure_noise(optimizer: Any) -> None:
+    """Opacus' `DPOptimizer.add_noise`, with the noise from `secure_noise` instead of a torch generator."""
+    std = optimizer.noise_multiplier * optimizer.max_grad_norm
+    for p in optimizer.params:
+        _check_processed_flag(p.summed_grad)
+        p.grad = (p.summed_grad + secure_noise(p.summed_grad, std)).view_as(p)
+        _mark_as_processed(p.summed_grad)
+
+
 def _per_example_mean_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean over the batch of each example's mean response-token loss.
 
@@ -276,7 +303,7 @@ def train_private(
     seed = dp.seed if dp.seed is not None else secrets.randbits(62)
     sampling_rng = torch.Generator().manual_seed(seed)
     noise_rng = torch.Generator().manual_seed(seed + 1)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # Opacus' secure_mode needs torchcsprng; the noise is secure_noise instead
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=dp.accountant)
     if history:
@@ -299,6 +326,8 @@ def train_private(
             # for the sampler, the mean's denominator and the accountant alike. The sampler is
             # the one inside Opacus' DPDataLoader, used bare because that loader's empty-batch
             # collation cannot rebuild dict batches when the very first draw is empty.
+            if dp.seed is None:
+                dp_optimizer.add_noise = types.MethodType(_add_secure_noise, dp_optimizer)
             sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=sampling_rng, steps=steps)
             dp_optimizer.expected_batch_size = sample_rate * n
             dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))

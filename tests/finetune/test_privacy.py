@@ -184,3 +184,30 @@ def test_dp_sgd_refuses_a_first_step_without_gradients_before_spending_budget(lo
     finally:
         handle.remove()
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # the model is plain again
+
+
+def test_secure_noise_has_the_right_scale_and_no_seed():
+    reference = torch.zeros(200_000)
+    a, b = privacy.secure_noise(reference, 2.0), privacy.secure_noise(reference, 2.0)
+    assert abs(float(a.mean())) < 0.03 and abs(float(a.std()) - 2.0) < 0.03
+    assert not torch.equal(a, b)  # no seed, no state: every draw is new
+    assert torch.equal(privacy.secure_noise(reference, 0.0), reference)
+
+
+def test_real_clients_draw_dp_sgd_noise_from_the_os_csprng(lora_tiny, monkeypatch):
+    """seed=None (what clients use): the same data, sampling and model give different noise every
+    call, and Opacus' torch generator never draws the noise."""
+    model, tokenizer = lora_tiny
+    calls = []
+    real = privacy.secure_noise
+    monkeypatch.setattr(privacy, "secure_noise", lambda ref, std: calls.append(std) or real(ref, std))
+    start = get_lora_arrays(model)
+    results = []
+    for _ in range(2):
+        from finetune.lora import set_lora_arrays
+
+        set_lora_arrays(model, start)
+        train_private(model, tokenizer, EXAMPLES, TrainSettings(steps=1, batch_size=8, lr=1e-2), DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), None)
+        results.append(get_lora_arrays(model))
+    assert calls and all(std == 1.0 for std in calls)
+    assert any(not np.array_equal(results[0][k], results[1][k]) for k in start)
