@@ -62,6 +62,10 @@ class EdgeSettings:
         for option, path in (("--root-certificates", self.root_certificates), ("--key", self.key), ("--artifact-public-key", self.artifact_public_key)):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"{option} '{path}' does not exist")
+        if self.artifact_public_key:
+            from emulator.keys import load_public_key
+
+            load_public_key(self.artifact_public_key)  # an Ed25519 key, or a one-line PackageError now rather than a declined round later
         if self.key and self.insecure:
             raise ValueError("--key (node authentication) needs TLS; drop --insecure")
         if self.memory_gb < 0:

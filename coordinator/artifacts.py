@@ -206,7 +206,7 @@ class EnrolledOnly(grpc.ServerInterceptor):
         try:
             name, signature = verify_request(metadata, method, request.SerializeToString(deterministic=True), self.enrolled, self.window_s)
         except AuthRefused as err:
-            log.warning("artifact service: refused %s from %s: %s", method.rsplit("/", 1)[-1], context.peer(), err)
+            log.warning("%s (refused %s from %s)", err, method.rsplit("/", 1)[-1], context.peer())
             context.abort(grpc.StatusCode.PERMISSION_DENIED if err.denied else grpc.StatusCode.UNAUTHENTICATED, str(err))
         now = time.monotonic()
         with self._lock:

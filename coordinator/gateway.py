@@ -51,6 +51,7 @@ HOP_BY_HOP = frozenset({"host", "connection", "keep-alive", "transfer-encoding",
 DEFAULT_MAX_BODY = 512 << 20  # bytes of one request body
 UPSTREAM_TIMEOUT = httpx.Timeout(300.0, connect=10.0, pool=30.0)
 STARTUP_SECONDS = 30.0
+WARN_EVERY_S = 30.0
 
 
 class BodyTooLarge(Exception):
@@ -80,6 +81,7 @@ def _length(value: str | None) -> int | None:
 def gateway_app(upstream: str, verify: ssl.SSLContext | bool = True, max_body: int = DEFAULT_MAX_BODY, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The ASGI app forwarding allowed requests to `upstream` (e.g. `https://127.0.0.1:PORT`)."""
     client = httpx.AsyncClient(base_url=upstream.rstrip("/"), verify=verify, timeout=UPSTREAM_TIMEOUT, transport=transport, follow_redirects=False)
+    last_warning = [0.0]  # one line per WARN_EVERY_S while the SuperLink is unreachable (e.g. still starting)
 
     async def forward(request: Request, path: str) -> Response:
         # the path as sent must be the path as matched: no percent-encoding, no query string
@@ -113,7 +115,9 @@ def gateway_app(upstream: str, verify: ssl.SSLContext | bool = True, max_body: i
         except ClientDisconnect:
             return PlainTextResponse("client went away", 400)
         except httpx.HTTPError as err:
-            log.warning("[fedsite] gateway: SuperLink unreachable for %s (%s)", path, type(err).__name__)
+            if time.monotonic() - last_warning[0] > WARN_EVERY_S:
+                last_warning[0] = time.monotonic()
+                log.warning("[fedsite] gateway: SuperLink unreachable (%s on %s); answering 502", type(err).__name__, path)
             return PlainTextResponse("upstream unavailable", 502)
         response = StreamingResponse(answer.aiter_raw(), status_code=answer.status_code, background=BackgroundTask(answer.aclose))
         out = forwarded_headers(answer.headers.multi_items())

@@ -264,7 +264,10 @@ def artifact_signing_key(settings: ServiceSettings, config: FedsiteConfig) -> Pa
 def run_coordinator(config: FedsiteConfig, settings: ServiceSettings) -> int:
     """Serve one run: SuperLink up on loopback, gateway on --address, clients enrolled, run submitted and followed to its end."""
     settings.validate()
-    config = config.replace(out=str(Path(config.out).resolve())).validate()  # the ServerApp runs elsewhere
+    paths = {"out": str(Path(config.out).resolve())}
+    if config.emulator_package:
+        paths["emulator_package"] = str(Path(config.emulator_package).expanduser().resolve())
+    config = config.replace(**paths).validate()  # the ServerApp runs in another folder
     load_checkpoint(config)  # a checkpoint of another configuration fails here, in one line, not in the ServerApp
     artifact_key = artifact_signing_key(settings, config) if settings.artifacts else None
     state = Path(settings.state or Path(config.out) / "service").resolve()

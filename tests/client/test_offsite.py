@@ -135,3 +135,14 @@ def test_deployed_client_without_a_pinned_key_declines_and_a_message_naming_anot
     attacker = public_key_pem(generate_signing_key(tmp_path / "attacker.pem").public_key()).decode()
     with pytest.raises(PackageError, match="signer other than the pinned artifact key"):
         offsite_spec({**values, "emulator-public-key": attacker}, _node(settings, tmp_path / "cache"))
+
+
+def test_an_artifact_public_key_that_is_not_ed25519_is_a_one_line_startup_error(deployed, tmp_path):
+    _, _, _, settings, _ = deployed
+    bogus = tmp_path / "not-a-key.pem"
+    bogus.write_text("hello")
+    with pytest.raises(PackageError, match="not-a-key.pem: not an Ed25519 public key") as err:
+        EdgeSettings(settings.coordinator, settings.data, artifact_public_key=str(bogus)).validate()
+    assert "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="--artifact-public-key '/nonexistent.pem' does not exist"):
+        EdgeSettings(settings.coordinator, settings.data, artifact_public_key="/nonexistent.pem").validate()
