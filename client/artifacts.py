@@ -97,7 +97,7 @@ def fetch_artifact(
     if kind is not None:
         check_kind(kind)
     key = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
-    cache = Path(cache_dir)
+    cache = Path(cache_dir).expanduser()
     staging = cache / ".partial"
     staging.mkdir(parents=True, exist_ok=True)
     with _locked(staging / f"{sha256}.lock"):
@@ -359,7 +359,7 @@ def _stream(
 def _credentials(root_cert: str | Path | None) -> grpc.ChannelCredentials | None:
     if root_cert is None:
         return None
-    path = Path(root_cert)
+    path = Path(root_cert).expanduser()
     if not path.is_file():
         raise ArtifactError(f"root_cert: {path}: file not found")
     return grpc.ssl_channel_credentials(root_certificates=path.read_bytes())

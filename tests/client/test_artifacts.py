@@ -291,3 +291,9 @@ def test_tls_fetch_signed_with_the_enrolment_key_only_enrolled_clients_get_bytes
         path = fetch_ref(ref, tmp_path / "cache", key.public_key(), root_cert=root, auth_key=client_key)
         assert path.read_bytes() == source[0].read_bytes() and server.auth.admitted == 2  # Stat + Fetch
         assert server.bytes_sent == SIZE
+
+
+def test_a_cache_under_the_home_folder_is_expanded(tmp_path, servers, file_sha, key, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = fetch_artifact(servers[0].address, file_sha, "~/.cache/fedsite/artifacts", key.public_key())
+    assert path == tmp_path / "home" / ".cache" / "fedsite" / "artifacts" / file_sha and path.is_file()
