@@ -50,6 +50,7 @@ FLEET_ROUTES = frozenset(
 HOP_BY_HOP = frozenset({"host", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length"})
 DEFAULT_MAX_BODY = 512 << 20  # bytes of one request body
 UPSTREAM_TIMEOUT = httpx.Timeout(300.0, connect=10.0, pool=30.0)
+UPSTREAM_LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=64)  # requests in flight to the SuperLink
 STARTUP_SECONDS = 30.0
 WARN_EVERY_S = 30.0
 
@@ -80,7 +81,9 @@ def _length(value: str | None) -> int | None:
 
 def gateway_app(upstream: str, verify: ssl.SSLContext | bool = True, max_body: int = DEFAULT_MAX_BODY, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The ASGI app forwarding allowed requests to `upstream` (e.g. `https://127.0.0.1:PORT`)."""
-    client = httpx.AsyncClient(base_url=upstream.rstrip("/"), verify=verify, timeout=UPSTREAM_TIMEOUT, transport=transport, follow_redirects=False)
+    client = httpx.AsyncClient(
+        base_url=upstream.rstrip("/"), verify=verify, timeout=UPSTREAM_TIMEOUT, limits=UPSTREAM_LIMITS, transport=transport, follow_redirects=False
+    )
     last_warning = [0.0]  # one line per WARN_EVERY_S while the SuperLink is unreachable (e.g. still starting)
 
     async def forward(request: Request, path: str) -> Response:
