@@ -8,6 +8,8 @@ Cache layout (one lock per artifact, so processes sharing a cache download it on
 
 Nothing reaches `<cache>/<sha256>` before its bytes hash to the requested sha256 and the
 coordinator's Ed25519 signature over (sha256, kind, size) verifies with the pinned key.
+With `auth_key` (the client's enrolment key) every call is signed (protos/artifacts.py:
+`sign_request`), as a coordinator off loopback admits only enrolled clients.
 """
 
 from __future__ import annotations
@@ -26,11 +28,22 @@ from typing import BinaryIO, Callable, Iterator
 
 import grpc
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from emulator.keys import key_id, load_public_key
 from protos import artifacts_pb2, artifacts_pb2_grpc
-from protos.artifacts import ArtifactError, ArtifactRef, artifact_digest, check_kind, check_sha256, signed_statement, unpack_folder
+from protos.artifacts import (
+    ArtifactError,
+    ArtifactRef,
+    artifact_digest,
+    check_kind,
+    check_sha256,
+    load_enrolment_private_key,
+    sign_request,
+    signed_statement,
+    unpack_folder,
+)
 
 log = logging.getLogger("fedsite.client")
 
@@ -44,6 +57,7 @@ RETRYABLE = {
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN,
 }
+SERVICE = artifacts_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name  # gRPC method names: /SERVICE/Stat
 OnChunk = Callable[[int, int, int], None]  # (offset after the chunk, chunk length, artifact size)
 
 
@@ -70,18 +84,20 @@ def fetch_artifact(
     root_cert: str | Path | None = None,
     *,
     kind: str | None = None,
+    auth_key: EllipticCurvePrivateKey | str | Path | None = None,
     options: FetchOptions = FetchOptions(),
     on_chunk: OnChunk | None = None,
 ) -> Path:
     """The verified local copy of artifact `sha256`, downloaded from `address` unless cached.
 
-    TLS when `root_cert` (PEM file of the CA that signed the server's certificate) is given.
+    TLS when `root_cert` (PEM file of the CA that signed the server's certificate) is given;
+    calls signed with `auth_key` (the enrolment private key, OpenSSH or PEM) when given.
     """
     sha256 = check_sha256(sha256)
     if kind is not None:
         check_kind(kind)
     key = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
-    cache = Path(cache_dir)
+    cache = Path(cache_dir).expanduser()
     staging = cache / ".partial"
     staging.mkdir(parents=True, exist_ok=True)
     with _locked(staging / f"{sha256}.lock"):
@@ -89,15 +105,15 @@ def fetch_artifact(
         if state == "valid":
             log.info("artifact %s: cache hit %s", sha256[:12], cache / sha256)
             return cache / sha256
-        credentials = _credentials(root_cert)
-        info = _stat(address, sha256, credentials, options, key)
+        link = _Link(address, _credentials(root_cert), _auth_key(auth_key))
+        info = _stat(link, sha256, options, key)
         if kind is not None and info.kind != kind:
             raise ArtifactError(f"artifact {sha256[:12]}: the reference says {kind}, the server says {info.kind}")
         if state == "resign" and (cache / sha256).is_dir() == (info.kind == "folder"):
             _write_meta(cache, info)  # same bytes, now signed by the given key (e.g. a rotated coordinator key)
             return cache / sha256
         part = staging / f"{sha256}.part"
-        _download(address, info, part, credentials, options, on_chunk)
+        _download(link, info, part, options, on_chunk)
         return _install(cache, part, info)
 
 
@@ -202,16 +218,43 @@ class _Retry:
         time.sleep(delay)
 
 
-def _stat(
-    address: str, sha256: str, credentials: grpc.ChannelCredentials | None, options: FetchOptions, key: Ed25519PublicKey
-) -> artifacts_pb2.ArtifactInfo:
+@dataclass(frozen=True)
+class _Link:
+    """Where and how to call the artifact service: address, TLS credentials, signing key."""
+
+    address: str
+    credentials: grpc.ChannelCredentials | None
+    auth_key: EllipticCurvePrivateKey | None
+
+    def channel(self) -> grpc.Channel:
+        options = [("grpc.max_receive_message_length", MESSAGE_LIMIT)]
+        if self.credentials is None:
+            return grpc.insecure_channel(self.address, options=options)
+        return grpc.secure_channel(self.address, self.credentials, options=options)
+
+    def metadata(self, method: str, request) -> list | None:
+        """Signed metadata for one call (fresh timestamp each attempt), or None without a key."""
+        if self.auth_key is None:
+            return None
+        return sign_request(self.auth_key, f"/{SERVICE}/{method}", request.SerializeToString(deterministic=True))
+
+
+def _auth_key(auth_key: EllipticCurvePrivateKey | str | Path | None) -> EllipticCurvePrivateKey | None:
+    if auth_key is None or isinstance(auth_key, EllipticCurvePrivateKey):
+        return auth_key
+    return load_enrolment_private_key(auth_key)
+
+
+def _stat(link: _Link, sha256: str, options: FetchOptions, key: Ed25519PublicKey) -> artifacts_pb2.ArtifactInfo:
     """The server's description of the artifact, its signature verified with `key`."""
+    address = link.address
     retry = _Retry(f"artifact {sha256[:12]} at {address}", options)
+    request = artifacts_pb2.StatRequest(sha256=sha256)
     while True:
         try:
-            with _channel(address, credentials) as channel:
+            with link.channel() as channel:
                 stub = artifacts_pb2_grpc.ArtifactServiceStub(channel)
-                info = stub.Stat(artifacts_pb2.StatRequest(sha256=sha256), timeout=options.stat_timeout_s)
+                info = stub.Stat(request, timeout=options.stat_timeout_s, metadata=link.metadata("Stat", request))
             break
         except grpc.RpcError as err:
             retry.failed(err)
@@ -234,16 +277,9 @@ def _verify_with(key: Ed25519PublicKey, info: artifacts_pb2.ArtifactInfo) -> Non
         raise ArtifactError(f"artifact {info.sha256[:12]}: {why}") from None
 
 
-def _download(
-    address: str,
-    info: artifacts_pb2.ArtifactInfo,
-    part: Path,
-    credentials: grpc.ChannelCredentials | None,
-    options: FetchOptions,
-    on_chunk: OnChunk | None,
-) -> None:
+def _download(link: _Link, info: artifacts_pb2.ArtifactInfo, part: Path, options: FetchOptions, on_chunk: OnChunk | None) -> None:
     """Append the missing bytes to `part` (resuming from its size), then check their sha256."""
-    size, sha256 = info.size, info.sha256
+    size, sha256, address = info.size, info.sha256, link.address
     if part.exists() and part.stat().st_size > size:
         part.unlink()
     digest = hashlib.sha256()
@@ -258,7 +294,7 @@ def _download(
         while progress.offset < size:
             before = progress.offset
             try:
-                _stream(address, info, credentials, options.chunk_size, out, digest, progress, on_chunk)
+                _stream(link, info, options.chunk_size, out, digest, progress, on_chunk)
                 if progress.offset < size:
                     raise ArtifactError(f"stream ended at {progress.offset} of {size} bytes")
             except (grpc.RpcError, ArtifactError) as err:
@@ -297,9 +333,8 @@ class _Progress:
 
 
 def _stream(
-    address: str,
+    link: _Link,
     info: artifacts_pb2.ArtifactInfo,
-    credentials: grpc.ChannelCredentials | None,
     chunk_size: int,
     out: BinaryIO,
     digest: "hashlib._Hash",
@@ -308,8 +343,8 @@ def _stream(
 ) -> None:
     """One Fetch call from the current offset; every chunk is written and hashed before the next."""
     request = artifacts_pb2.FetchRequest(sha256=info.sha256, offset=progress.offset, chunk_size=chunk_size)
-    with _channel(address, credentials) as channel:
-        for chunk in artifacts_pb2_grpc.ArtifactServiceStub(channel).Fetch(request):
+    with link.channel() as channel:
+        for chunk in artifacts_pb2_grpc.ArtifactServiceStub(channel).Fetch(request, metadata=link.metadata("Fetch", request)):
             if chunk.offset != progress.offset or progress.offset + len(chunk.data) > info.size:
                 raise ArtifactError(
                     f"artifact {info.sha256[:12]}: server sent bytes {chunk.offset}..{chunk.offset + len(chunk.data)}, expected from {progress.offset} up to {info.size}"
@@ -321,17 +356,10 @@ def _stream(
                 on_chunk(progress.offset, len(chunk.data), info.size)
 
 
-def _channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
-    options = [("grpc.max_receive_message_length", MESSAGE_LIMIT)]
-    if credentials is None:
-        return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(address, credentials, options=options)
-
-
 def _credentials(root_cert: str | Path | None) -> grpc.ChannelCredentials | None:
     if root_cert is None:
         return None
-    path = Path(root_cert)
+    path = Path(root_cert).expanduser()
     if not path.is_file():
         raise ArtifactError(f"root_cert: {path}: file not found")
     return grpc.ssl_channel_credentials(root_certificates=path.read_bytes())

@@ -6,7 +6,9 @@ authentication: the coordinator only admits keys it has enrolled), and runs each
 ClientApp in a subprocess. Everything the ClientApp needs to know about the device goes into
 the node config: the path of its own data (`data-path`, read by `finetune.sources.client_splits`)
 and its profile (`memory-gb`, `holds-backbone`, `quantized`, `profile`) for the coordinator's
-planner. With no retry limit (the default) the SuperNode keeps reconnecting with backoff when
+planner, and what it trusts for artifacts (`root-certificates`, the CA; `artifact-public-key`,
+the pinned artifact-signing key; `artifact-auth-key`, its enrolment key, which signs fetches).
+The node config stays on the device; the key is named by path, never copied into it. With no retry limit (the default) the SuperNode keeps reconnecting with backoff when
 the coordinator goes away, so a restarted coordinator finds its clients again.
 """
 
@@ -36,6 +38,7 @@ class EdgeSettings:
     data: str  # this device's data: a .jsonl file or a datasets folder
     root_certificates: str | None = None  # the coordinator's CA certificate (PEM); None = system CAs
     key: str | None = None  # enrolment private key (OpenSSH, EC); None = no node authentication
+    artifact_public_key: str | None = None  # the coordinator's artifact-signing public key (PEM), pinned for emulator packages
     insecure: bool = False  # plain HTTP, no TLS (and so no authentication): for local tests only
     memory_gb: float = 0.0  # device profile: memory for the backbone (0 = unknown/unlimited)
     holds_backbone: bool = True  # device profile: may hold the full backbone (else: offsite emulator)
@@ -56,9 +59,13 @@ class EdgeSettings:
             raise ValueError(f"--coordinator '{self.coordinator}' must be HOST:PORT")
         if not Path(self.data).exists():
             raise FileNotFoundError(f"--data '{self.data}' does not exist")
-        for option, path in (("--root-certificates", self.root_certificates), ("--key", self.key)):
+        for option, path in (("--root-certificates", self.root_certificates), ("--key", self.key), ("--artifact-public-key", self.artifact_public_key)):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"{option} '{path}' does not exist")
+        if self.artifact_public_key:
+            from emulator.keys import load_public_key
+
+            load_public_key(self.artifact_public_key)  # an Ed25519 key, or a one-line PackageError now rather than a declined round later
         if self.key and self.insecure:
             raise ValueError("--key (node authentication) needs TLS; drop --insecure")
         if self.memory_gb < 0:
@@ -104,6 +111,12 @@ def node_config(settings: EdgeSettings) -> str:
     }
     if settings.profile:
         values["profile"] = settings.profile
+    if settings.root_certificates and not settings.insecure:  # artifact fetches verify the coordinator with it
+        values["root-certificates"] = str(Path(settings.root_certificates).resolve())
+    if settings.artifact_public_key:  # emulator packages verify against this key only
+        values["artifact-public-key"] = str(Path(settings.artifact_public_key).resolve())
+    if settings.key:  # artifact fetches are signed with the enrolment key
+        values["artifact-auth-key"] = str(Path(settings.key).resolve())
     return " ".join(f"{key}={_toml_value(value)}" for key, value in values.items())
 
 

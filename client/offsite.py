@@ -4,6 +4,13 @@ The round message names a signed emulator package (a local folder in simulation,
 artifact fetched by content hash) and the coordinator's public key. The package is
 verified before anything in it is loaded, then kept in memory for later rounds, like the
 backbone of LoRA clients (`finetune.cache`).
+
+A deployed client (its node config names its own `data-path`) trusts only what its own
+command line told it: the package must verify against the key pinned in its node config
+(`artifact-public-key`, a PEM file); the key in the round message is ignored, and with no
+pinned key the client declines emulator packages. It fetches over TLS verified against
+`root-certificates` and signs its fetches with its enrolment key (`artifact-auth-key`). A
+simulated client (no such node config) uses the round message's key, as before.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from client.artifacts import fetch_ref
@@ -33,8 +40,11 @@ KIND_KEY = "package-kind"
 PACKAGE_KEY = "emulator-package"
 PUBLIC_KEY_KEY = "emulator-public-key"
 MODE_KEY = "offsite-train"
-# node config key of a deployed client: the coordinator's public key it trusts
-PINNED_KEY_NODE = "coordinator-public-key"
+# node config keys of a deployed client (client/edge.py writes them)
+PINNED_KEY_NODE = "artifact-public-key"  # the coordinator's artifact-signing public key it trusts (PEM file)
+AUTH_KEY_NODE = "artifact-auth-key"  # its enrolment private key, which signs artifact fetches
+CA_NODE = "root-certificates"  # the coordinator's CA
+DEVICE_NODE = "data-path"  # present on deployed clients only (finetune.sources.client_splits)
 
 
 @dataclass(frozen=True)
@@ -47,27 +57,45 @@ class OffsiteSpec:
 
     @classmethod
     def from_config(cls, values: dict, pinned_key_pem: str | None = None) -> OffsiteSpec:
-        """Read the spec from a round's config; a client with a pinned key refuses any other signer."""
-        missing = [key for key in (PACKAGE_KEY, PUBLIC_KEY_KEY, MODE_KEY) if not values.get(key)]
+        """Read the spec from a round's config. With a pinned key, the package is verified against
+        that key only; the message's key is never used (a message naming another signer is
+        declined up front, before any download)."""
+        needed = (PACKAGE_KEY, MODE_KEY) if pinned_key_pem is not None else (PACKAGE_KEY, PUBLIC_KEY_KEY, MODE_KEY)
+        missing = [key for key in needed if not values.get(key)]
         if missing:
             raise PackageError(f"offsite client: round message lacks '{missing[0]}'")
-        key = str(values[PUBLIC_KEY_KEY])
-        if pinned_key_pem is not None and pinned_key_pem.strip() != key.strip():
-            raise PackageError("offsite client: the package is signed by a key other than the pinned coordinator key")
-        return cls(str(values[PACKAGE_KEY]), key, str(values[MODE_KEY]))
+        if pinned_key_pem is None:
+            return cls(str(values[PACKAGE_KEY]), str(values[PUBLIC_KEY_KEY]), str(values[MODE_KEY]))
+        pinned = _raw(_public_key(pinned_key_pem, "pinned artifact key"))
+        claimed = str(values.get(PUBLIC_KEY_KEY) or "")
+        if claimed and _raw(_public_key(claimed, "round message's key")) != pinned:
+            raise PackageError("offsite client: the round names a signer other than the pinned artifact key; declined")
+        return cls(str(values[PACKAGE_KEY]), pinned_key_pem, str(values[MODE_KEY]))
 
 
 def offsite_spec(values: Mapping[str, Any], node_config: Mapping[str, Any]) -> OffsiteSpec | None:
     """The spec of a round message for an emulator client, else None (a LoRA client).
 
-    A deployed client pins the coordinator's key with node config `coordinator-public-key`
-    (a PEM file); a package signed by any other key is refused.
+    A deployed client verifies against the key pinned in its node config (`artifact-public-key`,
+    a PEM file) and ignores the message's; without a pinned key it refuses (PackageError: the
+    client declines the round).
     """
     if values.get(KIND_KEY) != "emulator":
         return None
     pinned = node_config.get(PINNED_KEY_NODE)
-    pinned_pem = Path(str(pinned)).expanduser().read_text() if pinned else None
+    if not pinned and DEVICE_NODE in node_config:
+        raise PackageError("offsite client: no pinned artifact key (start `fedsite client` with --artifact-public-key PEM); emulator packages declined")
+    pinned_pem = _read_pinned(str(pinned)) if pinned else None
     return OffsiteSpec.from_config(dict(values), pinned_pem)
+
+
+def _read_pinned(path: str) -> str:
+    try:
+        pem = Path(path).expanduser().read_text()
+    except OSError as err:
+        raise PackageError(f"offsite client: pinned artifact key {path}: {err.strerror or err}") from None
+    _public_key(pem, "pinned artifact key")  # an Ed25519 PEM key, or a one-line refusal
+    return pem
 
 
 def offsite_model(
@@ -76,30 +104,35 @@ def offsite_model(
     """The verified emulator made trainable in `spec.mode`, once per process and package.
 
     `spec.package` is a folder (simulation: the coordinator's disk) or a `fedsite-artifact://`
-    reference, fetched once into the client's cache (node config `artifact-cache`, TLS with
-    `root-certificates`) and verified there.
+    reference, fetched once into the client's cache (node config `artifact-cache`; TLS with
+    `root-certificates`; signed with `artifact-auth-key`) and verified there.
     """
     public_key = _public_key(spec.public_key_pem)
     package = spec.package
     if package.startswith(ARTIFACT_SCHEME):
         node_config = node_config or {}
         cache = Path(str(node_config.get("artifact-cache") or Path.home() / ".cache" / "fedsite" / "artifacts")).expanduser()
-        root_cert = node_config.get("root-certificates") or None
+        root_cert = node_config.get(CA_NODE) or None
+        auth_key = node_config.get(AUTH_KEY_NODE) or None
         try:
-            package = str(fetch_ref(ArtifactRef.parse(package), cache, public_key, root_cert))
+            package = str(fetch_ref(ArtifactRef.parse(package), cache, public_key, root_cert, auth_key=auth_key))
         except ArtifactError as err:
             raise PackageError(f"offsite client: {err}") from None
     return _load(package, spec.public_key_pem, spec.mode, settings, seed)
 
 
-def _public_key(pem: str) -> Ed25519PublicKey:
+def _public_key(pem: str, what: str = "coordinator's public key") -> Ed25519PublicKey:
     try:
         key = load_pem_public_key(pem.encode())
     except ValueError as err:
-        raise PackageError(f"offsite client: the coordinator's public key is not a PEM key: {str(err).splitlines()[0]}") from None
+        raise PackageError(f"offsite client: the {what} is not a PEM key: {str(err).splitlines()[0]}") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise PackageError(f"offsite client: the coordinator's key is {type(key).__name__}, expected Ed25519")
+        raise PackageError(f"offsite client: the {what} is {type(key).__name__}, expected Ed25519")
     return key
+
+
+def _raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 @lru_cache(maxsize=2)

@@ -8,17 +8,24 @@ The store is a folder that survives restarts:
     <root>/<sha256>.json   {"sha256", "kind", "size", "name", "signature", "signer_key_id"}
 
 Round messages carry only an `ArtifactRef` (see protos/artifacts.py); clients fetch with
-`client.artifacts.fetch_artifact`.
+`client.artifacts.fetch_artifact`. Off loopback the service speaks TLS only and admits only
+enrolled clients: `EnrolledOnly`, a gRPC server interceptor, checks each call's signature by
+an enrolment key (protos/artifacts.py: `verify_request`), refuses replays of a signature,
+and answers UNAUTHENTICATED (no, stale or bad signature) or PERMISSION_DENIED (a key that is
+not enrolled) before the store is touched.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
+import time
+from collections.abc import Iterable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +35,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from emulator.keys import key_id, load_signing_key
 from protos import artifacts_pb2, artifacts_pb2_grpc
-from protos.artifacts import ArtifactError, ArtifactRef, DigestWriter, check_sha256, signed_statement, write_folder_tar
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+
+from protos.artifacts import (
+    AUTH_WINDOW_S,
+    ArtifactError,
+    ArtifactRef,
+    AuthRefused,
+    DigestWriter,
+    check_sha256,
+    enrolled_keys,
+    signed_statement,
+    verify_request,
+    write_folder_tar,
+)
 
 log = logging.getLogger("fedsite.coordinator")
 
@@ -173,6 +193,66 @@ class _Servicer(artifacts_pb2_grpc.ArtifactServiceServicer):
                 offset += len(data)
 
 
+class EnrolledOnly(grpc.ServerInterceptor):
+    """Admit a call only when an enrolled key signed it within the window, each signature once."""
+
+    def __init__(self, enrolled: dict[bytes, str], window_s: float = AUTH_WINDOW_S) -> None:
+        self.enrolled, self.window_s = enrolled, window_s
+        self._seen: dict[bytes, float] = {}  # signature -> when it may be forgotten (past the window)
+        self._lock = threading.Lock()
+        self.admitted = 0
+
+    def admit(self, method: str, metadata, request, context: grpc.ServicerContext) -> None:
+        try:
+            name, signature = verify_request(metadata, method, request.SerializeToString(deterministic=True), self.enrolled, self.window_s)
+        except AuthRefused as err:
+            log.warning("%s (refused %s from %s)", err, method.rsplit("/", 1)[-1], context.peer())
+            context.abort(grpc.StatusCode.PERMISSION_DENIED if err.denied else grpc.StatusCode.UNAUTHENTICATED, str(err))
+        now = time.monotonic()
+        with self._lock:
+            self._seen = {sig: until for sig, until in self._seen.items() if until > now}
+            replayed = signature in self._seen
+            self._seen[signature] = now + 2 * self.window_s
+            self.admitted += 0 if replayed else 1
+        if replayed:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "artifact service: this signature was already used (replay)")
+        log.info("artifact service: %s of %s for enrolled key %s", method.rsplit("/", 1)[-1], getattr(request, "sha256", "?")[:12], name)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method, metadata = handler_call_details.method, tuple(handler_call_details.invocation_metadata or ())
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            def unary(request, context):
+                self.admit(method, metadata, request, context)
+                return inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            def stream(request, context):
+                self.admit(method, metadata, request, context)
+                yield from inner_stream(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
+        return None  # no client-streaming methods here: UNIMPLEMENTED
+
+
+def is_loopback(host: str) -> bool:
+    """Whether HOST (a name or an IP, IPv6 with or without brackets) stays on this machine."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass
 class ArtifactServer:
     """A running artifact service: its port, bytes streamed so far, and `stop()`."""
@@ -181,6 +261,7 @@ class ArtifactServer:
     address: str
     port: int
     servicer: _Servicer
+    auth: EnrolledOnly | None = None
 
     @property
     def bytes_sent(self) -> int:
@@ -203,12 +284,24 @@ def serve_artifacts(
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
     *,
+    enrolled: Iterable[str | Path | EllipticCurvePublicKey] | None = None,
+    auth_window_s: float = AUTH_WINDOW_S,
     chunk_size: int = DEFAULT_CHUNK,
     max_workers: int = 8,
 ) -> ArtifactServer:
-    """Start the service on `address` (port 0 picks a free one); TLS when cert and key files are given."""
+    """Start the service on `address` (port 0 picks a free one); TLS when cert and key files are given.
+
+    `enrolled`: the clients' enrolment public keys (OpenSSH `.pub` files, folders of them, or
+    keys) admitted to fetch; None admits anyone, which only a loopback address may do.
+    """
     if (tls_cert is None) != (tls_key is None):
         raise ArtifactError("tls: give both tls_cert and tls_key, or neither")
+    host = address.rsplit(":", 1)[0]
+    if not is_loopback(host) and (tls_cert is None or enrolled is None):
+        raise ArtifactError(f"{address}: off loopback the artifact service needs TLS (tls_cert, tls_key) and the enrolled client keys (enrolled)")
+    keys = enrolled_keys(enrolled) if enrolled is not None else None
+    if keys is not None and not keys:
+        raise ArtifactError("enrolled: no public keys given (expected .pub files or folders of them)")
     if not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
         raise ArtifactError(f"chunk_size: {chunk_size} is outside [{MIN_CHUNK}, {MAX_CHUNK}] bytes")
     credentials = None
@@ -216,8 +309,10 @@ def serve_artifacts(
         cert = _read(tls_cert, "tls_cert")
         credentials = grpc.ssl_server_credentials([(_read(tls_key, "tls_key"), cert)])
     servicer = _Servicer(store, chunk_size)
+    auth = EnrolledOnly(keys, auth_window_s) if keys is not None else None
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="artifacts"),
+        interceptors=[auth] if auth is not None else None,
         options=[("grpc.max_send_message_length", MESSAGE_LIMIT), ("grpc.so_reuseport", 0)],
     )
     artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server(servicer, server)
@@ -228,9 +323,9 @@ def serve_artifacts(
     if not port:
         raise ArtifactError(f"{address}: cannot listen (address in use or invalid)")
     server.start()
-    host = address.rsplit(":", 1)[0]
-    log.info("artifact service on %s:%d (%s, %d artifacts)", host, port, "TLS" if tls_cert else "plaintext", len(store.list()))
-    return ArtifactServer(server, f"{host}:{port}", port, servicer)
+    who = f"{len(keys)} enrolled keys" if keys is not None else "anyone on loopback"
+    log.info("artifact service on %s:%d (%s, %s, %d artifacts)", host, port, "TLS" if tls_cert else "plaintext", who, len(store.list()))
+    return ArtifactServer(server, f"{host}:{port}", port, servicer, auth)
 
 
 def _read(path: str | Path | None, what: str) -> bytes:

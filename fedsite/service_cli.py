@@ -30,6 +30,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         artifacts=args.artifacts,
         artifact_key=args.artifact_key,
         artifact_address=args.artifact_address,
+        superlink_port=args.superlink_port,
+        max_request_mb=args.max_request_mb,
     )
     try:
         return run_coordinator(config_from_args(args), settings)
@@ -46,6 +48,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         data=args.data,
         root_certificates=args.root_certificates,
         key=args.key,
+        artifact_public_key=args.artifact_public_key,
         insecure=args.insecure,
         memory_gb=args.memory_gb,
         holds_backbone=not args.no_backbone,
@@ -74,16 +77,18 @@ def add_service_parsers(sub: argparse._SubParsersAction) -> None:
     certs.add_argument("--force", action="store_true", help="replace the CA, server certificate and client keys already in OUT (clients must then trust the new ca.crt and be enrolled again); without it an existing file is an error")
     certs.set_defaults(func=cmd_certs)
 
-    coordinator = sub.add_parser("coordinator", help="serve a run to edge clients over the network (Flower SuperLink + ServerApp)", description="Start Flower's SuperLink with TLS and SuperNode authentication, enrol the clients' public keys, submit the Fedsite app with the run options below and follow it to the end. An interrupted run resumes from the checkpoint in --out.")
-    coordinator.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT to listen on (default: 0.0.0.0:9092)")
-    coordinator.add_argument("--certs", default=None, help="folder with ca.crt, server.pem, server.key (`fedsite certs --out DIR`)")
-    coordinator.add_argument("--insecure", action="store_true", help="no TLS (and no node authentication): local tests only")
-    coordinator.add_argument("--no-auth", action="store_true", help="admit any client, not only enrolled keys")
+    coordinator = sub.add_parser("coordinator", help="serve a run to edge clients over the network (Flower SuperLink + ServerApp)", description="Start Flower's SuperLink on loopback with TLS and SuperNode authentication behind a gateway that serves only the Fleet API on --address, enrol the clients' public keys, submit the Fedsite app with the run options below and follow it to the end. An interrupted run resumes from the checkpoint in --out.")
+    coordinator.add_argument("--address", default="0.0.0.0:9092", help="public HOST:PORT of the gateway, which forwards the Fleet API only (default: 0.0.0.0:9092)")
+    coordinator.add_argument("--certs", default=None, help="folder with ca.crt, server.pem, server.key (`fedsite certs --out DIR`); the certificate must also name 127.0.0.1")
+    coordinator.add_argument("--insecure", action="store_true", help="no TLS (and no node authentication): loopback addresses only")
+    coordinator.add_argument("--no-auth", action="store_true", help="admit any client, not only enrolled keys: loopback addresses only")
+    coordinator.add_argument("--superlink-port", type=int, default=0, help="port of Flower's SuperLink on 127.0.0.1, never public (default: 0 = a free one)")
+    coordinator.add_argument("--max-request-mb", type=float, default=512.0, help="largest request body the gateway passes on, in MiB (default: 512)")
     coordinator.add_argument("--enroll", action="append", default=[], metavar="PUB", help="a client's public key (.pub) or a folder of them to admit (repeatable)")
     coordinator.add_argument("--state", default=None, help="folder for Flower's state, database and logs (default: OUT/service)")
-    coordinator.add_argument("--artifacts", default=None, metavar="STORE", help="also serve this artifact store (signed, content-addressed backbones and emulators) over gRPC with the same TLS certificate")
-    coordinator.add_argument("--artifact-key", default=None, help="the artifact store's Ed25519 signing key (PEM)")
-    coordinator.add_argument("--artifact-address", default="0.0.0.0:9093", help="HOST:PORT of the artifact service (default: 0.0.0.0:9093)")
+    coordinator.add_argument("--artifacts", default=None, metavar="STORE", help="also serve this artifact store (signed, content-addressed backbones and emulators) over gRPC with the same TLS certificate, to enrolled clients only")
+    coordinator.add_argument("--artifact-key", default=None, help="the artifact store's Ed25519 signing key (PEM): the run's own (default: OUT/keys/signing_key.pem, made on the first start; clients pin OUT/keys/public_key.pem)")
+    coordinator.add_argument("--artifact-address", default=None, help="HOST:PORT of the artifact service (default: --address's host, port 9093)")
     add_config_options(coordinator)
     coordinator.set_defaults(func=cmd_coordinator)
 
@@ -91,7 +96,8 @@ def add_service_parsers(sub: argparse._SubParsersAction) -> None:
     client.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's address")
     client.add_argument("--data", required=True, help="this device's data: a .jsonl file (instruction/input/output) or a datasets folder")
     client.add_argument("--root-certificates", default=None, metavar="CA", help="the coordinator's CA certificate (ca.crt); default: the system's CAs")
-    client.add_argument("--key", default=None, help="this client's enrolment private key (OpenSSH EC key; its .pub is enrolled at the coordinator)")
+    client.add_argument("--key", default=None, help="this client's enrolment private key (OpenSSH EC key; its .pub is enrolled at the coordinator); also signs artifact fetches")
+    client.add_argument("--artifact-public-key", default=None, metavar="PEM", help="the coordinator's artifact-signing public key (its OUT/keys/public_key.pem): emulator packages are verified against it, never against a key from the round message; without it this client declines emulator packages")
     client.add_argument("--insecure", action="store_true", help="no TLS: local tests only")
     client.add_argument("--memory-gb", type=float, default=0.0, help="device profile: memory for the backbone in GB (default: 0 = unlimited)")
     client.add_argument("--no-backbone", action="store_true", help="device profile: this device may not hold the full backbone (gets an offsite emulator)")

@@ -5,6 +5,11 @@ folder) travels as a deterministic tar: sorted names, no timestamps, owners or o
 the same folder always has the same hash and a client can re-check its unpacked copy by
 re-packing it. The coordinator signs `signed_statement(sha256, kind, size)` with its Ed25519
 key; round messages carry only an `ArtifactRef`, one string in a Flower `ConfigRecord`.
+
+Fetches are authenticated with the client's enrolment key (the EC key whose public half the
+coordinator enrolled for Flower's node authentication): each call carries gRPC metadata with
+the public key, a timestamp and an ECDSA signature over `auth_statement(timestamp, method,
+request bytes)`, so a signature is good for one method, one request and a short window only.
 """
 
 from __future__ import annotations
@@ -15,9 +20,15 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Mapping
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 KINDS = ("file", "folder")
 SCHEME = "fedsite-artifact://"
@@ -175,3 +186,109 @@ def unpack_folder(tar_path: Path, target: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ------------------------------------------------------------------ request authentication (enrolled clients only)
+
+AUTH_KEY = "fedsite-public-key-bin"  # gRPC metadata: the client's enrolment public key (DER SubjectPublicKeyInfo)
+AUTH_TIME = "fedsite-timestamp"  # unix seconds when the client signed
+AUTH_SIGNATURE = "fedsite-signature-bin"  # ECDSA-SHA256 over auth_statement(...)
+AUTH_WINDOW_S = 60.0  # a signature older (or further in the future) than this is refused
+
+
+class AuthRefused(ArtifactError):
+    """A request whose credentials do not admit it; `denied`: a valid signature by a key not enrolled."""
+
+    def __init__(self, message: str, denied: bool = False) -> None:
+        super().__init__(message)
+        self.denied = denied
+
+
+def auth_statement(timestamp: str, method: str, request: bytes) -> bytes:
+    """The bytes a client signs: timestamp, gRPC method and the request's sha256."""
+    return f"fedsite-artifact-auth-v1\n{timestamp}\n{method}\n{hashlib.sha256(request).hexdigest()}".encode()
+
+
+def key_der(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def key_fingerprint(der: bytes) -> str:
+    """A short public name of a key for logs (sha256 of its DER, 16 hex)."""
+    return hashlib.sha256(der).hexdigest()[:16]
+
+
+def load_enrolment_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
+    """A client's enrolment public key: OpenSSH (`.pub`, what `--enroll` takes) or PEM."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: public key file not found")
+    data = path.read_bytes()
+    try:
+        key = serialization.load_pem_public_key(data) if data.lstrip().startswith(b"-----") else serialization.load_ssh_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise ArtifactError(f"{path.name}: not an EC public key ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ArtifactError(f"{path.name}: an enrolment key must be EC, got {type(key).__name__}")
+    return key
+
+
+def load_enrolment_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
+    """A client's enrolment private key: OpenSSH (what `flower-supernode` takes) or PEM; never logged."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ArtifactError(f"{path}: private key file not found")
+    data = path.read_bytes()
+    try:
+        key = serialization.load_ssh_private_key(data, None) if b"OPENSSH PRIVATE KEY" in data else serialization.load_pem_private_key(data, None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise ArtifactError(f"{path.name}: not an unencrypted EC private key ({type(err).__name__})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ArtifactError(f"{path.name}: an enrolment key must be EC, got {type(key).__name__}")
+    return key
+
+
+def enrolled_keys(items: Iterable[str | Path | ec.EllipticCurvePublicKey]) -> dict[bytes, str]:
+    """DER of each enrolled public key -> its name (file name); folders contribute their `*.pub`."""
+    keys: dict[bytes, str] = {}
+    for item in items:
+        if isinstance(item, ec.EllipticCurvePublicKey):
+            keys[key_der(item)] = key_fingerprint(key_der(item))
+            continue
+        path = Path(item)
+        for file in sorted(path.glob("*.pub")) if path.is_dir() else [path]:
+            keys[key_der(load_enrolment_public_key(file))] = file.name
+    return keys
+
+
+def sign_request(private_key: ec.EllipticCurvePrivateKey, method: str, request: bytes, now: float | None = None) -> list[tuple[str, str | bytes]]:
+    """gRPC metadata that authenticates one call of `method` with this serialized request."""
+    timestamp = f"{time.time() if now is None else now:.3f}"
+    signature = private_key.sign(auth_statement(timestamp, method, request), ec.ECDSA(hashes.SHA256()))
+    return [(AUTH_KEY, key_der(private_key.public_key())), (AUTH_TIME, timestamp), (AUTH_SIGNATURE, signature)]
+
+
+def verify_request(
+    metadata: Sequence[tuple[str, str | bytes]], method: str, request: bytes, enrolled: Mapping[bytes, str], window_s: float = AUTH_WINDOW_S, now: float | None = None
+) -> tuple[str, bytes]:
+    """(name of the enrolled key, signature) that signed this call; AuthRefused otherwise."""
+    values = {key: value for key, value in metadata}
+    der, timestamp, signature = values.get(AUTH_KEY), values.get(AUTH_TIME), values.get(AUTH_SIGNATURE)
+    if not (isinstance(der, bytes) and isinstance(timestamp, str) and isinstance(signature, bytes)):
+        raise AuthRefused("artifact service: unauthenticated request (sign it with the client's enrolment key)")
+    try:
+        age = (time.time() if now is None else now) - float(timestamp)
+    except ValueError:
+        raise AuthRefused("artifact service: malformed timestamp") from None
+    if not abs(age) <= window_s:
+        raise AuthRefused(f"artifact service: signature timestamp is {age:.0f} s off (allowed {window_s:.0f} s): stale, replayed or clock skew")
+    try:
+        key = serialization.load_der_public_key(der)
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise ValueError("not an EC key")
+        key.verify(signature, auth_statement(timestamp, method, request), ec.ECDSA(hashes.SHA256()))
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        raise AuthRefused("artifact service: bad signature") from None
+    if der not in enrolled:
+        raise AuthRefused(f"artifact service: key {key_fingerprint(der)} is not enrolled", denied=True)
+    return enrolled[der], signature

@@ -1,19 +1,27 @@
-"""End to end over loopback with real processes: `fedsite coordinator` (Flower SuperLink + ServerApp,
-TLS, SuperNode authentication) and three `fedsite client` SuperNodes on their own JSONL data.
+"""End to end over loopback with real processes: `fedsite coordinator` (Flower SuperLink on loopback
+behind the Fleet-only TLS gateway, ServerApp, SuperNode authentication) and `fedsite client` SuperNodes
+on their own JSONL data.
 
-One coordinator serves a 3-round run; then a second run is killed (the whole coordinator process
-tree, SIGKILL) after its round-2 checkpoint and started again: it resumes at round 3 with the
-same clients, which reconnected by themselves. A client whose key was not enrolled is refused.
-Run alone with `pytest tests -k e2e_network` (slow: a few minutes on 2 busy cores).
+One coordinator serves a 3-round run to three enrolled clients, while the public address refuses
+Flower's Control and Runtime APIs and `/docs`, an outsider fails to register its own key through
+it, and neither the outsider's SuperNode nor an unenrolled one gets past Flower's own activation
+check. Then a second run is killed (the whole coordinator process tree, SIGKILL) after its round-2
+checkpoint and started again: it resumes at round 3 with the same clients, which reconnected by
+themselves. Last, a coordinator serving a prebuilt emulator package from its artifact service gets
+one `--no-backbone` client that fetches it over TLS, signed with its enrolment key, and verifies it
+against the key pinned on its own command line.
+Run alone with `pytest tests -k e2e_network` (slow: several minutes on 2 busy cores).
 Every process started here is stopped at the end, also on failure.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -28,10 +36,14 @@ from coordinator.checkpoint import read_checkpoint
 from finetune.tasks import builtin_splits
 
 FEDSITE = [sys.executable, "-m", "fedsite"]
-RUN = ["--model", "tiny", "--num-server-rounds", "3", "--clients", "3", "--min-train-clients", "3", "--local-steps", "2",
-       "--batch-size", "4", "--train-per-task", "10", "--test-per-task", "2", "--eval-examples", "6", "--max-new-tokens", "4",
-       "--round-timeout", "300"]  # fmt: skip
+SMALL = ["--model", "tiny", "--local-steps", "2", "--batch-size", "4", "--train-per-task", "10", "--test-per-task", "2",
+         "--eval-examples", "6", "--max-new-tokens", "4", "--round-timeout", "300"]  # fmt: skip
+RUN = [*SMALL, "--rounds", "3", "--clients", "3", "--min-train-clients", "3"]  # `--rounds`: the alias the service contract uses
 DEADLINE = 420.0  # seconds for one run on a busy machine
+REFUSED = [("POST", "/v1/control/start-run"), ("POST", "/v1/control/register-node"), ("POST", "/v1/control/list-runs"),
+           ("POST", "/v1/runtime/acquire-task"), ("POST", "/v1/runtime/pull-messages"), ("GET", "/docs"), ("GET", "/openapi.json"),
+           ("POST", "/v1/fleet/../control/start-run"), ("POST", "/v1/fleet/%2e%2e/control/list-runs")]  # fmt: skip
+FLOWER_ACTIVATION_REFUSED = "[code: 2004] Failed to activate SuperNode."  # what a SuperNode prints when activate-node is rejected
 
 
 def free_port() -> int:
@@ -45,13 +57,18 @@ class Processes:
 
     def __init__(self, root: Path) -> None:
         self.root, self.started = root, []
+        python_bin = str(Path(sys.executable).parent)  # Flower starts flower-superexec and friends by name
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(root / "home"),
+                    "PATH": os.pathsep.join([python_bin, os.environ.get("PATH", "")])}  # fmt: skip
 
-    def start(self, args: list[str], log: str) -> subprocess.Popen:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(self.root / "home")}
+    def start(self, args: list[str], log: str, **env: str) -> subprocess.Popen:
         with (self.root / log).open("ab") as out:
-            proc = subprocess.Popen(args, cwd=self.root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(args, cwd=self.root, env={**self.env, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.started.append(proc)
         return proc
+
+    def run(self, args: list[str], home: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(args, cwd=self.root, env={**self.env, "FLWR_HOME": str(home)}, capture_output=True, text=True, timeout=120)
 
     def stop_all(self) -> None:
         for proc in self.started:
@@ -76,20 +93,31 @@ def logs(root: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(root.glob("*.log")))
 
 
-def rows(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
+def rows(out: Path, name: str = "metrics.jsonl") -> list[dict]:
+    path = out / name
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def https(port: int, ca: Path, method: str, path: str) -> int:
+    """Status of one request sent as written (http.client does not normalize `..` or percent-escapes)."""
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    try:
+        connection.request(method, path, body=b"" if method == "POST" else None, headers={"content-type": "application/protobuf"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
 
 
 @pytest.fixture(scope="module")
 def network(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e_network")
     write_certs(root / "certs")
-    for name in ("client-1", "client-2", "client-3", "intruder"):
+    for name in ("client-1", "client-2", "client-3", "intruder", "outsider", "emulator"):
         write_node_key(root / "keys", name)
-    (root / "enrolled").mkdir()
-    for i in (1, 2, 3):
-        (root / "enrolled" / f"client-{i}.pub").write_bytes((root / "keys" / f"client-{i}.pub").read_bytes())
+    for folder, names in (("enrolled", ("client-1", "client-2", "client-3")), ("enrolled-emulator", ("emulator",))):
+        (root / folder).mkdir()
+        for name in names:
+            (root / folder / f"{name}.pub").write_bytes((root / "keys" / f"{name}.pub").read_bytes())
     train, test = builtin_splits(8, 2, 0)
     examples = list(train) + list(test)
     for i in range(3):
@@ -98,47 +126,67 @@ def network(tmp_path_factory):
     procs = Processes(root)
     port = free_port()
 
-    def coordinator(out: str) -> subprocess.Popen:
-        args = ["coordinator", "--address", f"127.0.0.1:{port}", "--certs", "certs", "--enroll", "enrolled", "--state", "state", "--out", out]
-        return procs.start([*FEDSITE, *args, *RUN], f"coordinator-{out}.log")
+    def coordinator(out: str, *, at: int = port, enroll: str = "enrolled", state: str = "state", run: list[str] = RUN) -> subprocess.Popen:
+        args = ["coordinator", "--address", f"127.0.0.1:{at}", "--certs", "certs", "--enroll", enroll, "--state", state, "--out", out]
+        return procs.start([*FEDSITE, *args, *run], f"coordinator-{out}.log")
 
-    def client(name: str, data: str, *extra: str) -> subprocess.Popen:
-        args = ["client", "--coordinator", f"127.0.0.1:{port}", "--data", data, "--root-certificates", "certs/ca.crt",
+    def client(name: str, data: str, *extra: str, at: int = port, **env: str) -> subprocess.Popen:
+        args = ["client", "--coordinator", f"127.0.0.1:{at}", "--data", data, "--root-certificates", "certs/ca.crt",
                 "--key", f"keys/{name}", "--runtime-port", str(free_port()), "--threads", "1", *extra]  # fmt: skip
-        return procs.start([*FEDSITE, *args], f"{name}.log")
+        return procs.start([*FEDSITE, *args], f"{name}.log", **env)
 
     try:
-        yield root, procs, coordinator, client
+        yield root, procs, coordinator, client, port
     finally:
         procs.stop_all()
 
 
 def test_e2e_network_three_clients_tls_auth_three_rounds(network):
-    root, procs, coordinator, client = network
+    root, procs, coordinator, client, port = network
     coord = coordinator("run")
     wait_for(lambda: "submitted" in (root / "coordinator-run.log").read_text(), "the coordinator to enrol the keys and submit the run", procs)
     for i in (1, 2, 3):
         client(f"client-{i}", f"data-{i - 1}.jsonl")
-    intruder = client("intruder", "data-0.jsonl", "--max-retries", "0")
-    assert intruder.wait(timeout=DEADLINE) != 0
-    assert "refused by the coordinator" in (root / "intruder.log").read_text()
+    intruder = client("intruder", "data-0.jsonl", "--max-retries", "0")  # a key nobody enrolled
+
+    # the public address is the gateway: Flower's Control and Runtime APIs and its docs are not there
+    statuses = {f"{method} {path}": https(port, root / "certs" / "ca.crt", method, path) for method, path in REFUSED}
+    print(f"\npublic address refusals: {statuses}")
+    assert all(status in (403, 404) for status in statuses.values()), statuses
+    assert https(port, root / "certs" / "ca.crt", "GET", "/health") == 200  # while the Fleet side answers
+
+    # an outsider cannot register its own key through the public address ...
+    (root / "outsider-home").mkdir()
+    public = {"address": f"127.0.0.1:{port}", "root-certificates": str(root / "certs" / "ca.crt")}
+    (root / "outsider-home" / "config.toml").write_text(f'[superlink]\ndefault = "public"\n[superlink.public]\naddress = "{public["address"]}"\nroot-certificates = "{public["root-certificates"]}"\n')
+    done = procs.run([str(Path(sys.executable).parent / "flwr"), "supernode", "register", "keys/outsider.pub", "public", "--format", "json"], root / "outsider-home")
+    answer = json.loads(done.stdout)
+    assert answer["success"] is False and "404 Not Found" in answer["error-message"], done.stdout + done.stderr
+    # ... so its SuperNode, like the unenrolled intruder's, is turned away by Flower's own activation check
+    outsider = client("outsider", "data-1.jsonl", "--max-retries", "0")
+    for name, proc in (("intruder", intruder), ("outsider", outsider)):
+        assert proc.wait(timeout=DEADLINE) != 0
+        text = (root / f"{name}.log").read_text()
+        assert FLOWER_ACTIVATION_REFUSED in text and "refused by the coordinator" in text, text[-3000:]
+    listed = procs.run([str(Path(sys.executable).parent / "flwr"), "supernode", "list", "fedsite", "--format", "json"], root / "state" / "flwr-home")
+    assert len(json.loads(listed.stdout)["nodes"]) == 3, listed.stdout  # through loopback: exactly the three enrolled keys
 
     assert coord.wait(timeout=DEADLINE) == 0, (root / "coordinator-run.log").read_text()[-3000:]
     out = root / "run"
     metrics = rows(out)
     assert [r["round"] for r in metrics] == [1, 2, 3]
-    not_accepted = [c for c in map(json.loads, (out / "clients.jsonl").read_text().splitlines()) if c["status"] != "accepted"]
+    not_accepted = [c for c in rows(out, "clients.jsonl") if c["status"] != "accepted"]
     assert all(len(r["contributors"]) == 3 for r in metrics), (  # node ids of the three enrolled clients
         [(r["round"], r["contributors"], r.get("dropped")) for r in metrics], not_accepted, logs(root))
     assert len({c for r in metrics for c in r["contributors"]}) == 3
-    clients = [json.loads(line) for line in (out / "clients.jsonl").read_text().splitlines()]
+    clients = rows(out, "clients.jsonl")
     assert len(clients) == 9 and all(c["status"] == "accepted" for c in clients)
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "summary.md").is_file()
     assert read_checkpoint(out) is None  # a finished run leaves no checkpoint
 
 
 def test_e2e_network_coordinator_killed_after_round_2_resumes(network):
-    root, procs, coordinator, _ = network  # the three clients from the first test are still running
+    root, procs, coordinator, _, _ = network  # the three clients from the first test are still running
     out = root / "resumed"
     first = coordinator("resumed")
     wait_for(lambda: (c := read_checkpoint(out)) is not None and c.round == 2, "the round-2 checkpoint", procs)
@@ -157,7 +205,45 @@ def test_e2e_network_coordinator_killed_after_round_2_resumes(network):
     metrics = rows(out)
     assert [r["round"] for r in metrics] == [1, 2, 3]  # as many rounds as an uninterrupted run, none twice
     assert len(metrics[-1]["contributors"]) == 3  # the clients reconnected to the restarted coordinator
-    client_rounds = [json.loads(line)["round"] for line in (out / "clients.jsonl").read_text().splitlines()]
+    client_rounds = [c["round"] for c in rows(out, "clients.jsonl")]
     assert sorted(client_rounds) == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["initial"] is not None
+
+
+def test_e2e_network_emulator_client_fetches_its_package_over_tls_against_a_pinned_key(network):
+    """Its own coordinator (port, state, enrolment): the three LoRA clients keep polling the first one."""
+    from client.artifacts import FetchOptions, fetch_artifact
+    from emulator.cli import build_package
+    from protos.artifacts import ArtifactError
+
+    root, procs, coordinator, client, _ = network
+    build_package("tiny", root / "emu" / "pkg")  # signed with emu/keys/signing_key.pem; clients pin emu/keys/public_key.pem
+    at, artifacts = free_port(), free_port()
+    run = [*SMALL, "--clients", "1", "--rounds", "1", "--min-train-clients", "1", "--emulator-share", "0.01", "--emulator-package", str(root / "emu" / "pkg"),
+           "--artifact-url", f"127.0.0.1:{artifacts}", "--artifacts", "emulator-run/artifacts", "--artifact-address", f"127.0.0.1:{artifacts}", "--artifact-key", "emu/keys/signing_key.pem"]  # fmt: skip
+    coord = coordinator("emulator-run", at=at, enroll="enrolled-emulator", state="state-emulator", run=run)
+    log = root / "coordinator-emulator-run.log"
+    wait_for(lambda: "submitted" in log.read_text(), "the emulator coordinator to submit its run", procs)
+    home = root / "emulator-home"  # the device's own caches (artifacts, privacy ledger), not the user's
+    client("emulator", "data-2.jsonl", "--no-backbone", "--artifact-public-key", "emu/keys/public_key.pem", at=at, HOME=str(home))
+
+    # the artifact service answers enrolled keys only, over TLS
+    options = FetchOptions(attempts=1, stat_timeout_s=30)
+    anyone = ("0" * 64, root / "probe-cache", root / "emu" / "keys" / "public_key.pem", root / "certs" / "ca.crt")
+    with pytest.raises(ArtifactError, match="UNAUTHENTICATED"):
+        fetch_artifact(f"127.0.0.1:{artifacts}", *anyone, options=options)
+    with pytest.raises(ArtifactError, match="PERMISSION_DENIED: artifact service: key [0-9a-f]+ is not enrolled"):
+        fetch_artifact(f"127.0.0.1:{artifacts}", *anyone, auth_key=root / "keys" / "outsider", options=options)
+
+    assert coord.wait(timeout=DEADLINE) == 0, log.read_text()[-3000:] + logs(root)
+    out = root / "emulator-run"
+    [row] = rows(out)
+    [entry] = rows(out, "clients.jsonl")
+    assert entry["status"] == "accepted" and entry["package_kind"] == "emulator", (entry, logs(root))
+    assert len(row["contributors_by_kind"]["emulator"]) == 1 and not row["contributors_by_kind"]["lora"]
+    text = log.read_text()
+    cached = [p.parent.name for p in (home / ".cache" / "fedsite" / "artifacts").glob("*/manifest.sig")]
+    assert len(cached) == 1, logs(root)  # fetched into the device's cache, verified there, under its sha256
+    for method in ("Stat", "Fetch"):  # both calls came signed by the enrolled device key
+        assert f"artifact service: {method} of {cached[0][:12]} for enrolled key emulator.pub" in text, text[-3000:]

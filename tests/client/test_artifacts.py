@@ -272,3 +272,28 @@ def test_tls_round_trip_and_plaintext_client_refused(tmp_path, store, source, fi
             fetch_artifact(server.address, file_sha, tmp_path / "plain-cache", key.public_key(), options=options)
     with pytest.raises(ArtifactError, match="root_cert: .*missing.pem: file not found"):
         fetch_artifact(server.address, file_sha, tmp_path / "x", key.public_key(), root_cert=tmp_path / "missing.pem", options=options)
+
+
+def test_tls_fetch_signed_with_the_enrolment_key_only_enrolled_clients_get_bytes(tmp_path, store, source, file_sha, key, tls_files):
+    from coordinator.certs import write_node_key
+
+    root, cert, private = tls_files
+    client_key, client_pub = write_node_key(tmp_path / "enrolled", "client-1")
+    outsider, _ = write_node_key(tmp_path / "outsiders", "outsider")
+    options = FetchOptions(attempts=2, backoff_s=0.01, stat_timeout_s=5)
+    with serve_artifacts(store, "127.0.0.1:0", cert, private, enrolled=[client_pub], chunk_size=CHUNK) as server:
+        with pytest.raises(ArtifactError, match="UNAUTHENTICATED: artifact service: unauthenticated request"):
+            fetch_artifact(server.address, file_sha, tmp_path / "anon", key.public_key(), root_cert=root, options=options)
+        with pytest.raises(ArtifactError, match="PERMISSION_DENIED: artifact service: key [0-9a-f]{16} is not enrolled"):
+            fetch_artifact(server.address, file_sha, tmp_path / "outsider", key.public_key(), root_cert=root, auth_key=outsider, options=options)
+        assert server.bytes_sent == 0
+        ref = ArtifactRef(f"localhost:{server.port}", file_sha, "file")
+        path = fetch_ref(ref, tmp_path / "cache", key.public_key(), root_cert=root, auth_key=client_key)
+        assert path.read_bytes() == source[0].read_bytes() and server.auth.admitted == 2  # Stat + Fetch
+        assert server.bytes_sent == SIZE
+
+
+def test_a_cache_under_the_home_folder_is_expanded(tmp_path, servers, file_sha, key, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = fetch_artifact(servers[0].address, file_sha, "~/.cache/fedsite/artifacts", key.public_key())
+    assert path == tmp_path / "home" / ".cache" / "fedsite" / "artifacts" / file_sha and path.is_file()

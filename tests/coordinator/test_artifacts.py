@@ -132,3 +132,90 @@ def test_serve_refuses_half_tls_a_bad_chunk_size_and_a_busy_port(tmp_path, store
         busy.listen()
         with pytest.raises(ArtifactError, match="cannot listen"):
             serve_artifacts(store, f"127.0.0.1:{busy.getsockname()[1]}")
+
+
+# ------------------------------------------------------------------ enrolled clients only
+
+
+@pytest.fixture()
+def enrolment(tmp_path):
+    """Two enrolment key pairs as `fedsite certs` writes them; only client-1 is enrolled."""
+    from coordinator.certs import write_node_key
+
+    enrolled_private, enrolled_public = write_node_key(tmp_path / "enrolled", "client-1")
+    outsider_private, _ = write_node_key(tmp_path / "outsiders", "outsider")
+    return enrolled_private, enrolled_public, outsider_private
+
+
+@pytest.fixture()
+def guarded(store, stored, enrolment):
+    server = serve_artifacts(store, enrolled=[enrolment[1].parent], chunk_size=64 << 10)
+    channel = grpc.insecure_channel(server.address)
+    yield server, artifacts_pb2_grpc.ArtifactServiceStub(channel)
+    channel.close()
+    server.stop()
+
+
+STAT = "/fedsite.artifacts.ArtifactService/Stat"
+FETCH = "/fedsite.artifacts.ArtifactService/Fetch"
+
+
+def signed(key_file, method: str, request, **kwargs):
+    from protos.artifacts import load_enrolment_private_key, sign_request
+
+    return sign_request(load_enrolment_private_key(key_file), method, request.SerializeToString(deterministic=True), **kwargs)
+
+
+def test_an_enrolled_key_is_admitted_for_stat_and_fetch(guarded, stored, enrolment):
+    server, stub = guarded
+    request = artifacts_pb2.StatRequest(sha256=stored.sha256)
+    assert stub.Stat(request, metadata=signed(enrolment[0], STAT, request)).size == len(PAYLOAD)
+    fetch = artifacts_pb2.FetchRequest(sha256=stored.sha256)
+    assert b"".join(c.data for c in stub.Fetch(fetch, metadata=signed(enrolment[0], FETCH, fetch))) == PAYLOAD
+    assert server.auth.admitted == 2
+
+
+def _refusal(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+def test_unauthenticated_unknown_stale_tampered_and_replayed_calls_are_refused(guarded, stored, enrolment):
+    import time
+
+    server, stub = guarded
+    request = artifacts_pb2.StatRequest(sha256=stored.sha256)
+    other = artifacts_pb2.StatRequest(sha256="00" * 32)
+    good = signed(enrolment[0], STAT, request)
+    tampered = [(k, v[:-1] + bytes([v[-1] ^ 1]) if k == "fedsite-signature-bin" else v) for k, v in good]
+    cases = {
+        "no metadata": (lambda: stub.Stat(request), grpc.StatusCode.UNAUTHENTICATED, "unauthenticated request"),
+        "unknown key": (lambda: stub.Stat(request, metadata=signed(enrolment[2], STAT, request)), grpc.StatusCode.PERMISSION_DENIED, "is not enrolled"),
+        "stale": (lambda: stub.Stat(request, metadata=signed(enrolment[0], STAT, request, now=time.time() - 120)), grpc.StatusCode.UNAUTHENTICATED, "stale"),
+        "future": (lambda: stub.Stat(request, metadata=signed(enrolment[0], STAT, request, now=time.time() + 120)), grpc.StatusCode.UNAUTHENTICATED, "off"),
+        "tampered": (lambda: stub.Stat(request, metadata=tampered), grpc.StatusCode.UNAUTHENTICATED, "bad signature"),
+        "other request": (lambda: stub.Stat(other, metadata=good), grpc.StatusCode.UNAUTHENTICATED, "bad signature"),
+        "other method": (lambda: list(stub.Fetch(artifacts_pb2.FetchRequest(sha256=stored.sha256), metadata=signed(enrolment[0], STAT, artifacts_pb2.FetchRequest(sha256=stored.sha256)))), grpc.StatusCode.UNAUTHENTICATED, "bad signature"),
+    }
+    for what, (call, code, words) in cases.items():
+        err = _refusal(call)
+        assert (err.code(), words in err.details()) == (code, True), (what, err.code(), err.details())
+    assert server.auth.admitted == 0 and server.servicer.bytes_sent == 0
+    assert stub.Stat(request, metadata=good).sha256 == stored.sha256  # the good signature, once
+    err = _refusal(lambda: stub.Stat(request, metadata=good))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "replay" in err.details()
+
+
+def test_off_loopback_needs_tls_and_enrolled_keys(store, enrolment, tmp_path):
+    from coordinator.certs import write_certs
+
+    with pytest.raises(ArtifactError, match="off loopback the artifact service needs TLS"):
+        serve_artifacts(store, "0.0.0.0:0", enrolled=[enrolment[1]])
+    paths = write_certs(tmp_path / "tls")
+    with pytest.raises(ArtifactError, match="and the enrolled client keys"):
+        serve_artifacts(store, "0.0.0.0:0", paths.server_cert, paths.server_key)
+    with pytest.raises(ArtifactError, match="no public keys given"):
+        serve_artifacts(store, enrolled=[tmp_path / "tls"])  # a folder without .pub files
+    server = serve_artifacts(store, "0.0.0.0:0", paths.server_cert, paths.server_key, enrolled=[enrolment[1]])
+    server.stop()

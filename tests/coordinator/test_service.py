@@ -61,6 +61,12 @@ def test_node_keys_are_the_format_flower_loads(tmp_path):
         (ServiceSettings(insecure=True), "node authentication needs TLS"),
         (ServiceSettings(certs="/nonexistent"), "does not exist"),
         (ServiceSettings(insecure=True, auth=False, enroll=["/nonexistent.pub"]), "--enroll: '/nonexistent.pub' does not exist"),
+        (ServiceSettings(insecure=True, auth=False), "--insecure is for loopback only: TLS is mandatory on --address '0.0.0.0:9092'"),
+        (ServiceSettings(address="10.1.2.3:9092", insecure=True, auth=False), "--insecure is for loopback only"),
+        (ServiceSettings(address="[::]:9092", insecure=True, auth=False), "--insecure is for loopback only"),
+        (ServiceSettings(address="127.0.0.1:9092", insecure=True, auth=False, artifacts="store", artifact_address="0.0.0.0:9093"), "TLS is mandatory on --artifact-address '0.0.0.0:9093'"),
+        (ServiceSettings(address="127.0.0.1:9092", insecure=True, auth=False, superlink_port=9092), "--superlink-port 9092 must be a free port"),
+        (ServiceSettings(address="127.0.0.1:9092", insecure=True, auth=False, max_request_mb=0), "--max-request-mb must be positive"),
     ],
 )
 def test_bad_service_settings_are_one_line_errors(settings, message):
@@ -69,11 +75,29 @@ def test_bad_service_settings_are_one_line_errors(settings, message):
     assert "\n" not in str(err.value)
 
 
-def test_superlink_command_has_tls_auth_and_a_database(certs, tmp_path):
-    command = superlink_command(ServiceSettings(address="0.0.0.0:9092", certs=str(certs)), tmp_path / "db", tmp_path / "log")
+def test_off_loopback_needs_tls_and_auth_on_loopback_anything_goes(certs, tmp_path):
+    for address in ("127.0.0.1:9092", "localhost:9092", "[::1]:9092"):
+        ServiceSettings(address=address, insecure=True, auth=False).validate()
+    with pytest.raises(ValueError, match="--no-auth is for loopback only: --address '0.0.0.0:9092' would admit any client"):
+        ServiceSettings(certs=str(certs), auth=False).validate()
+    ServiceSettings(address="0.0.0.0:9092", certs=str(certs)).validate()  # TLS and enrolled clients: fine
+    settings = ServiceSettings(address="10.1.2.3:9092", certs=str(certs))
+    assert settings.artifact_listen() == "10.1.2.3:9093"  # the artifact service follows --address's host by default
+    assert ServiceSettings(address="127.0.0.1:1", insecure=True, auth=False).artifact_listen() == "127.0.0.1:9093"
+
+
+def test_cli_insecure_off_loopback_is_refused_in_one_line(tmp_path, capsys):
+    assert main(["coordinator", "--insecure", "--no-auth", "--address", "0.0.0.0:9092", "--model", "tiny", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "fedsite: error: --insecure is for loopback only: TLS is mandatory on --address '0.0.0.0:9092' (pass --certs DIR)"
+    assert not (tmp_path / "service").exists()  # nothing was started
+
+
+def test_superlink_command_binds_loopback_only_with_tls_auth_and_a_database(certs, tmp_path):
+    command = superlink_command(ServiceSettings(address="0.0.0.0:9092", certs=str(certs)), tmp_path / "db", tmp_path / "log", 41234)
     args = {flag: command[i + 1] for i, flag in enumerate(command[:-1]) if flag.startswith("--") and not command[i + 1].startswith("--")}
     assert command[0].endswith("flower-superlink")
-    assert (args["--host"], args["--port"]) == ("0.0.0.0", "9092")
+    assert (args["--host"], args["--port"]) == ("127.0.0.1", "41234")  # never the public address
     assert args["--ssl-ca-certfile"].endswith("ca.crt") and args["--ssl-certfile"].endswith("server.pem") and args["--ssl-keyfile"].endswith("server.key")
     assert args["--database"] == str(tmp_path / "db")
     assert "--enable-supernode-auth" in command and "--insecure" not in command
@@ -149,23 +173,45 @@ def test_clients_that_never_reply_are_dropped_with_a_log_line(tmp_path, caplog):
     assert np.isfinite(row["train_loss"])
 
 
-def test_artifact_service_serves_the_store_over_the_same_tls(tmp_path, certs):
-    from client.artifacts import fetch_artifact
+def test_artifact_service_serves_the_store_over_the_same_tls_to_enrolled_keys(tmp_path, certs):
+    from client.artifacts import FetchOptions, fetch_artifact
     from coordinator.artifacts import ArtifactStore
     from emulator.keys import generate_signing_key
+    from protos.artifacts import ArtifactError
 
     key = tmp_path / "signing.pem"
     public = generate_signing_key(key).public_key()
     blob = tmp_path / "backbone.bin"
     blob.write_bytes(b"weights" * 1000)
     stored = ArtifactStore(tmp_path / "store", key).add(blob)
-    settings = ServiceSettings(certs=str(certs), artifacts=str(tmp_path / "store"), artifact_key=str(key), artifact_address="127.0.0.1:0").validate()
+    client_key, client_pub = write_node_key(tmp_path / "enrolled", "client-1")
+    with pytest.raises(ValueError, match="--artifacts admits enrolled clients only: pass --enroll"):
+        ServiceSettings(certs=str(certs), artifacts=str(tmp_path / "store"), artifact_key=str(key)).validate()
+    settings = ServiceSettings(certs=str(certs), enroll=[str(client_pub.parent)], artifacts=str(tmp_path / "store"), artifact_key=str(key), artifact_address="127.0.0.1:0").validate()
     server = service.start_artifact_service(settings)
     try:
-        local = fetch_artifact(f"localhost:{server.port}", stored.sha256, tmp_path / "cache", public, certs / "ca.crt")
+        with pytest.raises(ArtifactError, match="UNAUTHENTICATED"):
+            fetch_artifact(f"localhost:{server.port}", stored.sha256, tmp_path / "anon", public, certs / "ca.crt", options=FetchOptions(attempts=1))
+        local = fetch_artifact(f"localhost:{server.port}", stored.sha256, tmp_path / "cache", public, certs / "ca.crt", auth_key=client_key)
         assert local.read_bytes() == blob.read_bytes()
     finally:
         server.stop()
+
+
+def test_the_artifact_key_is_the_runs_own_made_once(tmp_path, certs):
+    from emulator.keys import generate_signing_key, load_public_key, load_signing_key
+
+    config = FedsiteConfig(model="tiny", out=str(tmp_path / "run"))
+    settings = ServiceSettings(certs=str(certs), artifacts=str(tmp_path / "run" / "artifacts"))
+    made = service.artifact_signing_key(settings, config)
+    assert made == tmp_path / "run" / "keys" / "signing_key.pem" and made.stat().st_mode & 0o077 == 0
+    public = load_public_key(made.with_name("public_key.pem"))  # what clients pin
+    assert public.public_bytes_raw() == load_signing_key(made).public_key().public_bytes_raw()
+    assert service.artifact_signing_key(settings, config) == made and load_public_key(made.with_name("public_key.pem")) == public  # reused
+    generate_signing_key(tmp_path / "other.pem")
+    settings.artifact_key = str(tmp_path / "other.pem")
+    with pytest.raises(ValueError, match="is not the key this run signs its emulator packages with"):
+        service.artifact_signing_key(settings, config)
 
 
 def test_cli_coordinator_refuses_a_checkpoint_of_another_config_before_starting_flower(tmp_path, certs, capsys):
