@@ -10,10 +10,12 @@ validated (`aggregation.validate`), before the rule sees the weights.
   others in proportion to their weights (water-filling), so the order among them is kept.
 - `norm_reference` / `relative_norm_bound`: an update whose delta norm exceeds `multiple` times
   the round's reference norm is an outlier (a scaled "model replacement" update, Bagdasaryan et
-  al. 2020). The reference is the median of the round's norms with 3 or more updates; with 2 it
-  is the smaller one (one of two clients must not raise the bar for itself; the honest one of
-  the pair always passes); with 1 it is the previous round's reference when there is one, else
-  there is nothing to compare with and no relative bound applies.
+  al. 2020). The reference is the median of the round's norms with 3 or more updates. With 2,
+  one client must not raise the bar for itself: it is the median of the two and the previous
+  round's reference, or without one the smaller of the two (an honest client beside a huge
+  update always passes; beside a zero update it may be refused: a lost update, not a captured
+  aggregate). With 1 it is the previous round's reference when there is one, else there is
+  nothing to compare with and no relative bound applies.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def norm_reference(norms: Sequence[float], previous: float | None = None) -> flo
     if len(finite) >= 3:
         return median(finite)
     if len(finite) == 2:
-        return min(finite)
+        return median([*finite, previous]) if previous is not None else min(finite)
     return previous
 
 

@@ -41,7 +41,7 @@ FIELD_HELP = {
     "trim-fraction": "trimmed-mean: share of values cut from each side",
     "proximal-mu": "fedprox: weight of the proximal term mu/2 ||w - w_global||^2 on clients",
     "max-update-norm": "norm bound on a client update's L2 distance from the global adapter: < 0 adaptive (--max-update-norm-multiple x the round's median), 0 off, > 0 this absolute bound",
-    "max-update-norm-multiple": "adaptive norm bound: reject an update whose norm exceeds this multiple of the round's median update norm (the smaller of two; the previous round's with one)",
+    "max-update-norm-multiple": "adaptive norm bound: reject an update whose norm exceeds this multiple of the round's median update norm (with two, the median of them and the previous round's reference, else the smaller; with one, the previous round's)",
     "max-update-mb": "reject a client update larger than this many MB, checked before it is decoded (0 = off)",
     "max-client-examples": "cap on a client's reported example count, i.e. its aggregation weight (0 = no cap; simulated clients are also capped at their partition's size)",
     "max-weight-share": "cap on any one client's share of the aggregation weights, the excess going to the others (0 = off; e.g. 0.5)",

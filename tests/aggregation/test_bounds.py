@@ -48,6 +48,7 @@ def test_norm_reference_is_the_median_the_smaller_of_two_or_the_previous_rounds(
     assert median([3.0, 1.0, 2.0, 100.0]) == 2.5
     assert norm_reference([1.0, 2.0, 1e9]) == 2.0  # one outlier cannot move a median of three
     assert norm_reference([1.0, 1e9]) == 1.0  # of two, the outlier cannot raise the bar for itself
+    assert norm_reference([1e-30, 1.0], previous=0.8) == 0.8 and norm_reference([1.0, 1e9], previous=0.8) == 1.0  # nor lower it
     assert norm_reference([5.0], previous=2.0) == 2.0 and norm_reference([5.0]) is None
     assert norm_reference([float("inf"), 1.0, 2.0]) == 1.0  # non-finite norms never set the bar
     assert relative_norm_bound([1.0, 1e9], 5.0) == (5.0, 1.0)
