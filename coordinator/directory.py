@@ -37,6 +37,11 @@ class ClientDirectory:
     def name(self, node: int) -> int:
         return self._names.get(node, int(node))
 
+    def partition_of(self, node: int) -> int | None:
+        """The partition id taken as `node`'s name, or None (named by its node id, or unknown)."""
+        pid = self._names.get(node)
+        return pid if pid is not None and self._owner.get(pid) == node else None
+
     def learn(self, node: int, partition_id: int) -> str | None:
         """Take `partition_id` as `node`'s name (once per node); the reason when it is refused."""
         if node in self._names:

@@ -204,9 +204,8 @@ class FedsiteStrategy(FedAvg):
 
     def _limit_of(self, row: ReplyRow) -> int | None:
         """The examples the run assigned this client (simulation, a learned partition id), else None."""
-        if self.assigned_examples is None or not self.directory.knows(row.node_id) or row.client == row.node_id:
-            return None
-        return self.assigned_examples(row.client)
+        partition = self.directory.partition_of(row.node_id)
+        return None if self.assigned_examples is None or partition is None else self.assigned_examples(partition)
 
     def _aggregate(self, server_round: int, accepted: list[ReplyRow]) -> dict[str, np.ndarray] | None:
         """The new global arrays from the accepted rows (each track with its own rule), or None."""
