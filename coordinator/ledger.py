@@ -46,7 +46,7 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
 
     try:
         epsilon = float(epsilon_for(history, delta, accountant))
-    except (ArithmeticError, ValueError) as err:  # e.g. a noise multiplier too small to account
+    except Exception as err:  # the accountant on client-chosen numbers (e.g. a noise multiplier too small to account)
         log.warning("privacy ledger: epsilon of %s not computable (%s); recorded as unbounded", history[-1:], type(err).__name__)
         return math.inf
     return epsilon if not math.isnan(epsilon) else math.inf
