@@ -268,7 +268,7 @@ def test_malformed_shapes_and_headers_are_one_line_codec_errors():
 
 
 def test_decoding_a_record_never_np_loads_the_bytes():
-    from flwr.app import Array, ArrayRecord
+    from flwr.app import Array
 
     record = to_array_record(encode({"w": np.ones(3, np.float32)}, "fp32"))
     record["w::q"] = Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"PK\x03\x04 not an npy")
