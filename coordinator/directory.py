@@ -20,7 +20,7 @@ from coordinator.replies import QueryAnswer, read_query_answer
 
 log = logging.getLogger("fedsite.coordinator")
 
-QUERY_TIMEOUT = 600.0
+QUERY_TIMEOUT = 120.0  # a node that has not answered by then is named by its node id (it may still train)
 
 
 class ClientDirectory:

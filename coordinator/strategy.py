@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from coordinator.aggregate import Aggregator, train_factors
 from coordinator.client_dp import ClientLevelDP
-from coordinator.directory import ClientDirectory
+from coordinator.directory import QUERY_TIMEOUT, ClientDirectory
 from coordinator.ledger import PrivacyLedger
 from coordinator.offsite import KIND_EMULATOR, KIND_LORA, OffsiteTrack, join_tracks, split_tracks
 from coordinator.planner import Planner, planner_for
@@ -121,7 +121,8 @@ class FedsiteStrategy(FedAvg):
             messages = self.planner.plan_round(server_round, messages, arrays, grid)
             refused = self.directory.adopt((node, self.planner.partition_of(node)) for node in sampled)
         else:
-            refused = self.directory.query([m.metadata.dst_node_id for m in messages], grid)
+            timeout = min(QUERY_TIMEOUT, float(getattr(self.recorder.config, "round_timeout", QUERY_TIMEOUT)))
+            refused = self.directory.query([m.metadata.dst_node_id for m in messages], grid, timeout)
         for node, reason in refused:  # the node is named by its node id
             self.recorder.record_client({"round": server_round, "phase": "query", "node_id": node, "client_id": node, "status": "rejected", "reason": reason})
         if self.offsite is not None:
