@@ -104,8 +104,12 @@ def save_checkpoint(
     arrays: dict[str, np.ndarray],
     aggregator: Aggregator | None = None,
     client_dp: ClientLevelDP | None = None,
+    strategy_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Atomically write the state after `server_round` into the recorder's results folder (mode 0600)."""
+    """Atomically write the state after `server_round` into the recorder's results folder (mode 0600).
+
+    `strategy_state` is the strategy's own JSON-able state (`FedsiteStrategy.state_dict`), read
+    back from `Checkpoint.meta["strategy"]`."""
     out = recorder.out
     meta = {
         "version": VERSION,
@@ -113,6 +117,7 @@ def save_checkpoint(
         "config": recorder.config.to_flat(),
         "recorder": {"initial": recorder.initial, "rounds": recorder.rounds, "jsonl": _jsonl_sizes(out)},
         "client_dp": client_dp.state_dict() if client_dp is not None else None,
+        "strategy": strategy_state,
         "rng": _rng_state(),
     }
     payload = {f"global/{k}": np.asarray(v) for k, v in arrays.items()}

@@ -28,6 +28,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from aggregation.hetero_rank import pad_to_rank, truncate_to_rank
+from coordinator.replies import read_query_answer
 from finetune.base_delta import BASE_PREFIX, BASE_RULES
 from protos.tensors import from_array_record, to_array_record
 
@@ -213,6 +214,10 @@ class Planner:
         )
         return out
 
+    def partition_of(self, node: int) -> int:
+        """The partition id `node` answered (-1: none, or not asked yet)."""
+        return self._partition.get(node, -1)
+
     def profile_for(self, node: int) -> DeviceProfile:
         pid = self._partition.get(node, -1)
         if pid >= 0:
@@ -228,19 +233,16 @@ class Planner:
         queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
         for reply in grid.send_and_receive(queries, timeout=QUERY_TIMEOUT):
             node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("node %d did not say who it is (%s); default profile", node, reply.error.reason)
-                self._partition[node] = -1
-                continue
-            info = reply.content.config_records.get("client")
-            self._partition[node] = int(info.get("partition-id", -1)) if info else -1
-            self._named[node] = str(info.get("profile", "")) if info else ""
-            if info and "holds-backbone" in info:  # a deployed client describes its own device
+            answer, reason = read_query_answer(reply)  # checked: never raises on what a node answers
+            if reason:
+                log.warning("node %d did not say who it is (%s); default profile", node, reason)
+            if answer.partition_id >= int(self.run["clients"]):
+                log.warning("node %d answered partition id %d, outside the run's %s clients; default profile", node, answer.partition_id, self.run["clients"])
+            self._partition[node] = answer.partition_id if answer.partition_id < int(self.run["clients"]) else -1
+            self._named[node] = answer.profile
+            if answer.memory_gb is not None:  # a deployed client describes its own device
                 self._reported[node] = DeviceProfile(
-                    self._named[node] or f"node-{node}",
-                    memory_gb=float(info.get("memory-gb", 0.0)),
-                    holds_backbone=bool(info["holds-backbone"]),
-                    quantized=bool(info.get("quantized", False)),
+                    answer.profile or f"node-{node}", memory_gb=answer.memory_gb, holds_backbone=answer.holds_backbone, quantized=answer.quantized
                 ).validate()
         for node in unknown:
             self._partition.setdefault(node, -1)

@@ -2,8 +2,10 @@
 
     config.toml       the exact configuration (reusable with `fedsite simulate --config`)
     metrics.jsonl     one object per round: central eval, train loss, participation, bytes
-    clients.jsonl     one object per client update: examples, loss, bytes, accepted or why not
-    privacy.jsonl     the privacy ledger: per client per round (local DP) or per round (client DP)
+    clients.jsonl     one object per client update: examples, loss, bytes, accepted or why not;
+                      also rejected evaluate replies and refused query answers ("phase")
+    privacy.jsonl     the privacy ledger: per client per round (local DP, epsilon recomputed by
+                      the coordinator beside the client's own) or per round (client DP)
     summary.json      initial and final evaluation, per task
     summary.md        the same for people, with a per-round table
     curves.png        accuracy and loss per round
@@ -54,7 +56,8 @@ class RunRecorder:
             f.write(json.dumps(entry) + "\n")
 
     def record_privacy(self, entry: dict[str, Any]) -> None:
-        """One ledger line: mechanism, noise, sampling, steps, delta, epsilon (enough to recompute it)."""
+        """One ledger line: mechanism, noise, sampling, steps, delta, epsilon (enough to recompute it;
+        local DP: see coordinator/ledger.py)."""
         with (self.out / "privacy.jsonl").open("a") as f:
             f.write(json.dumps(entry) + "\n")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -44,8 +45,11 @@ from flwr.serverapp import Grid
 from aggregation.lora import factor_keys
 from coordinator.aggregate import Aggregator, train_factors
 from coordinator.client_dp import ClientLevelDP
+from coordinator.directory import ClientDirectory
+from coordinator.ledger import PrivacyLedger
+from coordinator.replies import TRAIN_METRICS, Rejected, error_text, read_dp, read_evaluate_metrics, read_metrics, record_fields
 from coordinator.results import RunRecorder
-from coordinator.strategy import local_dp_entry
+from coordinator.round_bounds import evaluation_summary, weighted
 from finetune.config import FedsiteConfig
 
 log = logging.getLogger("fedsite.coordinator")
@@ -84,10 +88,12 @@ class CountingGrid:
     bytes received, and which client dropped out at which stage with what error.
     """
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, clients: int = 0) -> None:
         self._grid = grid
-        self.names: dict[int, int] = {}  # node -> client id (from the replies' tags), kept across rounds
+        # node -> name: the partition id of the node's first tag if in [0, clients) and no other node's, else the node id
+        self.directory = ClientDirectory(clients)
         self.reset()
+
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -106,12 +112,15 @@ class CountingGrid:
             node = reply.metadata.src_node_id
             answered.add(node)
             stage = stages.get(node, "other")
-            if reply.has_error():
-                self.dropped.setdefault(node, (stage, f"client error: {reply.error.reason}"))
+            if reply.has_error() or not reply.has_content():
+                text = error_text(getattr(reply.error, "reason", None)) if reply.has_error() else None
+                self.dropped.setdefault(node, (stage, f"client error: {text}" if text else "client error (no reason given)"))
                 continue
+            # the SecAgg+ ClientApp answers no query: its tag is its who-am-I answer, taken once per node
             tag = reply.content.metric_records.get(CLIENT_RECORD)
-            if tag is not None and int(tag.get("client-id", -1)) >= 0:
-                self.names[node] = int(tag["client-id"])
+            claimed = tag.get("client-id") if tag is not None else None
+            if not self.directory.knows(node) and isinstance(claimed, int) and not isinstance(claimed, bool):
+                self.directory.learn(node, claimed)
             size = message_nbytes(reply)
             self.stage_bytes[stage] += size
             self.node_bytes[node] += size
@@ -153,11 +162,11 @@ class RecordedSecAggPlus(SecAggPlusWorkflow):
         alive, needed = len(state.active_node_ids), state.threshold
         reason = f"secure aggregation halted at stage {stage}: {alive} of {len(state.sampled_node_ids)} sampled clients left, {needed} needed to unmask"
         log.warning("%s; the global adapter stays as it was", reason)
-        names = self.counter.names
+        name = self.counter.directory.name
         server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
         rejected = dropouts(self.counter)
         masked = [proxy.node_id for proxy, _ in state.legacy_results if proxy.node_id not in self.counter.dropped]
-        rejected += [{"client": names.get(node, node), "node_id": node, "stage": stage, "reason": f"masked update discarded: {reason}"} for node in masked]
+        rejected += [{"client": name(node), "node_id": node, "stage": stage, "reason": f"masked update discarded: {reason}"} for node in masked]
         for entry in rejected:
             self.recorder.record_client({"round": server_round, **entry, "status": "rejected"})
         self.recorder.record(secure_halted=reason, contributors=[], rejected=rejected)
@@ -165,7 +174,7 @@ class RecordedSecAggPlus(SecAggPlusWorkflow):
 
 def dropouts(counter: CountingGrid) -> list[dict]:
     """This round's dropouts: client (id, or node id if it never answered), stage and reason."""
-    return [{"client": counter.names.get(node, node), "node_id": node, "stage": stage, "reason": reason} for node, (stage, reason) in counter.dropped.items()]
+    return [{"client": counter.directory.name(node), "node_id": node, "stage": stage, "reason": reason} for node, (stage, reason) in counter.dropped.items()]
 
 
 def check_sum(mean: NamedArrays, current: NamedArrays) -> str | None:
@@ -214,6 +223,7 @@ class SecureStrategy(LegacyFedAvg):
         self.client_dp = client_dp
         self._started = 0.0
         self._sample_rate = 1.0
+        self.ledger = PrivacyLedger(config.delta)
 
     def _round_config(self, server_round: int) -> dict:
         factors = train_factors(self.config.aggregation, server_round)
@@ -234,8 +244,7 @@ class SecureStrategy(LegacyFedAvg):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list) -> tuple[Parameters | None, dict]:
         """`results` all carry the same unmasked weighted mean; their metrics are the clients' own."""
         started = time.perf_counter()
-        names = self.counter.names
-        contributors = [names.get(proxy.node_id, proxy.node_id) for proxy, _ in results]
+        contributors = [self.counter.directory.name(proxy.node_id) for proxy, _ in results]
         rejected = dropouts(self.counter)
         for entry in rejected:
             self.recorder.record_client({"round": server_round, **entry, "status": "rejected"})
@@ -257,24 +266,31 @@ class SecureStrategy(LegacyFedAvg):
         else:
             new = self.aggregator(self.current, [mean], [1.0], server_round)
         self.current = {k: np.asarray(new[k], dtype=self.current[k].dtype) for k in self.keys}
-        examples = [float(res.metrics.get("num-examples", 0)) for _, res in results]
-        total = sum(examples) or 1.0
-        train_loss = sum(float(res.metrics.get("train-loss", 0.0)) * n for (_, res), n in zip(results, examples)) / total
-        for (proxy, res), client in zip(results, contributors):
-            entry = {"round": server_round, "node_id": proxy.node_id, **{k.replace("-", "_"): v for k, v in res.metrics.items()}}
-            self.recorder.record_client({**entry, "upload_bytes": self.counter.node_bytes.get(proxy.node_id, 0), "status": "accepted"})
-            if "dp-epsilon" in res.metrics:  # local DP-SGD composes with masking: same ledger as the plain path
-                self.recorder.record_privacy(local_dp_entry(server_round, client, res.metrics))
+        examples = []
+        for (proxy, res), client in zip(results, contributors):  # each client's own metrics: checked, never trusted
+            metrics, _, reason = read_metrics(res.metrics, TRAIN_METRICS)
+            dp, dp_reason = read_dp(metrics) if reason is None else (None, None)
+            reason = reason or dp_reason
+            weight = min(float(metrics.get("num-examples", 0)), self.config.secure_max_weight, float(self.config.max_client_examples or math.inf))
+            examples.append((metrics.get("train-loss") if reason is None else None, weight))
+            entry = {"round": server_round, "node_id": proxy.node_id, "client_id": client, **record_fields(metrics)}
+            entry.update({"upload_bytes": self.counter.node_bytes.get(proxy.node_id, 0), "status": "accepted"})
+            if reason is not None:  # its masked update is in the sum already; its metrics are not used
+                entry["metrics_rejected"] = reason
+            self.recorder.record_client(entry)
+            if dp is not None:  # local DP-SGD composes with masking: same ledger as the plain path
+                self.recorder.record_privacy({**self.ledger.entry(server_round, client, proxy.node_id, dp), "secure": True})
+        train_loss = weighted(examples)
         self.recorder.record(
             aggregation=self.aggregator.rule,
             contributors=sorted(contributors),
             rejected=rejected,
             train_loss=train_loss,
-            train_examples=int(sum(examples)),
+            train_examples=int(sum(w for _, w in examples)),
             secure_masked_bytes=self.counter.stage_bytes.get("collect_masked_vectors", 0),
             aggregation_seconds=time.perf_counter() - started,
         )
-        log.info("round %d: unmasked the sum of %d updates (%d dropped out), train loss %.3f", server_round, len(results), len(rejected), train_loss)
+        log.info("round %d: unmasked the sum of %d updates (%d dropped out), train loss %s", server_round, len(results), len(rejected), "n/a" if train_loss is None else f"{train_loss:.3f}")
         return ndarrays_to_parameters([self.current[k] for k in self.keys]), {}
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict] | None:
@@ -283,19 +299,26 @@ class SecureStrategy(LegacyFedAvg):
         return float(metrics["eval-loss"]), metrics
 
     def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple[float | None, dict]:
-        rows = [res for _, res in results if "eval-accuracy" in res.metrics and res.num_examples > 0]
-        if not rows:
+        rows = []
+        for proxy, res in results:
+            outcome = read_evaluate_metrics({**res.metrics, "num-examples": res.num_examples})
+            if isinstance(outcome, Rejected):
+                client = self.counter.directory.name(proxy.node_id)
+                self.recorder.record_client({"round": server_round, "phase": "evaluate", "node_id": proxy.node_id, "client_id": client, "status": "rejected", "reason": outcome.reason})
+            elif outcome is not None:
+                rows.append(outcome)
+        cap = min(c for c in (self.config.max_client_examples, self.config.client_eval_examples, math.inf) if c > 0)
+        summary = evaluation_summary(rows, 0 if math.isinf(cap) else int(cap), self.config.max_weight_share)
+        if summary is None:
             return None, {}
-        total = sum(res.num_examples for res in rows)
-        accuracy = sum(float(res.metrics["eval-accuracy"]) * res.num_examples for res in rows) / total
-        loss = sum(float(res.metrics["eval-loss"]) * res.num_examples for res in rows) / total
+        accuracy, loss = summary
         self.recorder.record(federated_eval_accuracy=accuracy, federated_eval_loss=loss, federated_eval_clients=len(rows))
         return loss, {"eval-accuracy": accuracy}
 
 
 def run_secure(grid: Grid, config: FedsiteConfig, recorder: RunRecorder, initial: NamedArrays, evaluate_round: EvaluateRound) -> NamedArrays:
     """Federate `config.num_server_rounds` rounds through SecAgg+; return the final global arrays."""
-    counter = CountingGrid(grid)
+    counter = CountingGrid(grid, config.clients)
     from coordinator.server_app import client_level_dp  # server_app imports this module lazily
 
     strategy = SecureStrategy(config, recorder, initial, evaluate_round, counter, client_level_dp(config))

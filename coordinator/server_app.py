@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from coordinator.aggregate import Aggregator
 from coordinator.checkpoint import load_checkpoint, remove_checkpoint, restore, save_checkpoint
 from coordinator.client_dp import ClientLevelDP
+from coordinator.directory import assigned_train_examples
 from coordinator.grid import quick
 from coordinator.offsite import OffsiteTrack, join_tracks, offsite_evaluation, offsite_wanted, prepare_offsite, split_tracks
 from coordinator.results import RunRecorder
@@ -59,7 +60,11 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
         fraction_evaluate=config.fraction_evaluate,
         min_train_clients=min(config.min_train_clients, config.clients),
         max_update_norm=config.max_update_norm,
+        max_update_norm_multiple=config.max_update_norm_multiple,
         max_update_bytes=int(config.max_update_mb * 1e6),
+        max_client_examples=config.max_client_examples,
+        max_weight_share=config.max_weight_share,
+        assigned_examples=assigned_train_examples(config),
         client_dp=client_level_dp(config),
     )
     if offsite_wanted(config, strategy.planner):  # some clients get an emulator instead of the backbone
@@ -71,6 +76,7 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
     start = initial
     if checkpoint is not None:
         restore(checkpoint, recorder, aggregator, strategy.client_dp)
+        strategy.load_state_dict(checkpoint.meta.get("strategy") or {})  # privacy ledger histories, norm references
         strategy.round_offset, start = checkpoint.round, checkpoint.arrays
 
     def central_evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -81,7 +87,7 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
         current = from_array_record(arrays)
         metrics = evaluate_round(server_round, current, seconds)
         if server_round:
-            save_checkpoint(recorder, server_round, current, aggregator, strategy.client_dp)
+            save_checkpoint(recorder, server_round, current, aggregator, strategy.client_dp, strategy.state_dict())
         return MetricRecord(metrics)
 
     result = strategy.start(

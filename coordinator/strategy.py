@@ -1,7 +1,13 @@
-"""The Fedsite strategy: Flower's FedAvg sampling, with validated, recorded LoRA aggregation.
+"""The Fedsite strategy: Flower's FedAvg sampling, with validated, bounded, recorded LoRA aggregation.
 
-Every reply is checked against the current global arrays before it can reach the aggregate;
-a bad one is rejected with a reason in the round's metrics and the round goes on.
+Every reply is untrusted input. It goes through one checked decoding step
+(`coordinator.replies`: metric schema, byte budget before allocation, codec and update
+validation against the arrays the client was sent); then the round-level bounds
+(`coordinator.round_bounds`: a norm bound relative to the round's median by default, the
+example cap, the weight-share cap) decide what reaches the aggregate. A bad reply is rejected
+with a one-line reason in clients.jsonl and the round's metrics, and the round goes on; no
+exception from client content reaches Flower. Records name clients by their authenticated
+node id, or the partition id the coordinator learned for that node (`coordinator.directory`).
 """
 
 from __future__ import annotations
@@ -9,43 +15,30 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from aggregation.validate import validate_update
 from coordinator.aggregate import Aggregator, train_factors
 from coordinator.client_dp import ClientLevelDP
+from coordinator.directory import QUERY_TIMEOUT, ClientDirectory
+from coordinator.ledger import PrivacyLedger
 from coordinator.offsite import KIND_EMULATOR, KIND_LORA, OffsiteTrack, join_tracks, split_tracks
 from coordinator.planner import Planner, planner_for
+from coordinator.replies import EvalReply, Rejected, read_evaluate_reply, read_train_reply
 from coordinator.results import RunRecorder
+from coordinator.round_bounds import ReplyBounds, ReplyRow, assign_weights, bound_norms, client_entry, evaluation_summary, weighted
 from finetune.base_delta import split_base
-from protos.codecs import CodecError
 from protos.tensors import from_array_record, to_array_record
-from protos.updates import decode_update
 
 log = logging.getLogger("fedsite.coordinator")
 
 
-def local_dp_entry(server_round: int, client: int, metrics: dict) -> dict:
-    """A privacy-ledger line from the dp-* metrics a local-DP client reports."""
-    fields = ("noise-multiplier", "sample-rate", "steps", "total-steps", "delta", "epsilon")
-    entry = {"round": server_round, "client": client, "mechanism": "local-dp-sgd", "accountant": "rdp"}
-    entry.update({name.replace("-", "_"): metrics[f"dp-{name}"] for name in fields})
-    entry["steps"], entry["total_steps"] = int(entry["steps"]), int(entry["total_steps"])
-    return entry
-
-
-def client_name(msg: Message, metrics: dict) -> int:
-    """A simulated client's partition id (readable), else the Flower node id."""
-    client_id = metrics.get("client-id", -1)
-    return int(client_id) if isinstance(client_id, int) and client_id >= 0 else int(msg.metadata.src_node_id)
-
-
 class FedsiteStrategy(FedAvg):
-    """FedAvg over LoRA arrays, weighted by each client's number of training examples."""
+    """FedAvg over LoRA arrays, weighted by each client's (capped) number of training examples."""
 
     def __init__(
         self,
@@ -55,8 +48,12 @@ class FedsiteStrategy(FedAvg):
         fraction_train: float,
         fraction_evaluate: float,
         min_train_clients: int,
-        max_update_norm: float = 0.0,
+        max_update_norm: float = -1.0,
+        max_update_norm_multiple: float = 5.0,
         max_update_bytes: int = 0,
+        max_client_examples: int = 100000,
+        max_weight_share: float = 0.0,
+        assigned_examples: Callable[[int], int | None] | None = None,
         client_dp: ClientLevelDP | None = None,
         planner: Planner | None = None,
         offsite: OffsiteTrack | None = None,
@@ -75,8 +72,18 @@ class FedsiteStrategy(FedAvg):
         # per-client packages, dropouts and stragglers when the run has a population (else None)
         self.planner = planner if planner is not None else planner_for(recorder.config)
         self._sample_rate = 1.0
-        # 0 disables a bound; the norm bounds the distance from the current global arrays
-        self.bounds = {"max_norm": max_update_norm or None, "max_bytes": max_update_bytes or None, "relative": True}
+        # norms bound the distance from the arrays each client was sent; see round_bounds.ReplyBounds
+        self.bounds = ReplyBounds(max_update_norm, max_update_norm_multiple, max_update_bytes, max_client_examples, max_weight_share)
+        # simulation: partition id -> the training examples the run assigned it (a client cannot have more)
+        self.assigned_examples = assigned_examples
+        config = recorder.config
+        self.directory = ClientDirectory(getattr(config, "clients", 0))
+        self.ledger = PrivacyLedger(getattr(config, "delta", None))
+        # a client evaluates at most client-eval-examples: the tighter of that and the run's cap weighs its reply
+        caps = [c for c in (max_client_examples, int(getattr(config, "client_eval_examples", 0))) if c > 0]
+        self._eval_cap = min(caps) if caps else 0
+        self._norm_reference: dict[str, float] = {}  # track -> median accepted norm of the last round that had one
+        self._errors_logged: set[str] = set()
         self._global: dict[str, np.ndarray] = {}
         self._round_started = 0.0
         # a resumed run: Flower counts rounds from 1 again, the run goes on after the checkpoint's round
@@ -89,6 +96,16 @@ class FedsiteStrategy(FedAvg):
         self._kinds: dict[int, str] = {}  # node id -> the kind of package it was sent this round
         self._emulator_nodes: set[int] = set()  # never sent the LoRA track, not even to evaluate
 
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the strategy: the DP ledger's histories and the norm references."""
+        return {"ledger": self.ledger.state_dict(), "norm_reference": dict(self._norm_reference)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ledger.load_state_dict(state.get("ledger", {}))
+        self._norm_reference = {str(k): float(v) for k, v in state.get("norm_reference", {}).items()}
+
+    # ----------------------------------------------------------------------------- train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._round_started = time.perf_counter()
         server_round += self.round_offset
@@ -100,7 +117,14 @@ class FedsiteStrategy(FedAvg):
         self._sample_rate = len(messages) / max(1, len(list(grid.get_node_ids())))
         self.recorder.record(sampled=len(messages))
         if self.planner is not None:
+            sampled = [m.metadata.dst_node_id for m in messages]
             messages = self.planner.plan_round(server_round, messages, arrays, grid)
+            refused = self.directory.adopt((node, self.planner.partition_of(node)) for node in sampled)
+        else:
+            timeout = min(QUERY_TIMEOUT, float(getattr(self.recorder.config, "round_timeout", QUERY_TIMEOUT)))
+            refused = self.directory.query([m.metadata.dst_node_id for m in messages], grid, timeout)
+        for node, reason in refused:  # the node is named by its node id
+            self.recorder.record_client({"round": server_round, "phase": "query", "node_id": node, "client_id": node, "status": "rejected", "reason": reason})
         if self.offsite is not None:
             messages = self.offsite.route(messages, self._offsite_records())
         self._kinds = {m.metadata.dst_node_id: str(m.content["config"].get("package-kind", KIND_LORA)) for m in messages}
@@ -112,98 +136,119 @@ class FedsiteStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         started = time.perf_counter()
         server_round += self.round_offset
-        accepted: list[tuple[int, dict[str, np.ndarray], dict]] = []
-        kinds: dict[int, str] = {}  # client -> package kind, to aggregate each kind with its own
-        rejected: list[dict] = []
+        rows: list[ReplyRow] = []
         for msg in replies:
-            reason, update, metrics = self._read_reply(msg)
-            node = client_name(msg, metrics)
-            entry = {"round": server_round, "node_id": msg.metadata.src_node_id, **{k.replace("-", "_"): v for k, v in metrics.items()}}
-            if self.planner is not None and not msg.has_error():
-                late, simulated = self.planner.check_reply(msg.metadata.src_node_id, metrics)
-                entry.update(simulated)
-                reason = reason or late
-            if reason is None:
-                accepted.append((node, update, metrics))
-                kinds[node] = self._kinds.get(msg.metadata.src_node_id, KIND_LORA)
-                entry["status"] = "accepted"
-                if "dp-epsilon" in metrics:
-                    self.recorder.record_privacy(local_dp_entry(server_round, node, metrics))
-            else:
-                rejected.append({"client": node, "reason": reason})
-                entry.update(status="rejected", reason=reason)
-                log.warning("round %d: rejected update from client %d: %s", server_round, node, reason)
-            self.recorder.record_client(entry)
-            self._awaited.discard(msg.metadata.src_node_id)
+            node = int(msg.metadata.src_node_id)
+            row = ReplyRow(node, self.directory.name(node), self._kinds.get(node, KIND_LORA))
+            try:
+                self._read_reply(msg, row)
+            except Exception as err:  # last line of defence: one reply never takes the round down
+                row.reply, row.reason = None, self._internal_error(err)
+            rows.append(row)
+            self._awaited.discard(node)
+        if self.bounds.adaptive and self.client_dp is None:  # DP-FedAvg clips every update instead
+            self._norm_reference = bound_norms(rows, self.bounds.norm_multiple, self._norm_reference)
+        assign_weights(rows, self.bounds, self._limit_of)
+        rejected = [{"client": row.client, "reason": row.reason} for row in rows if not row.accepted]
+        for row in rows:
+            self.recorder.record_client(client_entry(server_round, row))
+            if not row.accepted:
+                log.warning("round %d: rejected update from client %d: %s", server_round, row.client, row.reason)
+            dp = row.reply.dp if row.reply is not None else row.dp
+            if dp is not None:  # the client spent this budget whatever became of its update
+                self.recorder.record_privacy(self.ledger.entry(server_round, row.client, row.node_id, dp, row.accepted))
         if self._awaited:  # killed, disconnected or slower than round-timeout: the round goes on without them
             log.warning("round %d: no reply from %d sampled client(s) within round-timeout, dropped: %s", server_round, len(self._awaited), sorted(self._awaited))
             self.recorder.record(dropped=sorted(self._awaited))
         if self.planner is not None:
             self.recorder.record(**self.planner.round_record())
 
-        if not accepted:
+        accepted = [row for row in rows if row.accepted]
+        new_global = self._aggregate(server_round, accepted) if accepted else None
+        if new_global is None:
             log.warning("round %d: no valid update; the global adapter stays as it was", server_round)
             self.recorder.record(aggregation=self.aggregator.rule, contributors=[], rejected=rejected, upload_bytes=0, aggregation_seconds=0.0)
             return None, None
-
-        weights = [float(m["num-examples"]) for _, _, m in accepted]
-        by_kind = {kind: [(n, u, w) for (n, u, _), w in zip(accepted, weights) if kinds[n] == kind] for kind in (KIND_LORA, KIND_EMULATOR)}
-        new_global = self._aggregate_lora(server_round, by_kind[KIND_LORA]) if by_kind[KIND_LORA] else self._global
-        new_offsite = self._offsite_global
-        if by_kind[KIND_EMULATOR]:  # offsite updates are averaged only among offsite clients
-            _, updates, kind_weights = zip(*by_kind[KIND_EMULATOR])
-            new_offsite = self.offsite_aggregator(self._offsite_global, list(updates), list(kind_weights), server_round)
-        if self.offsite is not None:
-            self.recorder.record(contributors_by_kind={kind: [n for n, _, _ in group] for kind, group in by_kind.items()})
-            new_global = join_tracks(new_global, new_offsite)
-        total = sum(weights)
-        train_loss = sum(float(m.get("train-loss", 0.0)) * w for (_, _, m), w in zip(accepted, weights)) / total
-        upload = int(sum(int(m.get("upload-bytes", 0)) for _, _, m in accepted))
+        train_loss = weighted((row.reply.metrics.get("train-loss"), row.weight) for row in accepted)
+        examples = int(sum(row.examples for row in accepted))
+        upload = int(sum(row.reply.metrics.get("upload-bytes", 0) for row in accepted))
         self.recorder.record(
             aggregation=self.aggregator.rule,
-            contributors=[node for node, _, _ in accepted],
+            contributors=[row.client for row in accepted],
             rejected=rejected,
             train_loss=train_loss,
-            train_examples=int(total),
+            train_examples=examples,
             upload_bytes=upload,
             aggregation_seconds=time.perf_counter() - started,
         )
-        log.info("round %d: aggregated %d updates (%d rejected), train loss %.3f", server_round, len(accepted), len(rejected), train_loss)
-        return to_array_record(new_global), MetricRecord({"train-loss": train_loss, "num-examples": int(total), "upload-bytes": upload})
+        log.info("round %d: aggregated %d updates (%d rejected), train loss %s", server_round, len(accepted), len(rejected), "n/a" if train_loss is None else f"{train_loss:.3f}")
+        metrics = {"num-examples": examples, "upload-bytes": upload, **({"train-loss": train_loss} if train_loss is not None else {})}
+        return to_array_record(new_global), MetricRecord(metrics)
 
-    def _aggregate_lora(self, server_round: int, group: list[tuple[int, dict[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
+    def _read_reply(self, msg: Message, row: ReplyRow) -> None:
+        """Fill `row` from one reply: the checked reply, or why it is rejected."""
+        # a HetLoRA client of rank r was sent (and returns) the first r rank directions
+        track = self._offsite_global if row.kind == KIND_EMULATOR else self._global
+        track = split_base(track)[0]  # clients return LoRA arrays only, never the base-weight update
+        base, row.rank = self.planner.base_for(row.node_id, track) if self.planner else (track, 0)
+        outcome = read_train_reply(msg, base, max_update_bytes=self.bounds.max_update_bytes or None, max_norm=self.bounds.absolute_norm)
+        row.metrics, row.dropped = outcome.metrics, outcome.dropped
+        if isinstance(outcome, Rejected):
+            row.reason, row.dp = outcome.reason, outcome.dp
+        else:
+            row.reply = outcome
+        if self.planner is not None and not msg.has_error():
+            late, row.extra = self.planner.check_reply(row.node_id, row.metrics)
+            row.reason = row.reason or late
+        if row.accepted and row.rank:
+            row.reply.update = self.planner.restore(row.reply.update, row.rank)
+
+    def _limit_of(self, row: ReplyRow) -> int | None:
+        """The examples the run assigned this client (simulation, a learned partition id), else None."""
+        partition = self.directory.partition_of(row.node_id)
+        return None if self.assigned_examples is None or partition is None else self.assigned_examples(partition)
+
+    def _aggregate(self, server_round: int, accepted: list[ReplyRow]) -> dict[str, np.ndarray] | None:
+        """The new global arrays from the accepted rows (each track with its own rule), or None."""
+        by_kind = {kind: [row for row in accepted if row.kind == kind] for kind in (KIND_LORA, KIND_EMULATOR)}
+        try:
+            new_global = self._aggregate_lora(server_round, by_kind[KIND_LORA]) if by_kind[KIND_LORA] else self._global
+            new_offsite = self._offsite_global
+            if by_kind[KIND_EMULATOR]:  # offsite updates are averaged only among offsite clients
+                group = by_kind[KIND_EMULATOR]
+                new_offsite = self.offsite_aggregator(self._offsite_global, [r.reply.update for r in group], [r.weight for r in group], server_round)
+        except Exception as err:  # validated input should never get here; the round keeps the old adapter
+            log.exception("round %d: aggregation failed (%s)", server_round, type(err).__name__)
+            self.recorder.record(aggregation_error=f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+            return None
+        if self.offsite is not None:
+            self.recorder.record(contributors_by_kind={kind: [r.client for r in group] for kind, group in by_kind.items()})
+            new_global = join_tracks(new_global, new_offsite)
+        bad = [key for key, value in new_global.items() if not np.all(np.isfinite(value))]
+        if bad:
+            log.warning("round %d: the aggregate has NaN/Inf in %r; the global adapter stays as it was", server_round, bad[0])
+            self.recorder.record(aggregation_error=f"aggregate has NaN/Inf in {bad[0]!r}")
+            return None
+        return new_global
+
+    def _aggregate_lora(self, server_round: int, group: list[ReplyRow]) -> dict[str, np.ndarray]:
         """The LoRA track's rule (or DP-FedAvg with client-level DP) over its clients' updates."""
-        nodes, updates, weights = (list(x) for x in zip(*group))
+        updates, weights = [row.reply.update for row in group], [row.weight for row in group]
         if self.client_dp is None:
             return self.aggregator(self._global, updates, weights, server_round)
         new_global, ledger = self.client_dp(self._global, updates, self._sample_rate)
-        for node in nodes:
-            self.recorder.record_privacy({"round": server_round, "client": node, **ledger})
+        for row in group:
+            self.recorder.record_privacy({"round": server_round, "client": row.client, "node_id": row.node_id, **ledger})
         self.recorder.record(privacy=ledger)
         return new_global
 
-    def _read_reply(self, msg: Message) -> tuple[str | None, dict[str, np.ndarray], dict]:
-        """(reason or None, update, metrics) of one reply; never raises on a bad client."""
-        if msg.has_error():
-            return f"client error: {msg.error.reason}", {}, {}
-        if "declined" in msg.content.config_records:
-            return f"declined: {msg.content['declined']['reason']}", {}, dict(msg.content.metric_records.get("metrics", {}))
-        try:
-            metrics = dict(msg.content["metrics"])
-            # a HetLoRA client of rank r was sent (and returns) the first r rank directions
-            track = self._offsite_global if self._kinds.get(msg.metadata.src_node_id) == KIND_EMULATOR else self._global
-            track = split_base(track)[0]  # clients return LoRA arrays only, never the base-weight update
-            base, rank = self.planner.base_for(msg.metadata.src_node_id, track) if self.planner else (track, 0)
-            update = decode_update(from_array_record(msg.content["arrays"]), base)
-        except CodecError as err:
-            return f"undecodable update: {err}", {}, {}
-        except (KeyError, TypeError, ValueError) as err:
-            return f"malformed reply: {err}", {}, {}
-        examples = metrics.get("num-examples")
-        if not isinstance(examples, (int, float)) or not examples > 0:
-            return f"num-examples must be positive, got {examples!r}", update, metrics
-        reason = validate_update(update, base, **self.bounds)
-        return reason, (self.planner.restore(update, rank) if reason is None and rank else update), metrics
+    def _internal_error(self, err: Exception) -> str:
+        """A bug met by a reply: logged (with the traceback the first time per type), never raised."""
+        name = type(err).__name__
+        if name not in self._errors_logged:
+            self._errors_logged.add(name)
+            log.exception("internal error reading a reply (%s); it is rejected and the round goes on", name)
+        return f"internal error reading reply: {name}"
 
     def _offsite_records(self) -> Callable[[int], ArrayRecord]:
         """node -> the offsite arrays it trains: the track's global at its package's LoRA rank
@@ -214,6 +259,7 @@ class FedsiteStrategy(FedAvg):
         record_at = self.planner.records_by_rank(self._offsite_global)
         return lambda node: record_at(self.planner.rank_for(node))
 
+    # ----------------------------------------------------------------------------- evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Federated evaluation of the LoRA track on clients that hold the backbone."""
         if self.offsite is None:
@@ -222,15 +268,31 @@ class FedsiteStrategy(FedAvg):
         return [m for m in super().configure_evaluate(server_round, lora, config, grid) if m.metadata.dst_node_id not in self._emulator_nodes]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = [m for m in replies if not m.has_error() and "eval-accuracy" in m.content["metrics"]]
-        if not replies:
+        """Example-weighted (capped) accuracy and loss of the clients' checked evaluation replies."""
+        server_round += self.round_offset
+        rows: list[EvalReply] = []
+        rejected = []
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            try:
+                outcome = read_evaluate_reply(msg)
+            except Exception as err:  # last line of defence
+                outcome = Rejected(self._internal_error(err))
+            if isinstance(outcome, Rejected):
+                client = self.directory.name(node)
+                rejected.append({"client": client, "reason": outcome.reason})
+                self.recorder.record_client({"round": server_round, "phase": "evaluate", "node_id": node, "client_id": client, "status": "rejected", "reason": outcome.reason})
+            elif outcome is not None:
+                rows.append(outcome)
+        if rejected:
+            self.recorder.record(federated_eval_rejected=rejected)
+        summary = evaluation_summary(rows, self._eval_cap, self.bounds.max_weight_share)
+        if summary is None:
             return None
-        rows = [m.content["metrics"] for m in replies]
-        total = sum(float(r["num-examples"]) for r in rows)
-        accuracy = sum(float(r["eval-accuracy"]) * float(r["num-examples"]) for r in rows) / total
-        loss = sum(float(r["eval-loss"]) * float(r["num-examples"]) for r in rows) / total
+        accuracy, loss = summary
         self.recorder.record(federated_eval_accuracy=accuracy, federated_eval_loss=loss, federated_eval_clients=len(rows))
         return MetricRecord({"eval-accuracy": accuracy, "eval-loss": loss})
 
     def round_seconds(self) -> float:
         return time.perf_counter() - self._round_started
+

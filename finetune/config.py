@@ -7,6 +7,7 @@ inside. Unknown keys and values of the wrong type are one-line errors, never ign
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -57,8 +58,13 @@ class FedsiteConfig:
     server_momentum: float = 0.9
     trim_fraction: float = 0.1
     proximal_mu: float = 0.01
-    max_update_norm: float = 0.0  # reject updates farther than this (L2) from the global; 0 = off
+    # norm bound on each update's L2 distance from the global: < 0 = adaptive (max-update-norm-multiple
+    # x the round's reference norm, see aggregation/bounds.py), 0 = off (no norm bound at all), > 0 = this absolute bound
+    max_update_norm: float = -1.0
+    max_update_norm_multiple: float = 5.0  # adaptive bound: reject updates beyond this multiple of the round's median norm
     max_update_mb: float = 0.0  # reject updates larger than this; 0 = off
+    max_client_examples: int = 100000  # cap on a client's reported example count (its weight); 0 = no cap
+    max_weight_share: float = 0.0  # cap on one client's share of the aggregation weights (excess redistributed); 0 = off
     # local training on each client
     local_steps: int = 10
     local_epochs: int = 0  # > 0: train whole epochs instead of `local_steps`
@@ -146,6 +152,11 @@ class FedsiteConfig:
             ("aggregation", self.aggregation in RULES, "one of " + ", ".join(RULES)),
             ("trim-fraction", 0.0 <= self.trim_fraction < 0.5, "in [0, 0.5)"),
             ("proximal-mu", self.proximal_mu >= 0.0, "non-negative"),
+            ("max-update-norm", math.isfinite(self.max_update_norm), "a finite number (< 0 adaptive, 0 off, > 0 an absolute bound)"),
+            ("max-update-norm-multiple", self.max_update_norm_multiple >= 1.0, "at least 1 (the reference update itself must pass)"),
+            ("max-update-mb", self.max_update_mb >= 0.0, "non-negative (0 = off)"),
+            ("max-client-examples", self.max_client_examples >= 0, "non-negative (0 = no cap)"),
+            ("max-weight-share", 0.0 <= self.max_weight_share <= 1.0, "in [0, 1] (0 = off)"),
             ("lora-rank", self.lora_rank >= 1, "a positive integer"),
             ("clients", self.clients >= 1, "at least 1"),
             ("num-server-rounds", self.num_server_rounds >= 1, "at least 1"),

@@ -26,6 +26,9 @@ from collections.abc import Mapping
 from functools import cache
 
 import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from protos.tensors import MAX_NDIM, TensorError, from_array_record
 
 CODECS = ("fp32", "fp16", "int8", "4bit")
 HEADER_KEY = "__codec__"
@@ -166,17 +169,24 @@ def encode(named: Mapping[str, np.ndarray], codec: str, topk: float | None = Non
     return payload
 
 
-def _as_numpy(value: object) -> np.ndarray:
-    """Accept numpy arrays and anything with .numpy() (Flower `Array`, CPU torch tensors)."""
-    return value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) else np.asarray(value)
+def _as_numpy(value: object, key: str = "value") -> np.ndarray:
+    """Accept numpy arrays, Flower `Array`s (read without np.load, see protos.tensors) and CPU torch tensors."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, Array):
+        try:
+            return from_array_record(ArrayRecord(array_dict={key: value}))[key]
+        except TensorError as err:
+            raise CodecError(str(err)) from None
+    return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
 
 def _parse_header(payload: Mapping[str, np.ndarray]) -> tuple[str, bool]:
     if HEADER_KEY not in payload:
         raise CodecError(f"payload has no {HEADER_KEY!r} header")
     raw = payload[HEADER_KEY]
-    if raw.dtype != np.uint8 or raw.ndim != 1 or (raw >= 128).any():
-        raise CodecError(f"payload header {HEADER_KEY!r} is not a uint8 ASCII string")
+    if raw.dtype != np.uint8 or raw.ndim != 1 or raw.size > 32 or (raw >= 128).any():
+        raise CodecError(f"payload header {HEADER_KEY!r} is not a short uint8 ASCII string")
     header = raw.tobytes().decode("ascii")
     codec, plus, flag = header.partition("+")
     if codec not in CODECS or (plus and flag != "topk"):
@@ -192,17 +202,28 @@ def _part(name: str, parts: Mapping[str, np.ndarray], part: str, dtype: type, si
     return value
 
 
-def _checked(name: str, parts: Mapping[str, np.ndarray], codec: str, sparse: bool):
-    """(shape, idx or None, q, scale or None) of one tensor, every part validated."""
+def _checked(name: str, parts: Mapping[str, np.ndarray], codec: str, sparse: bool, want_shape: tuple[int, ...] | None, known: bool):
+    """(shape, idx or None, q, scale or None) of one tensor, every part validated.
+
+    `want_shape` is the shape the tensor must have (None: any); `known` says whether the caller
+    expects this tensor at all. Top-k allocates the whole tensor from its declared shape, so an
+    unknown tensor may only come dense (it then allocates no more than the payload carries).
+    """
     expected = {"shape", "q"} | ({"scale"} if codec in ("int8", "4bit") else set()) | ({"idx"} if sparse else set())
     if missing := expected - parts.keys():
         raise CodecError(f"tensor {name!r}: missing {', '.join(sorted(missing))} for codec {codec}")
     if extra := parts.keys() - expected:
         raise CodecError(f"tensor {name!r}: unexpected {', '.join(sorted(extra))} for codec {codec}")
     shape_arr = _part(name, parts, "shape", np.int32, None)
+    if shape_arr.size > MAX_NDIM:
+        raise CodecError(f"tensor {name!r}: shape has {shape_arr.size} dimensions, at most {MAX_NDIM}")
     shape = tuple(int(d) for d in shape_arr)
     if min(shape, default=0) < 0 or (n := math.prod(shape)) > MAX_ELEMENTS:
         raise CodecError(f"tensor {name!r}: shape {list(shape)} is negative or over {MAX_ELEMENTS} elements")
+    if want_shape is not None and shape != tuple(want_shape):
+        raise CodecError(f"tensor {name!r}: shape {list(shape)}, expected {list(want_shape)}")
+    if sparse and not known:
+        raise CodecError(f"unknown key {name} (top-k of a tensor the receiver does not hold)")
     idx = _part(name, parts, "idx", np.int32, None) if sparse else None
     if idx is not None and (idx.size > n or (idx.size and (idx[0] < 0 or idx[-1] >= n or (np.diff(idx) <= 0).any()))):
         raise CodecError(f"tensor {name!r}: idx must be increasing flat indices in [0, {n})")
@@ -219,13 +240,16 @@ def _checked(name: str, parts: Mapping[str, np.ndarray], codec: str, sparse: boo
     return shape, idx, q, scale
 
 
-def decode(payload: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def decode(payload: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
     """Decode a payload from `encode` into float32 arrays of the original shapes, in order.
 
     Everything is checked before use (header, parts, dtypes, lengths, indices, scales):
-    a malformed or tampered payload raises `CodecError` naming the tensor.
+    a malformed or tampered payload raises `CodecError` naming the tensor. With `expected`
+    (name -> shape, e.g. the global arrays the sender was given), a declared shape must match
+    before anything is allocated, and top-k tensors must be among the expected ones: decoding
+    then allocates at most the expected arrays plus what the payload itself carries.
     """
-    arrays = {key: _as_numpy(value) for key, value in payload.items()}
+    arrays = {key: _as_numpy(value, str(key)) for key, value in payload.items()}
     codec, sparse = _parse_header(arrays)
     grouped: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
@@ -234,7 +258,10 @@ def decode(payload: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             raise CodecError(f"unexpected payload key {key!r}")
         if key != HEADER_KEY:
             grouped.setdefault(name, {})[part] = value
-    checked = {name: _checked(name, parts, codec, sparse) for name, parts in grouped.items()}
+    checked = {
+        name: _checked(name, parts, codec, sparse, None if expected is None else expected.get(name), expected is None or name in expected)
+        for name, parts in grouped.items()
+    }
     if codec == "4bit":
         sizes = [math.prod(shape) if idx is None else idx.size for shape, idx, _, _ in checked.values()]
         flats = _nf4_dequantize_many([(q, s, m) for (_, _, q, s), m in zip(checked.values(), sizes)])

@@ -31,14 +31,17 @@ def encode_update(
 def decode_update(payload: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The client's trained arrays: `received + decoded delta`, in the received dtypes.
 
-    Keys or shapes that do not match `received` are passed through unchanged so that update
+    A tensor of `received` must come back in its shape, checked before decoding allocates it
+    (CodecError otherwise); keys `received` lacks are passed through (dense only) so that update
     validation rejects them with its own reason. Raises CodecError on a malformed payload.
     """
     out: dict[str, np.ndarray] = {}
-    for key, delta in decode(payload).items():
+    expected = {key: tuple(np.shape(value)) for key, value in received.items()}
+    for key, delta in decode(payload, expected).items():
         base = received.get(key)
-        if base is None or base.shape != delta.shape:
+        if base is None:
             out[key] = delta
         else:
-            out[key] = (base.astype(np.float32) + delta).astype(base.dtype)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is Inf, which validation rejects
+                out[key] = (base.astype(np.float32) + delta).astype(base.dtype)
     return out

@@ -175,9 +175,14 @@ def test_client_dp_noises_the_unmasked_mean_and_writes_the_ledger(tmp_path):
 
 
 def test_local_dp_clients_get_the_same_ledger_lines_as_on_the_plain_path(tmp_path):
+    from finetune.privacy import epsilon_for
+
     federate(tmp_path, 3, metrics=LOCAL_DP, dp="local")
     ledger = [json.loads(line) for line in (tmp_path / "run" / "privacy.jsonl").read_text().splitlines()]
-    assert [(e["client"], e["mechanism"], e["epsilon"], e["steps"]) for e in ledger] == [(i, "local-dp-sgd", 0.5, 2) for i in range(3)]
+    assert [(e["client"], e["mechanism"], e["client_epsilon"], e["steps"]) for e in ledger] == [(i, "local-dp-sgd", 0.5, 2) for i in range(3)]
+    # the coordinator recomputes epsilon from (noise, sample rate, steps, delta): the reported 0.5 is not it
+    recomputed = epsilon_for([(1.0, 0.1, 2)], 1e-5)
+    assert all(e["epsilon"] == pytest.approx(recomputed) and e["epsilon_mismatch"] is True and e["secure"] for e in ledger)
 
 
 def test_share_parameters_read_shares_and_counts():

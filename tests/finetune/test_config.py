@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from finetune.config import ConfigError, FedsiteConfig, from_mapping, load_toml
@@ -65,3 +67,18 @@ def test_offsite_lora_has_its_own_targets_and_the_runs_rank():
     assert offsite.targets == ("up_proj", "down_proj") and offsite.rank == 4
     with pytest.raises(ValueError, match="offsite-lora-targets"):
         FedsiteConfig(offsite_lora_targets=" , ").validate()
+
+
+def test_reply_bounds_fields_and_their_defaults():
+    config = FedsiteConfig()
+    assert (config.max_update_norm, config.max_update_norm_multiple, config.max_client_examples, config.max_weight_share) == (-1.0, 5.0, 100000, 0.0)
+    assert from_mapping({"max-update-norm": 0, "max-weight-share": 0.5}).max_update_norm == 0.0  # 0 turns the norm bound off
+    for key, value, words in [
+        ("max-update-norm-multiple", 0.5, "at least 1"),
+        ("max-client-examples", -1, "non-negative"),
+        ("max-weight-share", 1.5, "in [0, 1]"),
+        ("max-update-norm", float("nan"), "a finite number"),
+        ("max-update-mb", -1.0, "non-negative"),
+    ]:
+        with pytest.raises(ConfigError, match=f"'{key}'.*{re.escape(words)}"):
+            from_mapping({key: value})

@@ -233,3 +233,45 @@ def test_payload_through_array_record(codec):
     assert encoded_nbytes(back) == encoded_nbytes(payload) == nbytes(payload) < record.count_bytes()
     direct, via_record = decode(payload), decode(record)
     assert all(np.array_equal(direct[k], via_record[k]) for k in named)
+
+
+# ------------------------------------------------------------------ declared shapes vs what the receiver holds
+def test_topk_shape_is_checked_against_the_expected_one_before_allocation():
+    import tracemalloc
+
+    payload = encode({"w": np.ones((4, 4), np.float32)}, "fp32", topk=0.25)
+    payload["w::shape"] = np.array([2**14, 2**14], np.int32)  # 256 Mi values (1 GiB) from a few bytes
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match=r"'w': shape \[16384, 16384\], expected \[4, 4\]"):
+            decode(payload, {"w": (4, 4)})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    stray = encode({"x": np.ones(8, np.float32)}, "int8", topk=0.5)
+    with pytest.raises(CodecError, match="unknown key x"):
+        decode(stray, {"w": (4, 4)})
+    dense = encode({"x": np.ones(8, np.float32)}, "fp32")
+    assert set(decode(dense, {"w": (4, 4)})) == {"x"}  # dense: bounded by the payload, left for validation
+
+
+def test_malformed_shapes_and_headers_are_one_line_codec_errors():
+    payload = encode({"w": np.ones(3, np.float32)}, "fp32")
+    payload["w::shape"] = np.ones(65, np.int32)
+    with pytest.raises(CodecError, match="65 dimensions, at most 32"):
+        decode(payload)
+    payload = encode({"w": np.ones(3, np.float32)}, "fp32")
+    payload[HEADER_KEY] = np.frombuffer(b"fp32" * 100, np.uint8).copy()
+    with pytest.raises(CodecError, match="not a short uint8 ASCII string"):
+        decode(payload)
+
+
+def test_decoding_a_record_never_np_loads_the_bytes():
+    from flwr.app import Array
+
+    record = to_array_record(encode({"w": np.ones(3, np.float32)}, "fp32"))
+    record["w::q"] = Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"PK\x03\x04 not an npy")
+    with pytest.raises(CodecError, match="'w::q': not a readable .npy buffer") as info:
+        decode(record)
+    assert "\n" not in str(info.value)

@@ -35,3 +35,84 @@ def test_round_trip_is_exact_and_order_preserving():
 def test_rejects_non_numeric_arrays():
     with pytest.raises(TypeError, match="'bad'"):
         to_array_record({"bad": np.array(["x"])})
+
+
+# ------------------------------------------------------------------ hostile bytes
+import io
+import pickle
+import tracemalloc
+import zipfile
+
+from flwr.app import Array
+
+from protos.tensors import TensorError
+
+
+def _record(data: bytes, dtype: str = "float32", shape: tuple = (2,), stype: str = "numpy.ndarray") -> ArrayRecord:
+    return ArrayRecord(array_dict={"w": Array(dtype=dtype, shape=shape, stype=stype, data=data)})
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _npy_header(descr: object, shape: tuple, body: bytes = b"") -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + body
+
+
+def _zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("w.npy", _npy(np.ones(2, np.float32)))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"", "not a readable .npy buffer"),
+        (_npy(np.ones(4, np.float32))[:-3], "declares 16 bytes"),
+        (_npy(np.ones(4, np.float32))[:20], "not a readable .npy buffer"),
+        (_zip(), "not a readable .npy buffer"),
+        (_npy_header("<f4", (2**20, 2**20)), "declares 4398046511104 bytes"),
+        (_npy_header("|O", (2,), pickle.dumps([1, 2])), "not a plain numeric dtype"),
+        (_npy_header("<U3", (2,), b"\0" * 24), "not a plain numeric dtype"),
+        (_npy_header([('a', '<f4')], (2,), b"\0" * 8), "not a plain numeric dtype"),
+        (_npy_header("<f4", (-1,)), "non-negative"),
+        (_npy_header("<f4", (1,) * 40, b"\0" * 4), "up to 32"),
+        (b"\x93NUMPY\x01\x00" + b"\xff\xff" + b"{" * 100, "not a readable .npy buffer"),
+    ],
+)
+def test_hostile_bytes_are_refused_before_allocation(data, match):
+    tracemalloc.start()
+    try:
+        with pytest.raises(TensorError, match=match) as info:
+            from_array_record(_record(data))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(info.value) and "'w'" in str(info.value)
+    assert peak < 1 << 20  # never the 4 TiB the header claims
+
+
+def test_other_serializations_and_budgets_are_refused():
+    with pytest.raises(TensorError, match="serialization 'torch'"):
+        from_array_record(_record(_npy(np.ones(2, np.float32)), stype="torch"))
+    record = to_array_record({"a": np.ones(100, np.float32), "b": np.ones(100, np.float32)})
+    assert len(from_array_record(record, max_bytes=800)) == 2
+    with pytest.raises(TensorError, match="'b'.*over 799 bytes"):
+        from_array_record(record, max_bytes=799)
+    with pytest.raises(TensorError, match="expected an ArrayRecord"):
+        from_array_record({"a": np.ones(2)})  # type: ignore[arg-type]
+
+
+def test_fortran_order_and_byte_order_are_read_as_numpy_would():
+    value = np.arange(6, dtype=">f4").reshape(2, 3)
+    buffer = io.BytesIO()
+    np.save(buffer, np.asfortranarray(value))
+    back = from_array_record(_record(buffer.getvalue()))["w"]
+    assert back.dtype == np.dtype(">f4") and np.array_equal(back, value) and back.flags.writeable
