@@ -3,7 +3,9 @@
 The coordinator sees Flower node ids, not devices. The first time a node is sampled it is
 asked (a `query` message, answered by the ClientApp) for its partition id and the profile
 name in its node config; the answer is cached per node. A `PopulationModel` (in simulation,
-`simulations.population.Population`) maps a partition id to a `DeviceProfile` and says, per
+`simulations.population.Population`, handed over by the simulation's front door: the
+coordinator imports nothing from simulations/) maps a partition id to a `DeviceProfile`
+(`protos/profile.py`, the part of the wire contract a deployed client reports) and says, per
 round, whether the client is reachable and whether it drops out after receiving its package.
 
 A package is a few overrides of the run config, put in that client's own ConfigRecord: LoRA
@@ -30,6 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from aggregation.hetero_rank import pad_to_rank, truncate_to_rank
 from coordinator.replies import read_query_answer
 from finetune.base_delta import BASE_PREFIX, BASE_RULES
+from protos.profile import DEFAULT_PROFILE, DeviceProfile
 from protos.tensors import from_array_record, to_array_record
 
 log = logging.getLogger("fedsite.coordinator")
@@ -41,40 +44,6 @@ CODEC_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.25, "4bit": 4.5}
 QUERY_TIMEOUT = 600.0
 
 
-@dataclass(frozen=True)
-class DeviceProfile:
-    """What a kind of device can do; `share` is its fraction of the population."""
-
-    name: str
-    share: float = 1.0
-    speed: float = 1.0  # compute relative to the machine that runs the simulation (0.5 = twice as slow)
-    memory_gb: float = 0.0  # 0 = unlimited; else the backbone must fit (fp32, then 4-bit) or the client gets an emulator
-    bandwidth_mbps: float = 100.0  # link speed, both directions, megabits per second
-    holds_backbone: bool = True  # False: the client must not hold the backbone (offsite emulator)
-    quantized: bool = False  # frozen backbone in 4-bit NF4 (QLoRA)
-    lora_rank: int = 0  # 0 = the run's lora-rank; smaller ranks need aggregation 'hetlora'
-    upload_codec: str = ""  # "" = adaptive from bandwidth; else fp32, fp16, int8 or 4bit
-    availability: float = 1.0  # probability the client is reachable in a round
-    dropout: float = 0.0  # probability a reachable client vanishes after receiving its package
-
-    def validate(self) -> DeviceProfile:
-        checks = [
-            ("share", self.share > 0, "positive"),
-            ("speed", self.speed > 0, "positive"),
-            ("memory-gb", self.memory_gb >= 0, "non-negative"),
-            ("bandwidth-mbps", self.bandwidth_mbps > 0, "positive"),
-            ("lora-rank", self.lora_rank >= 0, "non-negative"),
-            ("upload-codec", self.upload_codec in ("", *CODEC_BITS), "empty (adaptive) or one of " + ", ".join(CODEC_BITS)),
-            ("availability", 0.0 < self.availability <= 1.0, "in (0, 1]"),
-            ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
-        ]
-        for key, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"profile '{self.name}': {key} = {getattr(self, key.replace('-', '_'))!r} must be {expected}")
-        return self
-
-
-DEFAULT_PROFILE = DeviceProfile("default")
 
 
 @dataclass(frozen=True)
@@ -301,27 +270,16 @@ class Planner:
         return record
 
 
-def planner_for(config: Any) -> Planner | None:
-    """The planner of a run whose config names an experiment with a population; else None.
-
-    The population model is the simulation's (DESIGN: the one part only simulations have), so
-    it is imported here, lazily, and only when the run asks for one.
-    """
-    share = float(getattr(config, "emulator_share", 0.0))
-    if not getattr(config, "experiment", "") and share <= 0:
+def planner_for(config: Any, population: PopulationModel | None) -> Planner | None:
+    """The planner of a run with a population model (handed over by the simulation's front door,
+    simulations/server_app.py and simulations/runner.py); None without one."""
+    if population is None:
         return None
     from finetune.cache import lora_model
-    from simulations.experiment import load_population
-    from simulations.population import Population
 
-    if config.experiment:
-        population = load_population(config)
-    else:  # `emulator-share` alone: that share of the clients may not hold the backbone
-        profiles = (DeviceProfile("backbone", 1.0 - share), DeviceProfile("no-backbone", share, holds_backbone=False))
-        population = Population(tuple(p for p in profiles if p.share > 0), config.clients, config.seed)
     model, _ = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)
     backbone_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
-    log.info("population: %d clients, %s; deadline %s", population.clients,
-             ", ".join(f"{name} {count}" for name, count in population.counts().items()),
+    counts = getattr(population, "counts", dict)()
+    log.info("population: %s; deadline %s", ", ".join(f"{name} {count}" for name, count in counts.items()) or "reported by the clients",
              f"{population.deadline:g} s (simulated)" if population.deadline else "none")
     return Planner(population, config.to_flat(), config.aggregation, backbone_gb)

@@ -1,7 +1,8 @@
 """The Fedsite ServerApp: holds the backbone, runs the rounds, evaluates, writes results.
 
-`flwr run .` reaches `app` with the run config from pyproject.toml; `fedsite simulate` builds
-the same app around an explicit config with `make_server_app`. Both go through `run_federation`.
+`fedsite simulate` builds the app around an explicit config with `make_server_app`; `flwr run .`
+and `fedsite coordinator` reach simulations/server_app.py's `app` with the run config from
+pyproject.toml. All of them go through `run_federation`.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from coordinator.client_dp import ClientLevelDP
 from coordinator.directory import assigned_train_examples
 from coordinator.grid import quick
 from coordinator.offsite import OffsiteTrack, join_tracks, offsite_evaluation, offsite_wanted, prepare_offsite, split_tracks
+from coordinator.planner import PopulationModel, planner_for
 from coordinator.results import RunRecorder
 from coordinator.strategy import FedsiteStrategy
 from finetune.backbone import resolve_model_path
 from finetune.base_delta import export_merged_adapter, set_global_arrays, split_base
 from finetune.cache import initial_lora_arrays, lora_model
-from finetune.config import FedsiteConfig, from_mapping
+from finetune.config import FedsiteConfig
 from finetune.evaluate import EvalResult, evaluate
-from finetune.logs import setup_logging
 from finetune.lora import export_adapter
 from finetune.sources import central_eval_set
 from protos.tensors import from_array_record, to_array_record
@@ -38,8 +39,12 @@ from protos.tensors import from_array_record, to_array_record
 log = logging.getLogger("fedsite.coordinator")
 
 
-def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
-    """Initialise LoRA on the backbone, federate for the configured rounds, export the adapter."""
+def run_federation(grid: Grid, config: FedsiteConfig, population: PopulationModel | None = None) -> RunRecorder:
+    """Initialise LoRA on the backbone, federate for the configured rounds, export the adapter.
+
+    `population` (a simulated one, from simulations/) gives the planner device profiles,
+    availability and deadlines; without it, clients get the run's package as they are.
+    """
     config.validate()
     grid = quick(grid)  # replies every 0.1 s, not every 3 s, on a deployed SuperLink
     checkpoint = None if config.secure else load_checkpoint(config)  # resume after the last completed round
@@ -66,6 +71,7 @@ def run_federation(grid: Grid, config: FedsiteConfig) -> RunRecorder:
         max_weight_share=config.max_weight_share,
         assigned_examples=assigned_train_examples(config),
         client_dp=client_level_dp(config),
+        planner=planner_for(config, population),
     )
     if offsite_wanted(config, strategy.planner):  # some clients get an emulator instead of the backbone
         strategy.offsite = prepare_offsite(config)
@@ -174,22 +180,16 @@ def client_level_dp(config: FedsiteConfig) -> ClientLevelDP | None:
     return ClientLevelDP(config.noise_multiplier, config.dp_clip_norm, config.delta, adaptive=config.dp_adaptive_clip)
 
 
-def make_server_app(config: FedsiteConfig) -> ServerApp:
-    """A ServerApp bound to `config` (run config from Flower is ignored), for in-process runs."""
+def make_server_app(config: FedsiteConfig, population: PopulationModel | None = None) -> ServerApp:
+    """A ServerApp bound to `config` (run config from Flower is ignored), for in-process runs.
+
+    The Flower app's own ServerApp (`flwr run .`, and what `fedsite coordinator` submits) is in
+    simulations/server_app.py: it builds the run's population model, which only simulations have.
+    """
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config)
+        run_federation(grid, config, population)
 
     return server_app
-
-
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Entry point for `flwr run .`: the run config comes from pyproject.toml (and overrides)."""
-    setup_logging()
-    run_federation(grid, from_mapping(context.run_config))

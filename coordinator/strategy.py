@@ -27,7 +27,7 @@ from coordinator.client_dp import ClientLevelDP
 from coordinator.directory import QUERY_TIMEOUT, ClientDirectory
 from coordinator.ledger import PrivacyLedger
 from coordinator.offsite import KIND_EMULATOR, KIND_LORA, OffsiteTrack, join_tracks, split_tracks
-from coordinator.planner import Planner, planner_for
+from coordinator.planner import Planner
 from coordinator.replies import EvalReply, Rejected, read_evaluate_reply, read_train_reply
 from coordinator.results import RunRecorder
 from coordinator.round_bounds import ReplyBounds, ReplyRow, assign_weights, bound_norms, client_entry, evaluation_summary, weighted
@@ -70,7 +70,7 @@ class FedsiteStrategy(FedAvg):
         self.aggregator = aggregator or Aggregator()
         self.client_dp = client_dp
         # per-client packages, dropouts and stragglers when the run has a population (else None)
-        self.planner = planner if planner is not None else planner_for(recorder.config)
+        self.planner = planner
         self._sample_rate = 1.0
         # norms bound the distance from the arrays each client was sent; see round_bounds.ReplyBounds
         self.bounds = ReplyBounds(max_update_norm, max_update_norm_multiple, max_update_bytes, max_client_examples, max_weight_share)

@@ -9,7 +9,7 @@
     deadline = 60.0                # simulated seconds a round waits; slower clients are stragglers
     upload-seconds = 5.0           # adaptive codec: most precise one uploading within this
 
-    [[profiles]]                   # device kinds; shares sum to 1 (coordinator.planner.DeviceProfile)
+    [[profiles]]                   # device kinds; shares sum to 1 (protos.profile.DeviceProfile)
     name = "phone"
     share = 0.7
     speed = 0.25
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.planner import DeviceProfile
+from protos.profile import DeviceProfile
 from finetune.config import ConfigError, FedsiteConfig, from_mapping
 from simulations.population import Population, profile_from_mapping
 
@@ -156,3 +156,14 @@ def resolve(path: str) -> Path:
 def load_population(config: FedsiteConfig) -> Population:
     """The population named by `config.experiment`, sized by `config.clients` and seeded by `config.seed`."""
     return load_experiment(resolve(config.experiment)).population(config)
+
+
+def population_for(config: FedsiteConfig) -> Population | None:
+    """The run's population model for the coordinator's planner: the experiment's, or with
+    `emulator-share` alone that share of the clients may not hold the backbone; else None."""
+    if config.experiment:
+        return load_population(config)
+    if config.emulator_share <= 0:
+        return None
+    profiles = (DeviceProfile("backbone", 1.0 - config.emulator_share), DeviceProfile("no-backbone", config.emulator_share, holds_backbone=False))
+    return Population(tuple(p for p in profiles if p.share > 0), config.clients, config.seed)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.planner import DeviceProfile
+from protos.profile import DeviceProfile
 
 SHARE_TOLERANCE = 1e-6
 

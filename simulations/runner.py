@@ -22,6 +22,7 @@ from client.secure import app as secure_client_app
 from client.state import STATE_ENV
 from coordinator.checkpoint import load_checkpoint
 from coordinator.server_app import make_server_app
+from simulations.experiment import population_for
 from finetune.config import FedsiteConfig
 
 log = logging.getLogger("fedsite")
@@ -78,7 +79,7 @@ def simulate(config: FedsiteConfig, verbose: bool = False, client: ClientApp | N
     try:
         with client_state_dir():
             run_simulation(
-                server_app=make_server_app(config),
+                server_app=make_server_app(config, population_for(config)),
                 client_app=client or (secure_client_app if config.secure else client_app),
                 num_supernodes=config.clients,
                 backend_config=backend_config(config),

@@ -16,8 +16,8 @@ def test_app_config_lists_every_field_and_parses():
 
 def test_app_components_point_at_the_apps():
     components = PYPROJECT["tool"]["flwr"]["app"]["components"]
-    assert components == {"serverapp": "coordinator.server_app:app", "clientapp": "client.client_app:app"}
+    assert components == {"serverapp": "simulations.server_app:app", "clientapp": "client.client_app:app"}
     from client.client_app import app as client_app
-    from coordinator.server_app import app as server_app
+    from simulations.server_app import app as server_app
 
     assert type(client_app).__name__ == "ClientApp" and type(server_app).__name__ == "ServerApp"

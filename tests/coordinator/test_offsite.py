@@ -88,16 +88,19 @@ def test_emulator_clients_receive_no_tensor_of_the_dropped_blocks(track, tmp_pat
     from safetensors.numpy import load_file
 
     from coordinator.aggregate import Aggregator
+    from coordinator.planner import planner_for
     from coordinator.results import RunRecorder
     from coordinator.strategy import FedsiteStrategy
     from finetune.backbone import load_backbone
+    from simulations.experiment import population_for
     from finetune.cache import initial_lora_arrays
     from protos.tensors import from_array_record, to_array_record
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     config, t = track
     config = config.replace(out=str(tmp_path), emulator_share=0.5)
-    strategy = FedsiteStrategy(RunRecorder(tmp_path, config), Aggregator(), fraction_train=1.0, fraction_evaluate=0.0, min_train_clients=4, offsite=t)
+    planner = planner_for(config, population_for(config))  # the population, as the simulation hands it over
+    strategy = FedsiteStrategy(RunRecorder(tmp_path, config), Aggregator(), fraction_train=1.0, fraction_evaluate=0.0, min_train_clients=4, offsite=t, planner=planner)
     joint = {**initial_lora_arrays("tiny", config.lora_settings(), config.seed), **{"offsite/" + k: v for k, v in t.initial.items()}}
     messages = list(strategy.configure_train(1, to_array_record(joint), ConfigRecord(config.to_flat()), FakeGrid()))
     emulator_msgs = [m for m in messages if m.content["config"].get("package-kind") == "emulator"]

@@ -115,7 +115,7 @@ def test_staged_app_has_no_federations_and_all_packages(tmp_path):
     app = stage_app(tmp_path / "app")
     project = tomllib.loads((app / "pyproject.toml").read_text())
     assert "federations" not in project["tool"]["flwr"]
-    assert project["tool"]["flwr"]["app"]["components"]["serverapp"] == "coordinator.server_app:app"
+    assert project["tool"]["flwr"]["app"]["components"]["serverapp"] == "simulations.server_app:app"
     assert all((app / package / "__init__.py").is_file() for package in service.APP_PACKAGES)
     assert not list(app.rglob("__pycache__"))
 

@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from coordinator.planner import DeviceProfile
+from protos.profile import DeviceProfile
 from finetune.partition import partition_indices, skewed_sizes
 from finetune.tasks import builtin_splits
 from simulations.population import Population, profile_counts, profile_from_mapping

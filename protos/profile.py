@@ -1,0 +1,49 @@
+"""A device profile: what a kind of device can do, as clients report it and simulations draw it.
+
+Part of the wire contract below both sides: a deployed client describes its device in its node
+config (`fedsite client --memory-gb --no-backbone --quantized --profile`), answers the
+coordinator's query with it, and the coordinator's planner decides the client's package from
+it; a simulated population (simulations/population.py) draws profiles from an experiment file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protos.codecs import CODECS
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What a kind of device can do; `share` is its fraction of the population."""
+
+    name: str
+    share: float = 1.0
+    speed: float = 1.0  # compute relative to the machine that runs the simulation (0.5 = twice as slow)
+    memory_gb: float = 0.0  # 0 = unlimited; else the backbone must fit (fp32, then 4-bit) or the client gets an emulator
+    bandwidth_mbps: float = 100.0  # link speed, both directions, megabits per second
+    holds_backbone: bool = True  # False: the client must not hold the backbone (offsite emulator)
+    quantized: bool = False  # frozen backbone in 4-bit NF4 (QLoRA)
+    lora_rank: int = 0  # 0 = the run's lora-rank; smaller ranks need aggregation 'hetlora'
+    upload_codec: str = ""  # "" = adaptive from bandwidth; else fp32, fp16, int8 or 4bit
+    availability: float = 1.0  # probability the client is reachable in a round
+    dropout: float = 0.0  # probability a reachable client vanishes after receiving its package
+
+    def validate(self) -> DeviceProfile:
+        checks = [
+            ("share", self.share > 0, "positive"),
+            ("speed", self.speed > 0, "positive"),
+            ("memory-gb", self.memory_gb >= 0, "non-negative"),
+            ("bandwidth-mbps", self.bandwidth_mbps > 0, "positive"),
+            ("lora-rank", self.lora_rank >= 0, "non-negative"),
+            ("upload-codec", self.upload_codec in ("", *CODECS), "empty (adaptive) or one of " + ", ".join(CODECS)),
+            ("availability", 0.0 < self.availability <= 1.0, "in (0, 1]"),
+            ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"profile '{self.name}': {key} = {getattr(self, key.replace('-', '_'))!r} must be {expected}")
+        return self
+
+
+DEFAULT_PROFILE = DeviceProfile("default")
