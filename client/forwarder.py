@@ -1,0 +1,217 @@
+"""The per-message side of a deployed client: hand one message to the device's warm worker.
+
+Flower's SuperExec starts a fresh `flwr-clientapp` process for every message. When the node
+config names a worker socket (`worker-socket`, set by `fedsite client`), the ClientApp's
+handler calls `forward`: it connects to the worker (starting it if none runs), sends the
+message, the context and Flower's TaskIdentity, and returns the worker's reply, with the
+context's state updated in place (Flower pushes the context back after the app returns).
+
+Failures are bounded and say what happened in one line, which Flower turns into the error
+reply the coordinator records:
+- no worker (no socket, or a dead worker's socket): start one, detached, with this Python,
+  under `start.lock` so two forwarders start one between them, and wait for it
+  (START_TIMEOUT: the worker imports torch, transformers and peft first);
+- the worker dies mid-message, or does not answer within the round's `round-timeout`: stop
+  what is left of it and raise; the next message starts a fresh worker.
+
+One line per message on stderr (which ends up in the SuperNode's output) measures the
+forwarder's own cost: `[fedsite] forwarder train: started 0.92s before handoff, worker 0.31s`.
+
+Imports: flwr, numpy (through flwr) and the stdlib only, so that this process stays light.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.private_socket import WorkerFiles, connect, lock_held, locked, private_file, private_folder
+from client.wire import Call, ConnectionClosed, Reply, WireError, call_frame, parse_reply, recv_frame, request_frame, send_frame
+
+SOCKET_KEY = "worker-socket"  # node config: the worker's socket; its presence means "deployed, forward"
+OWNER_KEY = "worker-owner-pid"  # node config: the process whose exit ends the worker (`fedsite client`)
+TIMEOUT_KEY = "round-timeout"  # run config, in the message's ConfigRecord
+DEFAULT_TIMEOUT = 3600.0  # seconds for a message without a round-timeout (FedsiteConfig's default)
+MAX_TIMEOUT = 7 * 24 * 3600.0
+START_TIMEOUT = 120.0  # seconds for a new worker to answer (its imports take ~20 s on a small device)
+CONNECT_TIMEOUT = 10.0
+STOP_GRACE = 5.0
+
+
+def forward(handler: str, message: Message, context: Context) -> Message:
+    """Run `handler` on the device's worker: its reply message; `context.state` becomes the worker's."""
+    files = WorkerFiles(Path(str(context.node_config[SOCKET_KEY])))
+    timeout = message_timeout(message)
+    sock, peer, spawned = connect_or_start(files, owner_pid(context.node_config))
+    handoff = time.time()
+    call = Call(handler, message, context, (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id))
+    sent = time.monotonic()
+    try:
+        with sock:
+            send_frame(sock, call_frame(call), sent + timeout)
+            answer = parse_reply(recv_frame(sock, sent + timeout))
+    except TimeoutError:
+        stop_worker(peer)
+        raise RuntimeError(f"fedsite worker (pid {peer}) did not answer {handler} within {timeout:.0f}s; stopped it, the next message starts a new one: see {files.log}") from None
+    except (ConnectionClosed, ConnectionError) as err:
+        code = _exit_code(spawned, peer)
+        stop_worker(peer)
+        raise RuntimeError(f"fedsite worker died while handling {handler} ({code}): see {files.log}") from err
+    except WireError as err:
+        stop_worker(peer)
+        raise RuntimeError(f"fedsite worker sent a malformed reply to {handler} ({err}); stopped it: see {files.log}") from None
+    round_trip = time.monotonic() - sent
+    if isinstance(answer, str):
+        raise RuntimeError(f"fedsite worker: {answer}")
+    if not isinstance(answer, Reply):
+        raise RuntimeError(f"fedsite worker answered {handler} with something other than a reply")
+    if answer.message.metadata.reply_to_message_id != message.metadata.message_id:
+        raise RuntimeError(f"fedsite worker's reply to {handler} answers another message")
+    context.state = answer.context.state  # what the handler (and any mod) left there travels back to Flower
+    print(f"[fedsite] forwarder {handler}: started {handoff - process_started():.2f}s before handoff, worker {round_trip:.2f}s (handler {answer.seconds:.2f}s)", file=sys.stderr, flush=True)
+    return answer.message
+
+
+def request(files: WorkerFiles, kind: str, timeout: float = CONNECT_TIMEOUT) -> dict:
+    """Ask a running worker for `ping` or `stats` (no start): its info dict."""
+    deadline = time.monotonic() + timeout
+    sock, _ = connect(files.socket, timeout)
+    with sock:
+        send_frame(sock, request_frame(kind), deadline)
+        answer = parse_reply(recv_frame(sock, deadline))
+    if not isinstance(answer, dict):
+        raise RuntimeError(f"fedsite worker: {answer}")
+    return answer
+
+
+def message_timeout(message: Message) -> float:
+    """The round's `round-timeout` from the message's config, else DEFAULT_TIMEOUT (bounded)."""
+    value = None
+    if message.has_content() and "config" in message.content.config_records:
+        value = message.content.config_records["config"].get(TIMEOUT_KEY)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return min(float(value), MAX_TIMEOUT)
+    return DEFAULT_TIMEOUT
+
+
+def owner_pid(node_config: Mapping) -> int:
+    """The process a started worker lives for: `fedsite client` (node config), else our parent (the SuperExec)."""
+    value = node_config.get(OWNER_KEY)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else os.getppid()
+
+
+def connect_or_start(files: WorkerFiles, owner: int, start_timeout: float = START_TIMEOUT) -> tuple[socket.socket, int, subprocess.Popen | None]:
+    """A connection to the worker and its pid, starting a worker if none runs; and the process
+    this call started (None if it found one running)."""
+    try:
+        return (*connect(files.socket, CONNECT_TIMEOUT), None)
+    except (FileNotFoundError, ConnectionRefusedError):
+        pass
+    private_folder(files.folder)
+    spawned = None
+    deadline = time.monotonic() + start_timeout
+    with locked(files.start_lock, start_timeout):
+        if not lock_held(files.worker_lock):  # no worker alive, none starting: start one
+            spawned = start_worker(files, owner, detach=True)
+            while not lock_held(files.worker_lock) and spawned.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+    while True:
+        try:
+            sock, pid = connect(files.socket, CONNECT_TIMEOUT)
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass
+        else:
+            if spawned is not None:
+                print(f"[fedsite] forwarder: started the worker (pid {spawned.pid}) in {start_timeout - (deadline - time.monotonic()):.1f}s", file=sys.stderr, flush=True)
+            return sock, pid, spawned
+        if spawned is not None and spawned.poll() is not None:
+            raise RuntimeError(f"fedsite worker failed to start (exit {spawned.returncode}): see {files.log}")
+        if spawned is None and not lock_held(files.worker_lock):
+            raise RuntimeError(f"fedsite worker exited while starting: see {files.log}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fedsite worker did not answer within {start_timeout:.0f}s of its start: see {files.log}")
+        time.sleep(0.1)
+
+
+def worker_command(files: WorkerFiles, owner: int) -> list[str]:
+    """The worker's command line: this Python, the module `client.worker`."""
+    return [sys.executable, "-m", "client.worker", "--socket", str(files.socket), "--owner-pid", str(owner)]
+
+
+def start_worker(files: WorkerFiles, owner: int, env: Mapping[str, str] | None = None, detach: bool = True) -> subprocess.Popen:
+    """Start a worker whose output goes to its owner-only log; `detach` puts it in a session of
+    its own, so that it outlives the short-lived process that started it."""
+    private_folder(files.folder)
+    log_fd = private_file(files.log, os.O_WRONLY | os.O_APPEND)
+    try:
+        return subprocess.Popen(
+            worker_command(files, owner), stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+            cwd=files.folder, env=None if env is None else dict(env), start_new_session=detach, close_fds=True,
+        )
+    finally:
+        os.close(log_fd)
+
+
+def stop_worker(pid: int, grace: float = STOP_GRACE) -> None:
+    """Stop the worker with this pid (SIGTERM, then SIGKILL), if that pid still is a Fedsite worker."""
+    import psutil  # noqa: PLC0415 (only on failure paths)
+
+    try:
+        proc = psutil.Process(pid) if pid > 0 else None
+        if proc is None or "client.worker" not in proc.cmdline():
+            return  # gone, or the pid was reused by something else
+        proc.send_signal(signal.SIGCONT)  # a stopped process ignores SIGTERM until continued
+        proc.terminate()
+        if not _ends(proc, grace):
+            proc.kill()
+            _ends(proc, grace)
+    except psutil.Error:
+        pass
+
+
+def _ends(proc, timeout: float) -> bool:
+    """Wait until `proc` is gone or a zombie (its parent reaps it, not us)."""
+    import psutil  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def process_started() -> float:
+    """When this process was created (seconds since the epoch), as the OS says."""
+    import psutil  # noqa: PLC0415 (light, but not needed by the simulation path)
+
+    return psutil.Process().create_time()
+
+
+def _exit_code(spawned: subprocess.Popen | None, pid: int) -> str:
+    if spawned is not None and spawned.pid == pid:
+        try:
+            return f"exit {spawned.wait(STOP_GRACE)}"
+        except subprocess.TimeoutExpired:
+            return f"pid {pid}, still running"
+    return f"pid {pid}"
+
+
+def import_seconds(module: str = "client.client_app", python: str = sys.executable, env: Mapping[str, str] | None = None) -> float:
+    """Seconds a fresh Python takes to import `module` (the forwarder's import cost per message)."""
+    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, env=None if env is None else dict(env))
+    return float(out.stdout.strip().splitlines()[-1])
