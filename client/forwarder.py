@@ -61,14 +61,14 @@ def forward(handler: str, message: Message, context: Context) -> Message:
             send_frame(sock, call_frame(call), sent + timeout)
             answer = parse_reply(recv_frame(sock, sent + timeout))
     except TimeoutError:
-        stop_worker(peer)
+        stop_worker(peer, files)
         raise RuntimeError(f"fedsite worker (pid {peer}) did not answer {handler} within {timeout:.0f}s; stopped it, the next message starts a new one: see {files.log}") from None
     except (ConnectionClosed, ConnectionError) as err:
         code = _exit_code(spawned, peer)
-        stop_worker(peer)
+        stop_worker(peer, files)  # what is left of it: the next message finds no half-dead listener
         raise RuntimeError(f"fedsite worker died while handling {handler} ({code}): see {files.log}") from err
     except WireError as err:
-        stop_worker(peer)
+        stop_worker(peer, files)
         raise RuntimeError(f"fedsite worker sent a malformed reply to {handler} ({err}); stopped it: see {files.log}") from None
     round_trip = time.monotonic() - sent
     if isinstance(answer, str):
@@ -112,35 +112,45 @@ def owner_pid(node_config: Mapping) -> int:
 
 def connect_or_start(files: WorkerFiles, owner: int, start_timeout: float = START_TIMEOUT) -> tuple[socket.socket, int, subprocess.Popen | None]:
     """A connection to the worker and its pid, starting a worker if none runs; and the process
-    this call started (None if it found one running)."""
+    this call started (None if it found one running or starting).
+
+    A live or starting worker holds `worker.lock`; one still exiting holds it a moment longer.
+    While it is held, wait; once it is free, start a worker (under `start.lock`).
+    """
     try:
         return (*connect(files.socket, CONNECT_TIMEOUT), None)
     except (FileNotFoundError, ConnectionRefusedError):
         pass
     private_folder(files.folder)
-    spawned = None
-    deadline = time.monotonic() + start_timeout
-    with locked(files.start_lock, start_timeout):
-        if not lock_held(files.worker_lock):  # no worker alive, none starting: start one
-            spawned = start_worker(files, owner, detach=True)
-            while not lock_held(files.worker_lock) and spawned.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)
+    started, spawned = time.monotonic(), None
+    deadline = started + start_timeout
     while True:
+        if spawned is not None and spawned.poll() not in (None, 0):  # 0: it found another worker starting
+            raise RuntimeError(f"fedsite worker failed to start (exit {spawned.returncode}): see {files.log}")
+        if not lock_held(files.worker_lock):
+            spawned = _start_unless_running(files, owner, deadline) or spawned
         try:
             sock, pid = connect(files.socket, CONNECT_TIMEOUT)
         except (FileNotFoundError, ConnectionRefusedError):
             pass
         else:
             if spawned is not None:
-                print(f"[fedsite] forwarder: started the worker (pid {spawned.pid}) in {start_timeout - (deadline - time.monotonic()):.1f}s", file=sys.stderr, flush=True)
+                print(f"[fedsite] forwarder: started the worker (pid {spawned.pid}) in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
             return sock, pid, spawned
-        if spawned is not None and spawned.poll() is not None:
-            raise RuntimeError(f"fedsite worker failed to start (exit {spawned.returncode}): see {files.log}")
-        if spawned is None and not lock_held(files.worker_lock):
-            raise RuntimeError(f"fedsite worker exited while starting: see {files.log}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"fedsite worker did not answer within {start_timeout:.0f}s of its start: see {files.log}")
         time.sleep(0.1)
+
+
+def _start_unless_running(files: WorkerFiles, owner: int, deadline: float) -> subprocess.Popen | None:
+    """Under `start.lock`: start a worker if none holds `worker.lock`, and wait until it does."""
+    with locked(files.start_lock, max(0.0, deadline - time.monotonic())):
+        if lock_held(files.worker_lock):
+            return None  # another forwarder started one meanwhile
+        spawned = start_worker(files, owner, detach=True)
+        while not lock_held(files.worker_lock) and spawned.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return spawned
 
 
 def worker_command(files: WorkerFiles, owner: int) -> list[str]:
@@ -162,36 +172,44 @@ def start_worker(files: WorkerFiles, owner: int, env: Mapping[str, str] | None =
         os.close(log_fd)
 
 
-def stop_worker(pid: int, grace: float = STOP_GRACE) -> None:
-    """Stop the worker with this pid (SIGTERM, then SIGKILL), if that pid still is a Fedsite worker."""
+def stop_worker(pid: int, files: WorkerFiles, grace: float = STOP_GRACE) -> None:
+    """Stop the worker with this pid (SIGTERM, then SIGKILL) if that pid still is a Fedsite
+    worker, and wait until its `worker.lock` is free: then its socket is closed too, and the
+    next message starts a new worker instead of reaching one that is half gone."""
     import psutil  # noqa: PLC0415 (only on failure paths)
 
     try:
         proc = psutil.Process(pid) if pid > 0 else None
-        if proc is None or "client.worker" not in proc.cmdline():
-            return  # gone, or the pid was reused by something else
-        proc.send_signal(signal.SIGCONT)  # a stopped process ignores SIGTERM until continued
-        proc.terminate()
-        if not _ends(proc, grace):
+        if proc is not None and "client.worker" in proc.cmdline():  # else: the pid was reused
+            proc.send_signal(signal.SIGCONT)  # a stopped process ignores SIGTERM until continued
+            proc.terminate()
+            if _released(files, grace):
+                return
             proc.kill()
-            _ends(proc, grace)
-    except psutil.Error:
+    except psutil.Error:  # gone, or exiting right now (a zombie whose last threads still run)
         pass
+    _released(files, grace)
 
 
-def _ends(proc, timeout: float) -> bool:
-    """Wait until `proc` is gone or a zombie (its parent reaps it, not us)."""
-    import psutil  # noqa: PLC0415
+def stop_worker_at(files: WorkerFiles, grace: float = STOP_GRACE) -> None:
+    """Stop the worker listening on `files.socket`, if one does (the kernel names its pid at connect,
+    so a busy worker is found too)."""
+    try:
+        sock, pid = connect(files.socket, CONNECT_TIMEOUT)
+    except OSError:
+        return
+    sock.close()
+    stop_worker(pid, files, grace)
 
+
+def _released(files: WorkerFiles, timeout: float) -> bool:
+    """Wait until no process holds `worker.lock` (a worker holds it until its last thread exits)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
+    while lock_held(files.worker_lock):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.05)
-    return False
+    return True
 
 
 def process_started() -> float:

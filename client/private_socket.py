@@ -88,6 +88,10 @@ def private_folder(folder: Path) -> Path:
         raise PermissionError(f"{folder} belongs to uid {info.st_uid}, not to this user; refusing it for the worker socket")
     if stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(folder, 0o700)  # ours: mkdir's mode went through the umask, or someone opened it
+    parent = os.stat(folder.parent)  # whoever may rename entries in the parent could swap the folder
+    others_may_rename = parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not parent.st_mode & stat.S_ISVTX
+    if parent.st_uid not in (0, os.getuid()) or others_may_rename:
+        raise PermissionError(f"{folder.parent} may be changed by other users; refusing it for the worker socket")
     return folder
 
 
@@ -172,18 +176,27 @@ def lock_held(path: Path) -> bool:
     return False
 
 
-def try_lock(path: Path) -> int | None:
-    """Take an exclusive flock on `path` without waiting: the open fd (keep it open to keep the
-    lock), or None when another process holds it."""
+def try_lock(path: Path, patience: float = 0.0) -> int | None:
+    """Take an exclusive flock on `path`, trying for `patience` seconds: the open fd (keep it
+    open to keep the lock), or None when another process holds it.
+
+    `lock_held` takes the lock for a moment to test it, so a worker starting at that moment
+    would see it held: the worker tries for a second (a live worker holds it for good).
+    """
+    deadline = time.monotonic() + patience
     fd = private_file(path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        os.close(fd)
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                raise
+        if time.monotonic() >= deadline:
+            os.close(fd)
             return None
-        raise
-    return fd
+        time.sleep(0.01)
 
 
 @contextlib.contextmanager

@@ -48,6 +48,7 @@ log = logging.getLogger("fedsite.client.worker")
 REQUEST_TIMEOUT = 120.0  # seconds for a whole request to arrive once connected
 REPLY_TIMEOUT = 120.0  # seconds for the forwarder to take the whole reply
 OWNER_POLL = 0.5
+LOCK_PATIENCE = 1.0  # seconds: outlasts a forwarder's test of the lock, not a live worker
 
 Handler = Callable[..., object]
 
@@ -65,9 +66,13 @@ class Worker:
 
     def serve(self, server: socket.socket) -> None:
         while True:
-            conn, _ = server.accept()
-            with conn:
-                self.serve_connection(conn)
+            self.serve_one(server)
+
+    def serve_one(self, server: socket.socket) -> None:
+        """Accept one connection, answer its request, close it."""
+        conn, _ = server.accept()
+        with conn:
+            self.serve_connection(conn)
 
     def serve_connection(self, conn: socket.socket) -> None:
         try:
@@ -136,6 +141,15 @@ def set_task_identity(task: tuple[int | None, int | None, int | None]) -> None:
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = task
 
 
+def alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def watch_owner(owner_pid: int, on_gone: Callable[[], None]) -> None:
     """Call `on_gone` (in a daemon thread) once the owner process has exited; at once if it is gone."""
     import psutil
@@ -147,7 +161,7 @@ def watch_owner(owner_pid: int, on_gone: Callable[[], None]) -> None:
         return
 
     def watch() -> None:
-        while owner.is_running() and owner.status() != psutil.STATUS_ZOMBIE:
+        while owner.is_running() and alive(owner_pid):
             time.sleep(OWNER_POLL)
         on_gone()
 
@@ -175,10 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     files = WorkerFiles(Path(args.socket).expanduser().absolute())
     private_folder(files.folder)
-    lock = try_lock(files.worker_lock)  # before anything slow: a second worker leaves at once
+    lock = try_lock(files.worker_lock, patience=LOCK_PATIENCE)  # before anything slow: a second worker leaves at once
     if lock is None:
         log.info("[fedsite] worker: another worker serves %s; exiting", files.socket)
         return 0
+
+    if not alive(args.owner_pid):
+        log.error("[fedsite] worker: owner pid %d is not running; exiting", args.owner_pid)
+        return 3
 
     def owner_gone() -> None:
         log.info("[fedsite] worker %d: owner pid %d is gone; exiting", os.getpid(), args.owner_pid)
