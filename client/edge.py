@@ -158,7 +158,7 @@ class EdgeWorker:
     def _report(self) -> None:  # reaps it at once, so that its socket and lock are gone with it
         code = self.proc.wait()
         if not self._stopping.is_set():
-            log.warning("[fedsite] edge client: warm worker pid %d exited with code %d; the next message starts a new one", self.proc.pid, code)
+            log.info("[fedsite] edge client: warm worker pid %d exited with code %d (the next message starts a new one)", self.proc.pid, code)
 
     def stop(self, grace: float = 10.0) -> None:
         self._stopping.set()

@@ -52,13 +52,13 @@ def forward(handler: str, message: Message, context: Context) -> Message:
     """Run `handler` on the device's worker: its reply message; `context.state` becomes the worker's."""
     files = WorkerFiles(Path(str(context.node_config[SOCKET_KEY])))
     timeout = message_timeout(message)
+    # first: a message the wire cannot carry (over MAX_FRAME_BYTES) is this message's error, not the worker's
+    frame = call_frame(Call(handler, message, context, (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)))
     sock, peer, spawned = connect_or_start(files, owner_pid(context.node_config))
-    handoff = time.time()
-    call = Call(handler, message, context, (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id))
-    sent = time.monotonic()
+    handoff, sent = time.time(), time.monotonic()  # from here on, the worker's time
     try:
         with sock:
-            send_frame(sock, call_frame(call), sent + timeout)
+            send_frame(sock, frame, sent + timeout)
             answer = parse_reply(recv_frame(sock, sent + timeout))
     except TimeoutError:
         stop_worker(peer, files)

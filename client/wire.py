@@ -46,7 +46,7 @@ CHUNK = 1 << 20
 REQUESTS = ("call", "ping", "stats")
 REPLIES = ("reply", "info", "error")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_INT64 = (-(1 << 63), (1 << 63) - 1)
+_ID_RANGE = (-(1 << 63), (1 << 64) - 1)  # Flower's ids: node ids are uint64, others int64
 
 
 class WireError(ValueError):
@@ -204,7 +204,7 @@ def parse_request(frame: Frame) -> Call | str:
     if not isinstance(handler, str) or not re.fullmatch(r"[a-z_]{1,32}", handler):
         raise WireError("call without a valid handler name")
     task = frame.header.get("task")
-    if not isinstance(task, list) or len(task) != 3 or not all(t is None or (_is_int(t) and _INT64[0] <= t <= _INT64[1]) for t in task):
+    if not isinstance(task, list) or len(task) != 3 or not all(t is None or (_is_int(t) and _ID_RANGE[0] <= t <= _ID_RANGE[1]) for t in task):
         raise WireError("call without a valid task identity")
     message, context = _message_and_context(frame)
     return Call(handler, message, context, (task[0], task[1], task[2]))

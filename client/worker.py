@@ -97,6 +97,7 @@ class Worker:
         try:
             request = parse_request(frame)
         except WireError as err:
+            log.warning("[fedsite] worker: malformed request: %s", err)
             return error_frame(f"malformed request: {err}")
         if request == "ping":
             return info_frame({"pid": os.getpid(), "uptime": time.time() - self.started})

@@ -15,6 +15,8 @@ from client import wire
 from client.wire import Call, ConnectionClosed, Reply, WireError
 from tests.client.test_client_app import serverapp_identity  # noqa: F401 (fixture)
 
+NODE_ID = 14675348686697280990  # a real SuperNode's id: uint64, above int64's range
+
 
 def train_message() -> Message:
     arrays = ArrayRecord({"layer.lora_A": Array(np.arange(12, dtype=np.float32).reshape(3, 4)), "layer.lora_B": Array(np.ones((4, 2), dtype=np.float64))})
@@ -23,7 +25,7 @@ def train_message() -> Message:
         "config": ConfigRecord({"server-round": 3, "model": "tiny", "lr": 1e-3, "factors": ["A", "B"], "blob": b"\x00\x01"}),
         "metrics": MetricRecord({"seen": 7, "loss": 0.25}),
     })
-    message = Message(content=content, dst_node_id=5, message_type="train", group_id="round-3")
+    message = Message(content=content, dst_node_id=NODE_ID, message_type="train", group_id="round-3")
     message.metadata.__dict__["_message_id"] = message.object_id  # as the SuperLink sets it
     return message
 
@@ -35,7 +37,7 @@ def reply_to(message: Message) -> Message:
 
 def context() -> Context:
     state = RecordDict({"secagg": ConfigRecord({"stage": "setup", "keys": [b"k1", b"k2"]}), "m": MetricRecord({"x": 1.0})})
-    return Context(run_id=9, node_id=5, node_config={"worker-socket": "/tmp/w.sock", "memory-gb": 2.5}, state=state, run_config={"model": "tiny"})
+    return Context(run_id=9, node_id=NODE_ID, node_config={"worker-socket": "/tmp/w.sock", "memory-gb": 2.5}, state=state, run_config={"model": "tiny"})
 
 
 def body(frame: bytes) -> bytes:
@@ -53,8 +55,9 @@ def same_message(a: Message, b: Message) -> None:
 
 def test_a_call_round_trips_a_train_message_and_a_context_with_state_exactly():
     message, ctx = train_message(), context()
-    decoded = wire.parse_request(wire.decode_body(body(wire.call_frame(Call("train", message, ctx, (11, 9, 5))))))
-    assert decoded.handler == "train" and decoded.task == (11, 9, 5)
+    task = (2**63 - 5, 2**63 - 7, NODE_ID)
+    decoded = wire.parse_request(wire.decode_body(body(wire.call_frame(Call("train", message, ctx, task)))))
+    assert decoded.handler == "train" and decoded.task == task
     same_message(decoded.message, message)
     assert decoded.message.metadata.message_id == message.object_id and decoded.message.object_id == message.object_id
     assert decoded.context == ctx and decoded.context.state["secagg"]["keys"] == [b"k1", b"k2"]
@@ -112,6 +115,7 @@ def _root_not_a_message(header, blobs):
     (lambda h, b: h.update(handler="../etc"), "handler"),
     (lambda h, b: h.update(task=[1, 2]), "task identity"),
     (lambda h, b: h.update(task=[1, True, 3]), "task identity"),
+    (lambda h, b: h.update(task=[1, 2, 2**64]), "task identity"),
     (lambda h, b: h.update(type="exec"), "unknown request type"),
     (lambda h, b: h["message"].update(id="not-a-hash"), "message id"),
     (lambda h, b: h["message"].update(extra=1), "exactly id, root and objects"),
