@@ -49,6 +49,7 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 START_TIMEOUT = 120.0  # seconds for a new worker to answer (its imports take ~20 s on a small device)
 CONNECT_TIMEOUT = 10.0
 STOP_GRACE = 5.0
+MAX_LOG_BYTES = 8 << 20  # a worker's log above this is moved to worker.log.1 when a worker starts
 IMPORTED = time.time()  # when this module was imported (the measurement line reports it)
 
 
@@ -153,13 +154,16 @@ def connect_or_start(files: WorkerFiles, owner: int, start_timeout: float = STAR
 
 def _start_unless_running(files: WorkerFiles, owner: int, deadline: float) -> subprocess.Popen | None:
     """Under `start.lock`: start a worker if none holds `worker.lock`, and wait until it does."""
-    with locked(files.start_lock, max(0.0, deadline - time.monotonic())):
-        if lock_held(files.worker_lock):
-            return None  # another forwarder started one meanwhile
-        spawned = start_worker(files, owner, detach=True)
-        while not lock_held(files.worker_lock) and spawned.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return spawned
+    try:
+        with locked(files.start_lock, max(0.0, deadline - time.monotonic())):
+            if lock_held(files.worker_lock):
+                return None  # another forwarder started one meanwhile
+            spawned = start_worker(files, owner, detach=True)
+            while not lock_held(files.worker_lock) and spawned.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return spawned
+    except TimeoutError as err:
+        raise RuntimeError(f"fedsite worker could not be started: {err}; see {files.log}") from None
 
 
 def worker_command(files: WorkerFiles, owner: int) -> list[str]:
@@ -168,9 +172,14 @@ def worker_command(files: WorkerFiles, owner: int) -> list[str]:
 
 
 def start_worker(files: WorkerFiles, owner: int, env: Mapping[str, str] | None = None, detach: bool = True) -> subprocess.Popen:
-    """Start a worker whose output goes to its owner-only log; `detach` puts it in a session of
-    its own, so that it outlives the short-lived process that started it."""
+    """Start a worker whose output goes to its owner-only log (rotated once past MAX_LOG_BYTES);
+    `detach` puts it in a session of its own, so that it outlives the process that started it."""
     private_folder(files.folder)
+    try:
+        if os.lstat(files.log).st_size > MAX_LOG_BYTES:
+            os.replace(files.log, files.log.with_name(files.log.name + ".1"))  # one old log kept
+    except FileNotFoundError:
+        pass
     log_fd = private_file(files.log, os.O_WRONLY | os.O_APPEND)
     try:
         return subprocess.Popen(

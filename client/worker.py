@@ -65,8 +65,15 @@ class Worker:
         self.refused = 0
 
     def serve(self, server: socket.socket) -> None:
+        """Serve until the server socket is closed; a failed accept (out of descriptors, ...) is retried."""
         while True:
-            self.serve_one(server)
+            try:
+                self.serve_one(server)
+            except OSError as err:
+                if server.fileno() == -1:
+                    return
+                log.warning("[fedsite] worker: accept failed (%s); retrying", err)
+                time.sleep(0.1)
 
     def serve_one(self, server: socket.socket) -> None:
         """Accept one connection, answer its request, close it."""

@@ -56,13 +56,7 @@ def served():
         server = listen(files.socket)
         worker = Worker(HANDLERS)
 
-        def serve() -> None:
-            try:
-                worker.serve(server)
-            except OSError:  # the server socket closed at teardown
-                pass
-
-        threading.Thread(target=serve, daemon=True).start()
+        threading.Thread(target=worker.serve, args=(server,), daemon=True).start()  # ends when the server closes
         yield files
         server.close()
 
@@ -131,11 +125,15 @@ def test_a_worker_that_cannot_start_is_one_clear_error_in_bounded_time(tmp_path)
     with tempfile.TemporaryDirectory(prefix="fsw-", dir="/tmp") as folder:
         files = worker_files(Path(folder) / "worker")
         dead_owner = 2**22 + 12345  # above Linux's default pid_max: no such process
+        files.folder.mkdir(mode=0o700)
+        with open(files.log, "wb") as log:
+            log.truncate(forwarder.MAX_LOG_BYTES + 1)  # a long-lived worker's log: rotated at the next start
         started = time.monotonic()
         with pytest.raises(RuntimeError, match=r"fedsite worker failed to start \(exit 3\): see .*worker.log"):
             forwarder.connect_or_start(files, dead_owner, start_timeout=60)
         assert time.monotonic() - started < 60
-        assert "owner pid" in files.log.read_text()
+        assert "owner pid" in files.log.read_text() and files.log.stat().st_size < 1 << 16
+        assert files.log.with_name("worker.log.1").stat().st_size == forwarder.MAX_LOG_BYTES + 1
 
 
 def test_the_import_time_of_the_forwarder_is_measured():
