@@ -20,10 +20,13 @@ import math
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.forwarder import OWNER_KEY, SOCKET_KEY, start_worker, stop_worker_at
+from client.private_socket import WorkerFiles, worker_files
 from client.privacy_policy import LEDGER_KEY, DevicePolicy
 from finetune.processes import flower_env, flower_tool, stop_process_tree
 
@@ -145,17 +148,59 @@ def client_home(runtime_port: int, home: str | Path | None = None) -> Path:
     return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser() / f"fedsite-client-{runtime_port}"
 
 
+def with_worker(command: list[str], files: WorkerFiles, owner_pid: int) -> list[str]:
+    """The SuperNode command with the worker's socket and owner added to its `--node-config`:
+    the ClientApp then forwards every message to the warm worker (client/client_app.py)."""
+    extra = f"{SOCKET_KEY}={_toml_value(str(files.socket))} {OWNER_KEY}={int(owner_pid)}"
+    if "--node-config" not in command:
+        return [*command, "--node-config", extra]
+    at = command.index("--node-config") + 1
+    return [*command[:at], f"{command[at]} {extra}", *command[at + 1 :]]
+
+
+class EdgeWorker:
+    """The warm worker this client starts (owned by this process); a forwarder restarts it when
+    it dies, and stopping stops a restarted one too."""
+
+    def __init__(self, files: WorkerFiles, env: dict[str, str]):
+        self.files, self._stopping = files, threading.Event()
+        self.proc = start_worker(files, os.getpid(), env=env, detach=False)
+        log.info("[fedsite] edge client: warm worker pid %d on %s (log %s)", self.proc.pid, files.socket, files.log)
+        threading.Thread(target=self._report, name="worker-exit", daemon=True).start()
+
+    def _report(self) -> None:  # reaps it at once, so that its socket and lock are gone with it
+        code = self.proc.wait()
+        if not self._stopping.is_set():
+            log.info("[fedsite] edge client: warm worker pid %d exited with code %d (the next message starts a new one)", self.proc.pid, code)
+
+    def stop(self, grace: float = 10.0) -> None:
+        self._stopping.set()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        stop_worker_at(self.files)
+
+
 def run_edge(settings: EdgeSettings, home: str | Path | None = None) -> int:
-    """Run the SuperNode in the foreground; restart it with backoff when it exits on an error.
+    """Run the SuperNode in the foreground beside a warm worker; restart the SuperNode with
+    backoff when it exits on an error.
 
     A SuperNode gives up when the coordinator answers but does not admit it (not enrolled yet,
     or a restarted coordinator still starting); it is started again until `max_retries`
-    restarts or `max_wait_time` seconds are used up (both unlimited by default).
+    restarts or `max_wait_time` seconds are used up (both unlimited by default). The worker
+    (client/worker.py) lives in `<client home>/worker/`, owner-only; it ends with this process.
     """
     settings.validate()
-    command, env = supernode_command(settings), flower_env(client_home(settings.runtime_port, home), settings.threads)
+    flower_home = client_home(settings.runtime_port, home)
+    env, files = flower_env(flower_home, settings.threads), worker_files(flower_home / "worker")
+    command = with_worker(supernode_command(settings), files, os.getpid())
     log.info("[fedsite] edge client: data %s -> coordinator %s (%s)", settings.data, settings.coordinator, "no TLS" if settings.insecure else "TLS")
     proc: subprocess.Popen | None = None
+    worker: EdgeWorker | None = None
 
     def stop(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
@@ -163,6 +208,7 @@ def run_edge(settings: EdgeSettings, home: str | Path | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, stop)
     started, restarts = time.monotonic(), 0
     try:
+        worker = EdgeWorker(files, env)
         while True:
             proc = subprocess.Popen(command, env=env)
             code = proc.wait()
@@ -183,3 +229,5 @@ def run_edge(settings: EdgeSettings, home: str | Path | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
         if proc is not None:
             stop_process_tree(proc)
+        if worker is not None:
+            worker.stop()

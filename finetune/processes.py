@@ -22,9 +22,20 @@ def flower_tool(name: str) -> str:
     return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 
-def flower_env(home: str | Path, threads: int = 0) -> dict[str, str]:
-    """Environment of Flower's processes: their own FLWR_HOME, no update check."""
-    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "FLWR_HOME": str(Path(home).resolve())}
+SUPEREXEC_POLL_SECONDS = 0.1  # Flower's SuperExec checks for new tasks every 1 s by default
+
+
+def flower_env(home: str | Path, threads: int = 0, task_poll_seconds: float = SUPEREXEC_POLL_SECONDS) -> dict[str, str]:
+    """Environment of Flower's processes: their own FLWR_HOME, no update check, and a SuperExec
+    that polls for tasks every `task_poll_seconds` (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, in seconds,
+    0.01 to 60, read by flwr/supercore/superexec/run_superexec.py)."""
+    env = {
+        **os.environ,
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "FLWR_HOME": str(Path(home).resolve()),
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": repr(float(task_poll_seconds)),
+    }
     if threads > 0:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env

@@ -1,5 +1,10 @@
 """The plain ClientApp's train handler, driven with a real train message on the tiny model."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -49,3 +54,31 @@ def test_a_client_that_trains_replies_with_its_update(tmp_path):
     reply = train_handler(train_message(CONFIG), context(tmp_path))
     assert "declined" not in reply.content.config_records
     assert from_array_record(reply.content["arrays"]) and reply.content["metrics"]["num-examples"] > 0
+
+
+HEAVY = ("torch", "transformers", "peft")
+
+
+def test_the_forwarding_client_app_imports_no_torch_transformers_or_peft():
+    """Flower starts a process per message; deployed, it loads this module and forwards."""
+    code = (
+        "import sys, client.client_app, client.forwarder, client.wire, client.private_socket, client.worker; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} | {m for m in sys.modules if m.startswith('client.')})))"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, env=env, cwd=root, check=True)
+    modules = set(result.stdout.split())
+    assert "flwr" in modules and "client.client_app" in modules
+    assert not modules & {*HEAVY, "client.handlers", "finetune"}
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & set(HEAVY)
+
+
+def test_the_handlers_helpers_stay_importable_from_the_client_app():
+    from client import client_app, handlers
+    from client.client_app import local_evaluation, local_training, run_config_from
+
+    assert (local_training, local_evaluation, run_config_from) == (handlers.local_training, handlers.local_evaluation, handlers.run_config_from)
+    with pytest.raises(AttributeError):
+        client_app.no_such_helper  # noqa: B018

@@ -1,8 +1,14 @@
 """The edge client's SuperNode command, node config and restart policy (no network needed)."""
 
+import json
+import os
+import re
+import stat
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -117,3 +123,67 @@ def test_clients_on_one_machine_get_their_own_flower_home(tmp_path, monkeypatch)
     monkeypatch.delenv("FLWR_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert client_home(9094).parent == tmp_path / ".flwr"
+
+
+def test_flower_processes_poll_for_tasks_every_tenth_of_a_second(monkeypatch, tmp_path):
+    from flwr.supercore.superexec.run_superexec import _get_task_poll_interval
+
+    from finetune.processes import flower_env
+
+    env = flower_env(tmp_path)
+    monkeypatch.setenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"])
+    assert _get_task_poll_interval() == 0.1  # Flower's own parser, in seconds
+
+
+def test_the_worker_socket_and_owner_join_the_node_config(data):
+    from flwr.common.config import parse_config_args
+
+    from client.private_socket import WorkerFiles
+
+    files = WorkerFiles(Path("/tmp/fedsite w/worker.sock"))
+    command = edge.with_worker(supernode_command(EdgeSettings("h:1", data, insecure=True)), files, 4321)
+    values = parse_config_args([command[command.index("--node-config") + 1]])
+    assert values["worker-socket"] == "/tmp/fedsite w/worker.sock" and values["worker-owner-pid"] == 4321 and values["data-path"] == data
+    assert edge.with_worker(["flower-supernode"], files, 1)[1:] == ["--node-config", 'worker-socket="/tmp/fedsite w/worker.sock" worker-owner-pid=1']
+
+
+SUPERNODE_THAT_WAITS_FOR_THE_WORKER = """
+import json, sys, time
+from pathlib import Path
+from flwr.common.config import parse_config_args
+from client.private_socket import connect
+node = parse_config_args([sys.argv[-1]])
+deadline = time.monotonic() + 120
+while True:
+    try:
+        sock, pid = connect(Path(node["worker-socket"]), 5)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.1)
+sock.close()
+json.dump({"node": node, "worker": pid}, open(sys.argv[1], "w"))
+sys.exit(3)
+"""
+
+
+def test_run_edge_starts_the_worker_beside_the_supernode_and_stops_it_on_exit(data, tmp_path, monkeypatch, caplog):
+    """A stand-in SuperNode finds the worker through its node config, then exits; run_edge stops the worker."""
+    seen = tmp_path / "seen.json"
+    monkeypatch.setattr(edge, "supernode_command", lambda settings: [sys.executable, "-c", SUPERNODE_THAT_WAITS_FOR_THE_WORKER, str(seen)])
+    caplog.set_level("INFO", logger="fedsite.client")
+    edge.log.propagate = True
+    with tempfile.TemporaryDirectory(prefix="fse-", dir="/tmp") as home:
+        try:
+            assert run_edge(EdgeSettings("h:1", data, insecure=True, max_retries=0), home=home) == 3
+        finally:
+            edge.log.propagate = False
+        found = json.loads(seen.read_text())
+        assert found["node"]["worker-owner-pid"] == os.getpid() and found["node"]["worker-socket"] == str(Path(home) / "worker" / "worker.sock")
+        assert stat.S_IMODE(os.stat(Path(home) / "worker").st_mode) == 0o700
+        pid = int(re.search(r"warm worker pid (\d+)", caplog.text).group(1))
+        assert found["worker"] == pid  # the worker run_edge started answered the node config's socket
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert "exited with code" not in caplog.text  # stopped, not lost
+        assert not (Path(home) / "worker" / "worker.sock").exists()

@@ -1,0 +1,231 @@
+"""The Fedsite client's handlers: thin Flower handlers around the kernel's training and evaluation.
+
+`client/client_app.py` registers them with the ClientApp; they run in-process in a simulation
+and in the device's warm worker (`client/worker.py`) when deployed, one code path for both.
+Both read the run's configuration from the message (the coordinator decides what each client
+does), the client's own data from its node config, and never send data back: only LoRA arrays
+and metrics leave the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Callable
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from client.offsite import PACKAGE_KEY, PUBLIC_KEY_KEY, OffsiteSpec, offsite_model, offsite_spec
+from client.privacy_policy import DevicePolicy, PolicyRefusal
+from client.state import LedgerError, load_ledger, load_state, save_ledger, save_state
+from emulator.keys import PackageError
+from emulator.offsite import get_offsite_arrays, set_offsite_arrays
+from finetune.base_delta import set_global_arrays, split_base
+from finetune.cache import lora_model
+from finetune.config import FedsiteConfig, from_mapping
+from finetune.evaluate import evaluate
+from finetune.privacy import BudgetExhausted, DPSettings, check_budget, plan_round, train_private
+from finetune.lora import get_lora_arrays, set_trainable_factors
+from finetune.sources import client_splits
+from finetune.examples import Example
+from finetune.train import NoGradient, TrainResult, TrainSettings, train
+from protos.codecs import ErrorFeedback, encoded_nbytes
+from protos.tensors import from_array_record, to_array_record
+from protos.updates import encode_update
+
+log = logging.getLogger("fedsite.client")
+
+# Per-round instructions the coordinator adds to the run config in the ConfigRecord.
+ROUND_KEY = "server-round"
+FACTORS_KEY = "train-factors"
+# The package's other decisions (rank, quantize, codec) are run-config fields the planner overrode;
+# "emulator" clients train LoRA on the backbone until the emulator path takes them.
+PACKAGE_KEYS = ("package-kind", "profile", PACKAGE_KEY, PUBLIC_KEY_KEY)
+
+
+def run_config_from(record: ConfigRecord) -> tuple[FedsiteConfig, int, str]:
+    """Split the message's ConfigRecord into the run config, the round and the factors to train."""
+    values = dict(record)
+    server_round = int(values.pop(ROUND_KEY, 0))
+    factors = str(values.pop(FACTORS_KEY, "AB"))
+    for key in PACKAGE_KEYS:  # labels of the coordinator's package (coordinator/planner.py)
+        values.pop(key, None)
+    return from_mapping(values), server_round, factors
+
+
+def client_label(context: Context) -> str:
+    return str(context.node_config.get("partition-id", context.node_id))
+
+
+def client_id(context: Context) -> int:
+    """A simulated client's partition id; -1 for a deployed client (the coordinator uses its node id)."""
+    return int(context.node_config.get("partition-id", -1))
+
+
+def train_handler(msg: Message, context: Context) -> Message:
+    """Load the global LoRA arrays, train locally, reply with the new arrays and metrics."""
+    config, server_round, factors = run_config_from(msg.content["config"])
+    received = from_array_record(msg.content["arrays"])
+    try:
+        offsite = offsite_spec(msg.content["config"], context.node_config)
+        trained, result, privacy = local_training(config, server_round, factors, received, context, offsite)
+    except PackageError as err:
+        log.warning("client %s round %d: %s", client_label(context), server_round, err)
+        return declined(msg, context, str(err))
+    except (BudgetExhausted, PolicyRefusal, LedgerError) as err:
+        log.info("client %s round %d: %s", client_label(context), server_round, err)
+        return declined(msg, context, str(err))
+    except NoGradient as err:  # training would change nothing, or corrupt the update: say so
+        log.error("client %s round %d: %s", client_label(context), server_round, err)
+        return declined(msg, context, str(err))
+    payload = encode_upload(trained, split_base(received)[0], config, context)
+    metrics = MetricRecord(train_metrics(result, encoded_nbytes(payload), privacy, context))
+    content = RecordDict({"arrays": to_array_record(payload), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+def local_training(
+    config: FedsiteConfig, server_round: int, factors: str, received: dict, context: Context, offsite: OffsiteSpec | None = None
+) -> tuple[dict, TrainResult, dict[str, float]]:
+    """Train the received LoRA arrays on this client's split: (trained arrays, result, dp-* metrics).
+
+    Shared by the plain handler above and the secure one in `client/secure.py`; raises
+    BudgetExhausted when a local-DP client has spent its budget. With `offsite`, the client
+    trains the adapter of the coordinator's emulator instead of LoRA on the backbone.
+    """
+    if offsite is not None:
+        model, tokenizer, layer_map = offsite_model(offsite, config.offsite_lora_settings(), config.seed, context.node_config)
+        set_offsite_arrays(model, received, layer_map, offsite.mode)
+    else:
+        model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)
+        set_global_arrays(model, received)  # LoRA arrays, and the base-weight update of fedex-lora / flora
+    set_trainable_factors(model, factors)
+    train_examples, _ = client_splits(config, context.node_config)
+    settings = TrainSettings(
+        steps=config.local_steps,
+        epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        lr=config.client_lr(offsite.mode if offsite is not None else None),
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        max_seq_len=config.max_seq_len,
+        proximal_mu=config.proximal_mu if config.aggregation == "fedprox" else 0.0,
+        # a different data order every round and client, reproducible from the run seed
+        seed=zlib.crc32(f"{config.seed}/{server_round}/{client_label(context)}".encode()),
+    )
+    privacy: dict[str, float] = {}
+    DevicePolicy.from_node_config(context.node_config).admit(config)  # PolicyRefusal: decline
+    try:
+        if config.dp == "local":
+            result, privacy = train_locally_private(model, tokenizer, train_examples, settings, config, context)
+        else:
+            result = train(model, tokenizer, train_examples, settings)
+    finally:
+        set_trainable_factors(model, "AB")  # the cached model is shared with the next client
+    log.info("client %s round %d: %d steps, loss %.3f, %.1fs", client_label(context), server_round, result.steps, result.final_loss, result.seconds)
+    trained = get_offsite_arrays(model, layer_map, offsite.mode) if offsite is not None else get_lora_arrays(model)
+    return trained, result, privacy
+
+
+def train_metrics(result: TrainResult, upload_bytes: int, privacy: dict[str, float], context: Context) -> dict:
+    """The metrics a training reply carries, whichever layout the reply uses."""
+    return {
+        "num-examples": result.examples,
+        "train-loss": result.loss,
+        "train-loss-final": result.final_loss,
+        "steps": result.steps,
+        "train-seconds": result.seconds,
+        "upload-bytes": upload_bytes,
+        "client-id": client_id(context),
+        **privacy,
+    }
+
+
+FEEDBACK_KEY = "error-feedback"
+
+
+def train_locally_private(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example], settings: TrainSettings, config: FedsiteConfig, context: Context
+) -> tuple[TrainResult, dict[str, float]]:
+    """DP-SGD through Opacus under the device's own policy; the accountant lives on the device's
+    disk (client/state.py), written after every round, so a restart never forgets what was spent.
+
+    The round message sets the noise (or a target epsilon) and the run's budget; the device's
+    policy raises the noise floor, lowers delta and caps the cumulative epsilon: a round that
+    asks for less privacy than the policy allows, or would overspend it, is declined before
+    anything is trained (PolicyRefusal).
+    """
+    policy = DevicePolicy.from_node_config(context.node_config)
+    dp = DPSettings(
+        noise_multiplier=None if config.target_epsilon > 0 else config.noise_multiplier,
+        target_epsilon=config.target_epsilon or None,
+        delta=policy.delta_for(config.delta),
+        max_grad_norm=config.dp_max_grad_norm,
+    )
+    state = load_ledger(context)
+    check_budget(state, dp, config.epsilon_budget or None)
+    planned = config.num_server_rounds * settings.num_steps(len(examples))
+    plan = plan_round(state, dp, len(examples), settings, total_steps_budget=planned)
+    policy.check(plan.noise_multiplier, plan.epsilon)
+    result, spend, state = train_private(model, tokenizer, examples, settings, dp, state, total_steps_budget=planned)
+    save_ledger(context, state)
+    spent = spend.to_dict()
+    metrics = {f"dp-{key.replace('_', '-')}": float(spent[key]) for key in ("noise_multiplier", "sample_rate", "steps", "total_steps", "delta", "epsilon")}
+    return result, metrics
+
+
+def declined(msg: Message, context: Context, reason: str) -> Message:
+    """A reply that trains nothing and says why (the coordinator records it, never aggregates it)."""
+    metrics = MetricRecord({"num-examples": 0, "client-id": client_id(context)})
+    return Message(content=RecordDict({"declined": ConfigRecord({"reason": reason}), "metrics": metrics}), reply_to=msg)
+
+
+def encode_upload(trained: dict, received: dict, config: FedsiteConfig, context: Context) -> dict:
+    """Encode the delta with the run's codec; the error-feedback residual lives on the client's
+    disk (client/state.py), not in Flower's in-memory node state."""
+    feedback = ErrorFeedback(load_state(context, FEEDBACK_KEY)) if config.error_feedback else None
+    payload = encode_update(trained, received, config.upload_codec, config.upload_topk or None, feedback)
+    if feedback is not None:
+        save_state(context, FEEDBACK_KEY, feedback.state_dict())
+    return payload
+
+
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Loss and exact-match accuracy of the global adapter on this client's test split."""
+    config, _, _ = run_config_from(msg.content["config"])
+    metrics = local_evaluation(config, from_array_record(msg.content["arrays"]), context)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def local_evaluation(config: FedsiteConfig, arrays: dict, context: Context) -> dict[str, float | int]:
+    """Metrics of `arrays` on this client's test split (shared with `client/secure.py`)."""
+    started = time.perf_counter()
+    model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)
+    set_global_arrays(model, arrays)
+    _, test_examples = client_splits(config, context.node_config)
+    test_examples = test_examples[: config.client_eval_examples]
+    metrics: dict[str, float | int] = {"num-examples": len(test_examples)}
+    if test_examples:
+        result = evaluate(model, tokenizer, test_examples, config.max_seq_len, config.max_new_tokens)
+        metrics.update({"eval-loss": result.loss, "eval-accuracy": result.accuracy})
+    metrics["eval-seconds"] = time.perf_counter() - started
+    return metrics
+
+
+def query_handler(msg: Message, context: Context) -> Message:
+    """Who this client is: its partition id (simulation) and profile name (node config `profile`).
+
+    The coordinator asks once per node and plans each round's package from the answer.
+    """
+    node = context.node_config
+    info = {"partition-id": client_id(context), "profile": str(node.get("profile", ""))}
+    if "holds-backbone" in node:  # a deployed client (`fedsite client`) describes its device
+        info.update({"holds-backbone": bool(node["holds-backbone"]), "memory-gb": float(node.get("memory-gb", 0.0)), "quantized": bool(node.get("quantized", False))})
+    info = ConfigRecord(info)
+    return Message(content=RecordDict({"client": info}), reply_to=msg)
+
+
+HANDLERS: dict[str, Callable[[Message, Context], Message]] = {"train": train_handler, "evaluate": evaluate_handler, "query": query_handler}
