@@ -28,9 +28,13 @@ SUPEREXEC_POLL_SECONDS = 0.1  # Flower's SuperExec checks for new tasks every 1 
 def flower_env(home: str | Path, threads: int = 0, task_poll_seconds: float = SUPEREXEC_POLL_SECONDS) -> dict[str, str]:
     """Environment of Flower's processes: their own FLWR_HOME, no update check, and a SuperExec
     that polls for tasks every `task_poll_seconds` (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, in seconds,
-    0.01 to 60, read by flwr/supercore/superexec/run_superexec.py)."""
+    0.01 to 60, read by flwr/supercore/superexec/run_superexec.py). This Python's own folder
+    comes first on PATH: Flower starts `flower-superexec` by name, and an unactivated virtual
+    environment would not have it on PATH."""
+    here = str(Path(sys.executable).parent)
     env = {
         **os.environ,
+        "PATH": os.pathsep.join([here, *[p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != here]]),
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "FLWR_HOME": str(Path(home).resolve()),

@@ -187,3 +187,15 @@ def test_run_edge_starts_the_worker_beside_the_supernode_and_stops_it_on_exit(da
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         assert "exited with code" not in caplog.text  # stopped, not lost
         assert not (Path(home) / "worker" / "worker.sock").exists()
+
+
+def test_flowers_processes_find_the_tools_beside_this_python(tmp_path, monkeypatch):
+    """Flower starts `flower-superexec` by name: an unactivated venv's bin folder must be on PATH."""
+    import os
+    from pathlib import Path
+
+    from finetune.processes import flower_env
+
+    monkeypatch.setenv("PATH", "/usr/bin")
+    path = flower_env(tmp_path)["PATH"].split(os.pathsep)
+    assert path[0] == str(Path(sys.executable).parent) and "/usr/bin" in path
