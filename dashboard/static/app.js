@@ -36,6 +36,7 @@
       ["client updates", String(o.client_rows), "client-rows"],
     ]);
     const latest = o.latest || {};
+    $("latest-title").textContent = o.round ? `Latest round (${o.round})` : "Latest round";
     const labels = { eval_accuracy: "accuracy", eval_loss: "eval loss", train_loss: "train loss", upload_bytes: "upload", download_bytes: "download",
       round_seconds: "round time", simulated_seconds: "simulated time", federated_eval_accuracy: "federated accuracy", offsite_eval_accuracy: "plug-in accuracy" };
     const pairs = Object.entries(latest).map(([k, v]) => [labels[k] || k, k.endsWith("bytes") ? Fed.bytes(v) : k.endsWith("seconds") ? Fed.seconds(v) : Fed.num(v)]);

@@ -141,7 +141,7 @@ const Fed = (() => {
     { key: "upload_codec", label: "codec", cls: "text" },
     { key: "simulated_seconds", label: "simulated s", format: (v) => num(v, 2) },
     { key: "epsilon", label: "ε" },
-    { key: "reason", label: "rejection reason", cls: "reason" },
+    { key: "reason", label: "rejection reason", cls: "reason", format: (v) => v || "" },
   ];
 
   function clients(node, page, sort, onSort) {
