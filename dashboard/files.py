@@ -19,7 +19,7 @@ import json
 import os
 import stat
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +109,7 @@ class JsonlFile:
     _identity: tuple[int, int] | None = None
     _offset: int = 0
     _head: bytes = b""
+    _mapped: dict[Callable, tuple[list, list]] = field(default_factory=dict)
 
     def refresh(self, root_fd: int) -> list[dict[str, Any]]:
         fd = open_below(root_fd, self.parts, self.name)
@@ -130,6 +131,16 @@ class JsonlFile:
         finally:
             os.close(fd)
         return self.rows
+
+    def mapped(self, convert: Callable[[dict[str, Any]], Any]) -> list[Any]:
+        """`convert` of every row, kept in step as rows are appended (call after `refresh`)."""
+        cached = self._mapped.get(convert)
+        if cached is None or cached[0] is not self.rows:
+            cached = (self.rows, [])
+            self._mapped[convert] = cached
+        done = cached[1]
+        done.extend(convert(row) for row in self.rows[len(done) :])
+        return done
 
     def _reset(self, identity: tuple[int, int] | None) -> None:
         self.rows, self.skipped, self._identity, self._offset, self._head = [], 0, identity, 0, b""

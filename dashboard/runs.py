@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,12 @@ class Run:
     def clients(self) -> list[dict[str, Any]]:
         with self._lock:
             return self.clients_file.refresh(self.root.fd)
+
+    def client_table(self, convert: Callable[[dict[str, Any]], Any]) -> list[Any]:
+        """clients.jsonl's rows through `convert`, converted once each (a poll converts only new rows)."""
+        with self._lock:
+            self.clients_file.refresh(self.root.fd)
+            return list(self.clients_file.mapped(convert))
 
     def privacy(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -149,7 +149,7 @@ def client_row(row: dict[str, Any]) -> dict[str, Any]:
     if name is None or (isinstance(name, int) and name < 0):  # -1: not a simulated partition
         name = row.get("client", row.get("node_id"))
     return {
-        "round": row.get("round") if isinstance(row.get("round"), int) else None,
+        "round": row.get("round") if isinstance(row.get("round"), int) and not isinstance(row.get("round"), bool) else None,
         "client": text(name, 40),
         "status": text(row.get("status"), 20),
         "reason": text(row.get("reason")),
@@ -189,9 +189,9 @@ def _natural(value: str | None) -> tuple:
 def clients_page(run: Run, round_filter: int | None, status: str | None, sort: str, descending: bool, offset: int, limit: int) -> dict[str, Any]:
     """One page of the per-client table, filtered and sorted over all rows (sorting happens here,
     so a browser never holds 10,000 rows to sort them)."""
-    raw = run.clients()
-    rounds = sorted({r["round"] for r in raw if isinstance(r.get("round"), int)})
-    rows = [client_row(r) for r in raw if round_filter is None or r.get("round") == round_filter]
+    table = run.client_table(client_row)
+    rounds = sorted({r["round"] for r in table if r["round"] is not None})
+    rows = table if round_filter is None else [r for r in table if r["round"] == round_filter]
     statuses = Counter(r["status"] or "unknown" for r in rows)
     reasons = Counter((r["reason"] or "")[:80] for r in rows if r["status"] != "accepted" and r["reason"])
     if status:
@@ -204,7 +204,7 @@ def clients_page(run: Run, round_filter: int | None, status: str | None, sort: s
     return {
         "columns": list(CLIENT_COLUMNS),
         "rounds": rounds,
-        "total": len(raw),
+        "total": len(table),
         "matching": len(rows),
         "offset": offset,
         "rows": rows[offset : offset + limit],

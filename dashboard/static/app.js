@@ -98,7 +98,7 @@
       ["run-level ε", Fed.num(p.run_epsilon), "run-epsilon"],
       ["basis", p.run_epsilon_basis, "basis"],
       ["budget ε", p.budget === null ? "none" : Fed.num(p.budget), "budget"],
-      ["δ", Fed.num(p.delta, 8), "delta"],
+      ["δ", Fed.num(p.delta), "delta"],
       ["clients in ledger", String(p.clients), "clients"],
       ["at or over budget", String(p.over_budget.length), "over-budget"],
     ]);
@@ -117,7 +117,8 @@
     FedCharts.offsite(o);
     const cols = ["round", "eval_accuracy", "offsite_eval_accuracy", "emulator_eval_accuracy", "eval_loss", "offsite_eval_loss", "emulator_eval_loss", "lora_clients", "emulator_clients"];
     Fed.table($("offsite-table"), cols.map((key) => ({ key, label: key.replace(/_/g, " ") })), o.rounds.slice().reverse(), { empty: "no round yet" });
-    Fed.keyValues($("offsite-package"), Object.entries(o.package).map(([k, v]) => [k.replace(/_/g, " "), typeof v === "object" ? JSON.stringify(v) : String(v)]));
+    const shown = (k, v) => (k.endsWith("bytes") ? Fed.bytes(v) : typeof v === "number" ? Fed.num(v) : typeof v === "object" ? JSON.stringify(v) : String(v));
+    Fed.keyValues($("offsite-package"), Object.entries(o.package).map(([k, v]) => [k.replace(/_/g, " "), shown(k, v)]));
   }
 
   async function showConfig() {

@@ -30,6 +30,7 @@ const Fed = (() => {
   function num(v, digits = 3) {
     if (!isNum(v)) return v === null || v === undefined ? "–" : String(v);
     if (Number.isInteger(v) && Math.abs(v) < 1e6) return String(v);
+    if (v !== 0 && Math.abs(v) < 1e-3) return v.toExponential(2);
     return v.toFixed(digits);
   }
 
