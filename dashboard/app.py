@@ -50,6 +50,7 @@ FRONT_END = ("app.js", "charts.js", "tables.js", "style.css")
 BAD_PATH = re.compile(rb"\.\.|\\|//|%(2e|2f|5c|00)", re.IGNORECASE)
 JS_SAFE_INT = 2**53
 SECURITY_HEADERS = [
+    # plotly.js injects its own style rules and style attributes: inline styles only, never inline scripts
     (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
                                  b"connect-src 'self'; font-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
     (b"x-content-type-options", b"nosniff"),

@@ -56,9 +56,10 @@ def total_rounds(run: Run, rounds: list[dict[str, Any]]) -> int | None:
     return int(planned) if planned else (len(rounds) or None)
 
 
-def status_of(run: Run, rounds: list[dict[str, Any]], total: int | None) -> str:
-    summary = run.summary()
-    if summary is not None:
+def status_of(run: Run, rounds: list[dict[str, Any]]) -> str:
+    """'finished' once summary.json is written (last, coordinator/results.py); before, 'in progress'
+    (a killed run stays so: the overview's last update tells how long ago it wrote)."""
+    if run.summary() is not None:
         return "finished"
     return "in progress" if rounds else "starting"
 
@@ -97,7 +98,7 @@ def overview(run: Run, now: float | None = None) -> dict[str, Any]:
     started = stamps["config.toml"][1] / 1e9 if stamps.get("config.toml") else None
     changed = [s[1] / 1e9 for s in stamps.values() if s]
     last_update = max(changed) if changed else None
-    status = status_of(run, rounds, total)
+    status = status_of(run, rounds)
     end = stamps["summary.json"][1] / 1e9 if status == "finished" and stamps.get("summary.json") else now
     per_round = [(num(r.get("round_seconds")) or 0.0) + (num(r.get("eval_seconds")) or 0.0) for r in rounds[-5:]]
     eta = None
@@ -136,7 +137,7 @@ def run_listing(run: Run) -> dict[str, Any]:
     return {
         "id": run.id,
         "name": run.name,
-        "status": status_of(run, rounds, total),
+        "status": status_of(run, rounds),
         "total_rounds": total,
         "version": run.version(),
         "initial": scalars(initial) or None,
