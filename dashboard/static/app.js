@@ -103,10 +103,11 @@
       ["at or over budget", String(p.over_budget.length), "over-budget"],
     ]);
     FedCharts.privacy(p);
+    $("privacy-more").textContent = p.clients > 100 ? `the 100 clients with the highest ε of ${p.clients}` : "";
     Fed.table($("privacy-table"), [
       { key: "client", label: "client", cls: "text" }, { key: "epsilon", label: "ε spent" }, { key: "rounds", label: "rounds in ledger" },
       { key: "left", label: "ε left", format: (v) => (v === null ? "–" : Fed.num(v)) },
-    ], p.latest.map((r) => ({ ...r, left: p.budget === null ? null : p.budget - r.epsilon })), {
+    ], p.latest.slice(0, 100).map((r) => ({ ...r, left: p.budget === null ? null : p.budget - r.epsilon })), {
       rowClass: (r) => (p.budget !== null && r.epsilon >= p.budget ? "rejected" : ""), empty: "no ledger entries",
     });
   }

@@ -108,7 +108,12 @@ const FedCharts = (() => {
     const traces = Object.entries(data.traces).map(([client, pts], i) => ({
       type: "scatter", mode: "lines+markers", name: `client ${Fed.esc(client)}`, x: pts.map((p) => p[0]), y: pts.map((p) => p[1]),
       line: { width: 1, color: color(i) }, marker: { size: 4 }, opacity: 0.75, meta: { client },
+      showlegend: Object.keys(data.traces).length <= 12, // many clients: names on hover, not in the legend
     }));
+    if (data.clients > Object.keys(data.traces).length && data.spread.length) { // the clients not drawn one by one
+      traces.push({ type: "scatter", mode: "lines", name: `median of the ${data.clients} clients that trained`, x: data.spread.map((p) => p.round),
+        y: data.spread.map((p) => p.median), line: { width: 2, dash: "dot", color: "#6b7280" }, meta: { key: "median" } });
+    }
     if (data.run_series.length) {
       traces.push({ type: "scatter", mode: "lines", name: `run-level ε (${data.run_epsilon_basis})`, x: data.run_series.map((p) => p[0]), y: data.run_series.map((p) => p[1]),
         line: { width: 3, color: "#111827" }, meta: { key: "run" } });
