@@ -107,10 +107,33 @@ def config_from_args(args: argparse.Namespace) -> FedsiteConfig:
     return from_mapping(values, base)
 
 
+def start_live_dashboard(address: str | None, certs: str | None, out: str) -> Any:
+    """`--dashboard [HOST:PORT]`: serve the dashboard over the run's folder from a thread of this
+    process (it stops with the run) and print its address, the only place the token appears."""
+    if address is None:
+        return None
+    from dashboard.server import announce_line, start_dashboard
+
+    board = start_dashboard([], address, certs, live=[out])
+    print(announce_line(board.url, board.token), flush=True)
+    return board
+
+
+def add_dashboard_option(parser: argparse.ArgumentParser, certs_option: bool) -> None:
+    from dashboard import DEFAULT_ADDRESS
+
+    where = "--dashboard-certs" if certs_option else "--certs"
+    parser.add_argument("--dashboard", nargs="?", const=DEFAULT_ADDRESS, default=None, metavar="HOST:PORT",
+                        help=f"serve the live dashboard of this run (default address {DEFAULT_ADDRESS}; off loopback it needs TLS from {where} and prints an access token)")
+    if certs_option:
+        parser.add_argument("--dashboard-certs", default=None, metavar="DIR", help="TLS for a dashboard off loopback: a folder with server.pem and server.key (`fedsite certs --out DIR`)")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.runner import simulate
 
     config = config_from_args(args)
+    start_live_dashboard(args.dashboard, args.dashboard_certs, config.out)
     out = simulate(config, verbose=args.verbose)
     print(f"results: {out}  (metrics.jsonl, summary.md, curves.png, adapter/)")
     return 0
@@ -142,6 +165,23 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
     report.add_argument("runs", nargs="+", help="results folders written by `fedsite simulate` (metrics.jsonl inside)")
     report.add_argument("--out", required=True, help="folder for the plots, report.md and report.json")
     report.set_defaults(func=cmd_report)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from dashboard.server import serve_dashboard
+
+    serve_dashboard(args.folders, args.address, args.certs)
+    return 0
+
+
+def add_dashboard_parser(sub: argparse._SubParsersAction) -> None:
+    from dashboard import DEFAULT_ADDRESS
+
+    board = sub.add_parser("dashboard", help="serve a read-only web dashboard over results folders", description="Serve a read-only web dashboard (overview, curves, rounds, clients, privacy, offsite) over finished or running results folders; a sweep folder expands into its runs. It updates by itself as the runs write. Off loopback it needs TLS (--certs) and prints an access token.")
+    board.add_argument("folders", nargs="+", metavar="DIR", help="results folders (metrics.jsonl inside) or sweep folders holding them")
+    board.add_argument("--address", default=DEFAULT_ADDRESS, metavar="HOST:PORT", help=f"where to listen (default: {DEFAULT_ADDRESS}; port 0 picks a free one)")
+    board.add_argument("--certs", default=None, metavar="DIR", help="TLS certificate folder (server.pem, server.key, as `fedsite certs --out DIR` writes); required off loopback")
+    board.set_defaults(func=cmd_dashboard)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -193,11 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_options(simulate)
     simulate.add_argument("--verbose", action="store_true", help="show Flower's debug logs")
+    add_dashboard_option(simulate, certs_option=True)
     simulate.set_defaults(func=cmd_simulate)
     add_emulator_parser(sub)
     add_report_parser(sub)
     add_service_parsers(sub)  # certs, coordinator, client
     add_sweep_parser(sub)
+    add_dashboard_parser(sub)
     return parser
 
 

@@ -18,7 +18,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.service import ServiceError, ServiceSettings, run_coordinator
-    from fedsite.cli import config_from_args
+    from fedsite.cli import config_from_args, start_live_dashboard
 
     settings = ServiceSettings(
         address=args.address,
@@ -34,7 +34,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         max_request_mb=args.max_request_mb,
     )
     try:
-        return run_coordinator(config_from_args(args), settings)
+        config = config_from_args(args)
+        settings.validate()  # a bad option fails here, before the dashboard prints its address
+        start_live_dashboard(args.dashboard, args.certs, config.out)
+        return run_coordinator(config, settings)
     except ServiceError as err:
         print(f"fedsite: error: {err}", file=sys.stderr)
         return 1
@@ -67,7 +70,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def add_service_parsers(sub: argparse._SubParsersAction) -> None:
-    from fedsite.cli import add_config_options
+    from fedsite.cli import add_config_options, add_dashboard_option
 
     certs = sub.add_parser("certs", help="make a test CA, server certificate and client keys", description="Write a self-signed CA (ca.crt), a server certificate it signs (server.pem, server.key; SANs localhost, 127.0.0.1 and --host) and client enrolment keys, for testing the service. Private keys are created owner-only (0600); existing files are never overwritten without --force. Use certificates from a real CA in production.")
     certs.add_argument("--out", required=True, help="folder to write the files into")
@@ -89,6 +92,7 @@ def add_service_parsers(sub: argparse._SubParsersAction) -> None:
     coordinator.add_argument("--artifacts", default=None, metavar="STORE", help="also serve this artifact store (signed, content-addressed backbones and emulators) over gRPC with the same TLS certificate, to enrolled clients only")
     coordinator.add_argument("--artifact-key", default=None, help="the artifact store's Ed25519 signing key (PEM): the run's own (default: OUT/keys/signing_key.pem, made on the first start; clients pin OUT/keys/public_key.pem)")
     coordinator.add_argument("--artifact-address", default=None, help="HOST:PORT of the artifact service (default: --address's host, port 9093)")
+    add_dashboard_option(coordinator, certs_option=False)
     add_config_options(coordinator)
     coordinator.set_defaults(func=cmd_coordinator)
 
