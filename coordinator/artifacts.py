@@ -17,7 +17,6 @@ not enrolled) before the store is touched.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from emulator.keys import key_id, load_signing_key
+from finetune.serving import is_loopback
 from protos import artifacts_pb2, artifacts_pb2_grpc
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
@@ -240,17 +240,6 @@ class EnrolledOnly(grpc.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
         return None  # no client-streaming methods here: UNIMPLEMENTED
-
-
-def is_loopback(host: str) -> bool:
-    """Whether HOST (a name or an IP, IPv6 with or without brackets) stays on this machine."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass

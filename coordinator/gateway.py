@@ -21,9 +21,7 @@ only waits on Flower's processes, so the asyncio loop has the interpreter to its
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
-import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -38,6 +36,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from finetune.serving import ThreadedServer, listen, serve_in_thread
+
 log = logging.getLogger("fedsite.coordinator")
 
 # every route of Flower 1.41's Fleet API (superlink/routers/fleet/router.py); all POST
@@ -51,7 +51,6 @@ HOP_BY_HOP = frozenset({"host", "connection", "keep-alive", "transfer-encoding",
 DEFAULT_MAX_BODY = 512 << 20  # bytes of one request body
 UPSTREAM_TIMEOUT = httpx.Timeout(300.0, connect=10.0, pool=30.0)
 UPSTREAM_LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=64)  # requests in flight to the SuperLink
-STARTUP_SECONDS = 30.0
 WARN_EVERY_S = 30.0
 
 
@@ -162,25 +161,19 @@ def upstream_context(ca: str | Path) -> ssl.SSLContext:
 class Gateway:
     """A running gateway: uvicorn in a daemon thread of this process; `stop()` shuts it down gracefully."""
 
-    server: uvicorn.Server
-    thread: threading.Thread
+    serving: ThreadedServer
     host: str
-    port: int
+
+    @property
+    def port(self) -> int:
+        return self.serving.port
+
+    @property
+    def thread(self):  # noqa: ANN201
+        return self.serving.thread
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-        if self.thread.is_alive():  # open streams past the grace period
-            self.server.force_exit = True
-            self.thread.join(timeout)
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        return socket.create_server((host, port), family=family, backlog=2048)
-    except OSError as err:
-        raise OSError(f"gateway: cannot listen on {host}:{port} ({err.strerror or err})") from None
+        self.serving.stop(timeout)
 
 
 def start_gateway(
@@ -197,7 +190,7 @@ def start_gateway(
     if (cert is None) != (key is None):
         raise ValueError("gateway: give both the TLS certificate and its key, or neither")
     verify: ssl.SSLContext | bool = upstream_context(ca) if ca else upstream.startswith("https")
-    sock = _bind(host, port)
+    sock = listen(host, port, "gateway", backlog=2048)
     config = uvicorn.Config(
         gateway_app(upstream, verify, max_body),
         ssl_certfile=str(cert) if cert else None,
@@ -210,16 +203,6 @@ def start_gateway(
         timeout_keep_alive=30,
         timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fedsite-gateway", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            sock.close()
-            raise OSError(f"gateway: uvicorn did not start on {host}:{port}")
-        time.sleep(0.05)
-    bound = sock.getsockname()[1]
-    log.info("[fedsite] gateway on %s:%d (%s) -> SuperLink %s: Fleet API and /health only", host, bound, "TLS" if cert else "no TLS", upstream)
-    return Gateway(server, thread, host, bound)
+    serving = serve_in_thread(config, sock, "fedsite-gateway")
+    log.info("[fedsite] gateway on %s:%d (%s) -> SuperLink %s: Fleet API and /health only", host, serving.port, "TLS" if cert else "no TLS", upstream)
+    return Gateway(serving, host)

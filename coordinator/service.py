@@ -33,12 +33,12 @@ from pathlib import Path
 import httpx
 import tomli_w
 
-from finetune.processes import flower_env, flower_tool, stop_process_tree
-from coordinator.artifacts import is_loopback
 from coordinator.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 from coordinator.checkpoint import load_checkpoint
 from coordinator.gateway import DEFAULT_MAX_BODY, start_gateway
 from finetune.config import FedsiteConfig
+from finetune.processes import flower_env, flower_tool, stop_process_tree
+from finetune.serving import is_loopback
 
 log = logging.getLogger("fedsite.coordinator")
 

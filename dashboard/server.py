@@ -10,12 +10,9 @@ is off, so the `?token=` of the first request is not logged either.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
 import socket
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,22 +22,12 @@ import uvicorn
 from dashboard import DEFAULT_ADDRESS
 from dashboard.app import create_app
 from dashboard.runs import DashboardError, RunIndex
+from finetune.serving import ThreadedServer, is_loopback, listen, serve_in_thread
 
 log = logging.getLogger("fedsite.dashboard")
 
 CERT_FILE, KEY_FILE = "server.pem", "server.key"  # the layout of `fedsite certs --out DIR`
-STARTUP_SECONDS = 30.0
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -65,16 +52,13 @@ def tls_files(certs: str | Path | None) -> tuple[Path, Path] | None:
 
 @dataclass
 class Dashboard:
-    server: uvicorn.Server
-    thread: threading.Thread | None
+    serving: ThreadedServer
     url: str
     token: str | None
     index: RunIndex
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        if self.thread is not None:
-            self.thread.join(timeout=10)
+        self.serving.stop()
         self.index.close()
 
 
@@ -88,17 +72,11 @@ def prepare(folders: Sequence[str | Path], address: str, certs: str | Path | Non
     token = None if loopback else secrets.token_urlsafe(32)
     index = RunIndex(folders, live)
     app = create_app(index, token=token, hosts=LOOPBACK_HOSTS | {host.lower()} if loopback else None, secure_cookie=tls is not None)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock = listen(host, port, "dashboard")
     except OSError as err:
-        sock.close()
         index.close()
-        raise DashboardError(f"dashboard: cannot listen on {address}: {err.strerror}") from None
-    sock.listen(128)
-    sock.set_inheritable(False)
+        raise DashboardError(str(err)) from None
     bound = sock.getsockname()[1]
     shown = "localhost" if host in ("127.0.0.1", "localhost") else (f"[{host}]" if ":" in host else host)
     url = f"{'https' if tls else 'http'}://{shown}:{bound}/" + (f"?token={token}" if token else "")
@@ -113,17 +91,12 @@ def prepare(folders: Sequence[str | Path], address: str, certs: str | Path | Non
 def start_dashboard(folders: Sequence[str | Path], address: str = DEFAULT_ADDRESS, certs: str | Path | None = None, live: Sequence[str | Path] = ()) -> Dashboard:
     """Serve the dashboard from a daemon thread; `live` folders are runs even before their first file."""
     server, sock, url, token, index = prepare(folders, address, certs, live)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fedsite-dashboard", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            sock.close()
-            index.close()
-            raise DashboardError(f"dashboard: uvicorn did not start on {address}")
-        time.sleep(0.05)
-    return Dashboard(server, thread, url, token, index)
+    try:
+        serving = serve_in_thread(server.config, sock, "fedsite-dashboard")
+    except OSError as err:
+        index.close()
+        raise DashboardError(f"dashboard: {err}") from None
+    return Dashboard(serving, url, token, index)
 
 
 def _print(line: str) -> None:
