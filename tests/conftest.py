@@ -18,6 +18,20 @@ def one_thread():
 
 
 @pytest.fixture()
+def serverapp_identity():
+    """Messages take their sender from the process's task identity, which Flower's runtime sets:
+    here the SuperLink's, as for the messages a ServerApp creates. Modules that build messages
+    use it with `pytestmark = pytest.mark.usefixtures("serverapp_identity")`."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SUPERLINK_NODE_ID
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = before
+
+
+@pytest.fixture()
 def tiny():
     """(model, tokenizer) of a fresh tiny random Llama; same weights every time."""
     return load_backbone("tiny")

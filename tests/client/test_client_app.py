@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import train_handler
 from finetune.cache import initial_lora_arrays, lora_model
@@ -16,16 +14,9 @@ from finetune.config import FedsiteConfig
 from protos.tensors import from_array_record, to_array_record
 from tests.finetune.test_train_eval import cut_gradients_at_the_last_norm
 
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
+
 CONFIG = FedsiteConfig(model="tiny", clients=2, train_per_task=4, test_per_task=2, local_steps=2, batch_size=2)
-
-
-@pytest.fixture(autouse=True)
-def serverapp_identity():
-    """Messages take their sender from the process's task identity, which Flower's runtime sets."""
-    before = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = before
 
 
 def train_message(config: FedsiteConfig) -> Message:

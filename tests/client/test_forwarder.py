@@ -18,7 +18,8 @@ from client.forwarder import DEFAULT_TIMEOUT, OWNER_KEY, SOCKET_KEY, forward, me
 from client.private_socket import listen, private_folder, worker_files
 from client.wire import Call, call_frame, decode_body, parse_reply, PREFIX
 from client.worker import Worker
-from tests.client.test_client_app import serverapp_identity  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 def counting(msg: Message, context: Context) -> Message:

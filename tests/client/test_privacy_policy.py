@@ -13,7 +13,9 @@ from client.privacy_policy import DevicePolicy, PolicyRefusal
 from client.state import LedgerError, ledger_path, load_ledger
 from finetune.config import FedsiteConfig
 from finetune.privacy import epsilon_for
-from tests.client.test_client_app import serverapp_identity, train_message  # noqa: F401 (fixture)
+from tests.client.test_client_app import train_message
+
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 LOCAL = FedsiteConfig(model="tiny", clients=2, train_per_task=4, test_per_task=2, local_steps=2, batch_size=2, dp="local", noise_multiplier=1.0, num_server_rounds=2)
 

@@ -110,7 +110,10 @@ def test_a_worker_refuses_a_peer_of_another_user_without_answering(folder):
         serving.start()
         sock, _ = connect(files.socket, 5)
         with sock:
-            send_frame(sock, request_frame("ping"), time.monotonic() + 5)
+            try:
+                send_frame(sock, request_frame("ping"), time.monotonic() + 5)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the worker checked our credentials and hung up before the request was out
             serving.join(10)
             assert closed_without_a_word(sock)
     assert worker.refused == 1

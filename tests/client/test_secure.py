@@ -16,7 +16,8 @@ from aggregation.validate import global_l2_norm
 from client.secure import CLIENT_RECORD, UnsendableUpdate, dropout_mod, identity_mod, prepare_update, secure_evaluate, secure_train, secure_weight
 from finetune.cache import initial_lora_arrays
 from finetune.config import FedsiteConfig
-from tests.coordinator.test_secure import serverapp_identity  # noqa: F401  (autouse: messages need a sender identity)
+
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 def small(**changes) -> FedsiteConfig:

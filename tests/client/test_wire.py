@@ -13,7 +13,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from client import wire
 from client.wire import Call, ConnectionClosed, Reply, WireError
-from tests.client.test_client_app import serverapp_identity  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 NODE_ID = 14675348686697280990  # a real SuperNode's id: uint64, above int64's range
 

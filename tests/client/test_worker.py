@@ -19,7 +19,9 @@ from client.forwarder import OWNER_KEY, SOCKET_KEY, connect_or_start, request, s
 from client.private_socket import connect, worker_files
 from client.wire import encode_frame, parse_reply, recv_frame, send_frame
 from protos.tensors import from_array_record
-from tests.client.test_client_app import CONFIG, serverapp_identity, train_message  # noqa: F401 (fixture)
+from tests.client.test_client_app import CONFIG, train_message
+
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.secure import dropout_mod, secure_mods
 from coordinator.client_dp import ClientLevelDP
@@ -27,18 +25,11 @@ from coordinator.secure import check_sum, restore_frozen, run_secure, share_para
 from finetune.config import FedsiteConfig
 from tests.aggregation.helpers import a_key, b_key, lora_update
 
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
+
 MAX_WEIGHT = 32.0
 CLIP = 1.0
 LEVELS = 2**22
-
-
-@pytest.fixture(autouse=True)
-def serverapp_identity():
-    """Messages take their sender from the process's task identity, which Flower's runtime sets."""
-    before = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = before
 
 
 class LoopbackGrid:
