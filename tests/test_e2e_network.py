@@ -20,22 +20,15 @@ import http.client
 import json
 import os
 import signal
-import socket
 import ssl
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from finetune.processes import stop_process_tree
-from coordinator.certs import write_certs, write_node_key
 from coordinator.checkpoint import read_checkpoint
-from finetune.tasks import builtin_splits
+from simulations.local_network import CLIENTS, FLWR, LocalNetwork, free_port, rows
 
-FEDSITE = [sys.executable, "-m", "fedsite"]
 SMALL = ["--model", "tiny", "--local-steps", "2", "--batch-size", "4", "--train-per-task", "10", "--test-per-task", "2",
          "--eval-examples", "6", "--max-new-tokens", "4", "--round-timeout", "300"]  # fmt: skip
 RUN = [*SMALL, "--rounds", "3", "--clients", "3", "--min-train-clients", "3"]  # `--rounds`: the alias the service contract uses
@@ -46,59 +39,12 @@ REFUSED = [("POST", "/v1/control/start-run"), ("POST", "/v1/control/register-nod
 FLOWER_ACTIVATION_REFUSED = "[code: 2004] Failed to activate SuperNode."  # what a SuperNode prints when activate-node is rejected
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def wait_for(net: LocalNetwork, condition, what: str, timeout: float = DEADLINE) -> None:
+    if not net.wait_for(condition, timeout):
+        pytest.fail(f"timed out waiting for {what}\n{net.logs()}")
 
 
-class Processes:
-    """Processes this test started; all stopped (with their children) at the end."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.started = root, []
-        python_bin = str(Path(sys.executable).parent)  # Flower starts flower-superexec and friends by name
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(root / "home"),
-                    "PATH": os.pathsep.join([python_bin, os.environ.get("PATH", "")])}  # fmt: skip
-
-    def start(self, args: list[str], log: str, **env: str) -> subprocess.Popen:
-        with (self.root / log).open("ab") as out:
-            proc = subprocess.Popen(args, cwd=self.root, env={**self.env, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.started.append(proc)
-        return proc
-
-    def run(self, args: list[str], home: Path) -> subprocess.CompletedProcess:
-        return subprocess.run(args, cwd=self.root, env={**self.env, "FLWR_HOME": str(home)}, capture_output=True, text=True, timeout=120)
-
-    def stop_all(self) -> None:
-        for proc in self.started:
-            stop_process_tree(proc, grace=5.0)
-        # Flower detaches its SuperExec into a new session: catch any orphan still naming our folder
-        for proc in psutil.process_iter(["cmdline"]):
-            if any(str(self.root) in part for part in proc.info["cmdline"] or []):
-                stop_process_tree(proc, grace=2.0)
-
-
-def wait_for(condition, what: str, procs: Processes, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(1.0)
-    pytest.fail(f"timed out waiting for {what}\n{logs(procs.root)}")
-
-
-def logs(root: Path) -> str:
-    """The end of every process log, for a failure message."""
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(root.glob("*.log")))
-
-
-def rows(out: Path, name: str = "metrics.jsonl") -> list[dict]:
-    path = out / name
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def https(port: int, ca: Path, method: str, path: str) -> int:
+def https(port: int, ca, method: str, path: str) -> int:
     """Status of one request sent as written (http.client does not normalize `..` or percent-escapes)."""
     connection = http.client.HTTPSConnection("127.0.0.1", port, context=ssl.create_default_context(cafile=str(ca)), timeout=30)
     try:
@@ -110,65 +56,41 @@ def https(port: int, ca: Path, method: str, path: str) -> int:
 
 @pytest.fixture(scope="module")
 def network(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e_network")
-    write_certs(root / "certs")
-    for name in ("client-1", "client-2", "client-3", "intruder", "outsider", "emulator"):
-        write_node_key(root / "keys", name)
-    for folder, names in (("enrolled", ("client-1", "client-2", "client-3")), ("enrolled-emulator", ("emulator",))):
-        (root / folder).mkdir()
-        for name in names:
-            (root / folder / f"{name}.pub").write_bytes((root / "keys" / f"{name}.pub").read_bytes())
-    train, test = builtin_splits(8, 2, 0)
-    examples = list(train) + list(test)
-    for i in range(3):
-        lines = [json.dumps({"instruction": e.instruction, "input": e.input, "output": e.output}) for e in examples[i::3]]
-        (root / f"data-{i}.jsonl").write_text("\n".join(lines) + "\n")
-    procs = Processes(root)
-    port = free_port()
-
-    def coordinator(out: str, *, at: int = port, enroll: str = "enrolled", state: str = "state", run: list[str] = RUN) -> subprocess.Popen:
-        args = ["coordinator", "--address", f"127.0.0.1:{at}", "--certs", "certs", "--enroll", enroll, "--state", state, "--out", out]
-        return procs.start([*FEDSITE, *args, *run], f"coordinator-{out}.log")
-
-    def client(name: str, data: str, *extra: str, at: int = port, **env: str) -> subprocess.Popen:
-        args = ["client", "--coordinator", f"127.0.0.1:{at}", "--data", data, "--root-certificates", "certs/ca.crt",
-                "--key", f"keys/{name}", "--runtime-port", str(free_port()), "--threads", "1", *extra]  # fmt: skip
-        return procs.start([*FEDSITE, *args], f"{name}.log", **env)
-
+    net = LocalNetwork(tmp_path_factory.mktemp("e2e_network"), enrolled={"enrolled": CLIENTS, "enrolled-emulator": ("emulator",)}, others=("intruder", "outsider"))
     try:
-        yield root, procs, coordinator, client, port
+        yield net
     finally:
-        procs.stop_all()
+        net.stop_all()
 
 
 def test_e2e_network_three_clients_tls_auth_three_rounds(network):
-    root, procs, coordinator, client, port = network
-    coord = coordinator("run")
-    wait_for(lambda: "submitted" in (root / "coordinator-run.log").read_text(), "the coordinator to enrol the keys and submit the run", procs)
+    net, root, port = network, network.root, network.port
+    coord = net.coordinator("run", RUN)
+    wait_for(net, lambda: "submitted" in (root / "coordinator-run.log").read_text(), "the coordinator to enrol the keys and submit the run")
     for i in (1, 2, 3):
-        client(f"client-{i}", f"data-{i - 1}.jsonl")
-    intruder = client("intruder", "data-0.jsonl", "--max-retries", "0")  # a key nobody enrolled
+        net.client(f"client-{i}", f"data-{i - 1}.jsonl")
+    intruder = net.client("intruder", "data-0.jsonl", "--max-retries", "0")  # a key nobody enrolled
 
     # the public address is the gateway: Flower's Control and Runtime APIs and its docs are not there
-    statuses = {f"{method} {path}": https(port, root / "certs" / "ca.crt", method, path) for method, path in REFUSED}
+    statuses = {f"{method} {path}": https(port, net.ca, method, path) for method, path in REFUSED}
     print(f"\npublic address refusals: {statuses}")
     assert all(status in (403, 404) for status in statuses.values()), statuses
-    assert https(port, root / "certs" / "ca.crt", "GET", "/health") == 200  # while the Fleet side answers
+    assert https(port, net.ca, "GET", "/health") == 200  # while the Fleet side answers
 
     # an outsider cannot register its own key through the public address ...
     (root / "outsider-home").mkdir()
-    public = {"address": f"127.0.0.1:{port}", "root-certificates": str(root / "certs" / "ca.crt")}
+    public = {"address": f"127.0.0.1:{port}", "root-certificates": str(net.ca)}
     (root / "outsider-home" / "config.toml").write_text(f'[superlink]\ndefault = "public"\n[superlink.public]\naddress = "{public["address"]}"\nroot-certificates = "{public["root-certificates"]}"\n')
-    done = procs.run([str(Path(sys.executable).parent / "flwr"), "supernode", "register", "keys/outsider.pub", "public", "--format", "json"], root / "outsider-home")
+    done = net.run([FLWR, "supernode", "register", "keys/outsider.pub", "public", "--format", "json"], root / "outsider-home")
     answer = json.loads(done.stdout)
     assert answer["success"] is False and "404 Not Found" in answer["error-message"], done.stdout + done.stderr
     # ... so its SuperNode, like the unenrolled intruder's, is turned away by Flower's own activation check
-    outsider = client("outsider", "data-1.jsonl", "--max-retries", "0")
+    outsider = net.client("outsider", "data-1.jsonl", "--max-retries", "0")
     for name, proc in (("intruder", intruder), ("outsider", outsider)):
         assert proc.wait(timeout=DEADLINE) != 0
         text = (root / f"{name}.log").read_text()
         assert FLOWER_ACTIVATION_REFUSED in text and "refused by the coordinator" in text, text[-3000:]
-    listed = procs.run([str(Path(sys.executable).parent / "flwr"), "supernode", "list", "fedsite", "--format", "json"], root / "state" / "flwr-home")
+    listed = net.run([FLWR, "supernode", "list", "fedsite", "--format", "json"], root / "state" / "flwr-home")
     assert len(json.loads(listed.stdout)["nodes"]) == 3, listed.stdout  # through loopback: exactly the three enrolled keys
 
     assert coord.wait(timeout=DEADLINE) == 0, (root / "coordinator-run.log").read_text()[-3000:]
@@ -177,7 +99,7 @@ def test_e2e_network_three_clients_tls_auth_three_rounds(network):
     assert [r["round"] for r in metrics] == [1, 2, 3]
     not_accepted = [c for c in rows(out, "clients.jsonl") if c["status"] != "accepted"]
     assert all(len(r["contributors"]) == 3 for r in metrics), (  # node ids of the three enrolled clients
-        [(r["round"], r["contributors"], r.get("dropped")) for r in metrics], not_accepted, logs(root))
+        [(r["round"], r["contributors"], r.get("dropped")) for r in metrics], not_accepted, net.logs())
     assert len({c for r in metrics for c in r["contributors"]}) == 3
     clients = rows(out, "clients.jsonl")
     assert len(clients) == 9 and all(c["status"] == "accepted" for c in clients)
@@ -186,10 +108,10 @@ def test_e2e_network_three_clients_tls_auth_three_rounds(network):
 
 
 def test_e2e_network_coordinator_killed_after_round_2_resumes(network):
-    root, procs, coordinator, _, _ = network  # the three clients from the first test are still running
+    net, root = network, network.root  # the three clients from the first test are still running
     out = root / "resumed"
-    first = coordinator("resumed")
-    wait_for(lambda: (c := read_checkpoint(out)) is not None and c.round == 2, "the round-2 checkpoint", procs)
+    first = net.coordinator("resumed", RUN)
+    wait_for(net, lambda: (c := read_checkpoint(out)) is not None and c.round == 2, "the round-2 checkpoint")
     stop_tree = [first, *psutil.Process(first.pid).children(recursive=True)]
     for proc in stop_tree:  # a crash: no clean shutdown anywhere in the coordinator
         try:
@@ -199,7 +121,7 @@ def test_e2e_network_coordinator_killed_after_round_2_resumes(network):
     first.wait()
     assert len(rows(out)) in (2, 3)  # round 3 may have written its row already: resume cuts it back
 
-    second = coordinator("resumed")
+    second = net.coordinator("resumed", RUN)
     assert second.wait(timeout=DEADLINE) == 0, (root / "coordinator-resumed.log").read_text()[-3000:]
     assert "resuming from the checkpoint after round 2" in (root / "coordinator-resumed.log").read_text()
     metrics = rows(out)
@@ -217,16 +139,16 @@ def test_e2e_network_emulator_client_fetches_its_package_over_tls_against_a_pinn
     from emulator.cli import build_package
     from protos.artifacts import ArtifactError
 
-    root, procs, coordinator, client, _ = network
+    net, root = network, network.root
     build_package("tiny", root / "emu" / "pkg")  # signed with emu/keys/signing_key.pem; clients pin emu/keys/public_key.pem
     at, artifacts = free_port(), free_port()
     run = [*SMALL, "--clients", "1", "--rounds", "1", "--min-train-clients", "1", "--emulator-share", "0.01", "--emulator-package", str(root / "emu" / "pkg"),
            "--artifact-url", f"127.0.0.1:{artifacts}", "--artifacts", "emulator-run/artifacts", "--artifact-address", f"127.0.0.1:{artifacts}", "--artifact-key", "emu/keys/signing_key.pem"]  # fmt: skip
-    coord = coordinator("emulator-run", at=at, enroll="enrolled-emulator", state="state-emulator", run=run)
+    coord = net.coordinator("emulator-run", run, at=at, enroll="enrolled-emulator", state="state-emulator")
     log = root / "coordinator-emulator-run.log"
-    wait_for(lambda: "submitted" in log.read_text(), "the emulator coordinator to submit its run", procs)
+    wait_for(net, lambda: "submitted" in log.read_text(), "the emulator coordinator to submit its run")
     home = root / "emulator-home"  # the device's own caches (artifacts, privacy ledger), not the user's
-    client("emulator", "data-2.jsonl", "--no-backbone", "--artifact-public-key", "emu/keys/public_key.pem", at=at, HOME=str(home))
+    net.client("emulator", "data-2.jsonl", "--no-backbone", "--artifact-public-key", "emu/keys/public_key.pem", at=at, HOME=str(home))
 
     # the artifact service answers enrolled keys only, over TLS
     options = FetchOptions(attempts=1, stat_timeout_s=30)
@@ -236,14 +158,14 @@ def test_e2e_network_emulator_client_fetches_its_package_over_tls_against_a_pinn
     with pytest.raises(ArtifactError, match="PERMISSION_DENIED: artifact service: key [0-9a-f]+ is not enrolled"):
         fetch_artifact(f"127.0.0.1:{artifacts}", *anyone, auth_key=root / "keys" / "outsider", options=options)
 
-    assert coord.wait(timeout=DEADLINE) == 0, log.read_text()[-3000:] + logs(root)
+    assert coord.wait(timeout=DEADLINE) == 0, log.read_text()[-3000:] + net.logs()
     out = root / "emulator-run"
     [row] = rows(out)
     [entry] = rows(out, "clients.jsonl")
-    assert entry["status"] == "accepted" and entry["package_kind"] == "emulator", (entry, logs(root))
+    assert entry["status"] == "accepted" and entry["package_kind"] == "emulator", (entry, net.logs())
     assert len(row["contributors_by_kind"]["emulator"]) == 1 and not row["contributors_by_kind"]["lora"]
     text = log.read_text()
     cached = [p.parent.name for p in (home / ".cache" / "fedsite" / "artifacts").glob("*/manifest.sig")]
-    assert len(cached) == 1, logs(root)  # fetched into the device's cache, verified there, under its sha256
+    assert len(cached) == 1, net.logs()  # fetched into the device's cache, verified there, under its sha256
     for method in ("Stat", "Fetch"):  # both calls came signed by the enrolled device key
         assert f"artifact service: {method} of {cached[0][:12]} for enrolled key emulator.pub" in text, text[-3000:]
