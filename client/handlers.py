@@ -10,6 +10,7 @@ and metrics leave the client.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -27,7 +28,8 @@ from emulator.offsite import get_offsite_arrays, set_offsite_arrays
 from finetune.base_delta import set_global_arrays, split_base
 from finetune.cache import lora_model
 from finetune.config import FedsiteConfig, from_mapping
-from finetune.device import DeviceError, accelerator_of, resolve_device
+from finetune.device import DeviceError, accelerator_of, model_device, resolve_device
+from finetune.logs import setup_logging
 from finetune.evaluate import evaluate
 from finetune.privacy import BudgetExhausted, DPSettings, check_budget, plan_round, train_private
 from finetune.lora import get_lora_arrays, set_trainable_factors
@@ -79,8 +81,19 @@ def client_id(context: Context) -> int:
     return int(context.node_config.get("partition-id", -1))
 
 
+def log_in_ray_worker() -> None:
+    """In a simulation's Ray worker, send the client's progress lines to its stderr: Ray keeps
+    each worker's stderr in the log folder of the node it runs on
+    (`<temp-dir>/session_latest/logs/worker-*.err`) and echoes it at the driver, deduplicated.
+    Elsewhere nothing changes: the CLI and the device's worker set up logging themselves."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and not logging.getLogger("fedsite").handlers:
+        setup_logging()
+
+
 def train_handler(msg: Message, context: Context) -> Message:
     """Load the global LoRA arrays, train locally, reply with the new arrays and metrics."""
+    log_in_ray_worker()
     config, server_round, factors = run_config_from(msg.content["config"])
     received = from_array_record(msg.content["arrays"])
     try:
@@ -141,7 +154,7 @@ def local_training(
             result = train(model, tokenizer, train_examples, settings)
     finally:
         set_trainable_factors(model, "AB")  # the cached model is shared with the next client
-    log.info("client %s round %d: %d steps, loss %.3f, %.1fs", client_label(context), server_round, result.steps, result.final_loss, result.seconds)
+    log.info("client %s round %d: %d steps, loss %.3f, %.1fs on %s", client_label(context), server_round, result.steps, result.final_loss, result.seconds, model_device(model))
     trained = get_offsite_arrays(model, layer_map, offsite.mode) if offsite is not None else get_lora_arrays(model)
     return trained, result, privacy
 
