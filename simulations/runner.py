@@ -73,14 +73,14 @@ def check_placement(config: FedsiteConfig) -> int:
     a private Ray's workers share this machine's GPUs."""
     from finetune.device import DeviceError, placement
 
+    if ray_address(config) and config.device.startswith("cuda") and config.gpus_per_worker == 0:
+        raise DeviceError(f"device '{config.device}' on a Ray cluster needs gpus-per-worker > 0 (Ray hides the GPUs from workers without a share)")
     device, _ = placement(config.device, config.dtype)  # DeviceError names the device
     gpus = torch_cuda_count() if device.type == "cuda" or config.gpus_per_worker > 0 else 0
     if config.gpus_per_worker > 0 and not gpus and not ray_address(config):
         raise DeviceError(f"gpus-per-worker {config.gpus_per_worker:g} needs a CUDA GPU, and this machine has none (run on a Ray cluster with GPUs via --ray-address, or set gpus-per-worker 0)")
     if config.gpus_per_worker > 1 and not float(config.gpus_per_worker).is_integer():
         raise DeviceError(f"gpus-per-worker {config.gpus_per_worker:g} must be a share in (0, 1] or a whole number of GPUs")
-    if ray_address(config) and config.device.startswith("cuda") and config.gpus_per_worker == 0:
-        raise DeviceError(f"device '{config.device}' on a Ray cluster needs gpus-per-worker > 0 (Ray hides the GPUs from workers without a share)")
     return gpus
 
 
