@@ -115,3 +115,16 @@ def test_a_simulated_client_asked_for_a_device_it_lacks_declines_in_one_line(tmp
     msg = Message(content=RecordDict({"arrays": to_array_record(arrays), "config": ConfigRecord({**config.to_flat(), "server-round": 1})}), dst_node_id=5, message_type="train")
     reply = train_handler(msg, context(tmp_path))
     assert reply.content["declined"]["reason"].startswith("device 'cuda:1' is not available on this machine")
+
+
+def test_dp_sgd_runs_through_a_bf16_backbone_with_fp32_lora():
+    from finetune.privacy import DPSettings, train_private
+    from finetune.tasks import generate_suite
+    from finetune.train import TrainSettings
+
+    model, tokenizer = lora_model("tiny", CONFIG.lora_settings(), 0, device="cpu", dtype="bf16")
+    set_lora_arrays(model, initial_lora_arrays("tiny", CONFIG.lora_settings(), 0))
+    result, spend, _ = train_private(model, tokenizer, generate_suite(per_task=4, seed=1), TrainSettings(steps=2, batch_size=4), DPSettings(seed=3), None)
+    assert np.isfinite(result.loss) and spend.epsilon > 0
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    assert all(p.grad is None and not hasattr(p, "grad_sample") for p in model.parameters())  # Opacus left nothing behind
