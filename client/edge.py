@@ -5,8 +5,8 @@ coordinator's CA), signs its requests with its enrolment key (Flower's SuperNode
 authentication: the coordinator only admits keys it has enrolled), and runs each round's
 ClientApp in a subprocess. Everything the ClientApp needs to know about the device goes into
 the node config: the path of its own data (`data-path`, read by `finetune.sources.client_splits`)
-and its profile (`memory-gb`, `holds-backbone`, `quantized`, `profile`) for the coordinator's
-planner, and what it trusts for artifacts (`root-certificates`, the CA; `artifact-public-key`,
+and its profile (`memory-gb`, `holds-backbone`, `quantized`, `profile`, and `device`, whose
+accelerator the query handler measures and reports) for the coordinator's planner, and what it trusts for artifacts (`root-certificates`, the CA; `artifact-public-key`,
 the pinned artifact-signing key; `artifact-auth-key`, its enrolment key, which signs fetches).
 The node config stays on the device; the key is named by path, never copied into it. With no retry limit (the default) the SuperNode keeps reconnecting with backoff when
 the coordinator goes away, so a restarted coordinator finds its clients again.
@@ -47,6 +47,7 @@ class EdgeSettings:
     holds_backbone: bool = True  # device profile: may hold the full backbone (else: offsite emulator)
     quantized: bool = False  # device profile: load the backbone in 4-bit
     profile: str = ""  # device profile name, for the coordinator's records
+    device: str = "auto"  # where this client trains: auto, cpu, cuda, cuda:N or mps (its accelerator goes into its profile)
     runtime_port: int = 9094  # the SuperNode's local Runtime API port (one per client on a machine)
     max_retries: int | None = None  # reconnect attempts before giving up (None = forever)
     max_wait_time: float | None = None  # seconds of reconnecting before giving up (None = forever)
@@ -73,6 +74,9 @@ class EdgeSettings:
             raise ValueError("--key (node authentication) needs TLS; drop --insecure")
         if self.memory_gb < 0:
             raise ValueError(f"--memory-gb must be non-negative, got {self.memory_gb}")
+        from finetune.device import resolve_device
+
+        resolve_device(self.device)  # a device this machine lacks: one line now, not a declined round later (DeviceError)
         for option, value in (("--dp-min-noise", self.dp_min_noise), ("--epsilon-budget", self.epsilon_budget), ("--delta", self.delta)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{option} must be a finite number >= 0, got {value}")
@@ -108,6 +112,7 @@ def node_config(settings: EdgeSettings) -> str:
         "memory-gb": float(settings.memory_gb),
         "holds-backbone": settings.holds_backbone,
         "quantized": settings.quantized,
+        "device": settings.device,
         "state-dir": str(STATE_DIR),
         LEDGER_KEY: str(Path(settings.privacy_ledger).expanduser().resolve()) if settings.privacy_ledger else str(default_ledger(settings.data)),
         **settings.policy().node_config(),

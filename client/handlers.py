@@ -10,15 +10,17 @@ and metrics leave the client.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from client.offsite import PACKAGE_KEY, PUBLIC_KEY_KEY, OffsiteSpec, offsite_model, offsite_spec
+from client.offsite import DEVICE_NODE, PACKAGE_KEY, PUBLIC_KEY_KEY, OffsiteSpec, offsite_model, offsite_spec
 from client.privacy_policy import DevicePolicy, PolicyRefusal
 from client.state import LedgerError, load_ledger, load_state, save_ledger, save_state
 from emulator.keys import PackageError
@@ -26,6 +28,8 @@ from emulator.offsite import get_offsite_arrays, set_offsite_arrays
 from finetune.base_delta import set_global_arrays, split_base
 from finetune.cache import lora_model
 from finetune.config import FedsiteConfig, from_mapping
+from finetune.device import DeviceError, accelerator_of, model_device, resolve_device
+from finetune.logs import setup_logging
 from finetune.evaluate import evaluate
 from finetune.privacy import BudgetExhausted, DPSettings, check_budget, plan_round, train_private
 from finetune.lora import get_lora_arrays, set_trainable_factors
@@ -56,6 +60,18 @@ def run_config_from(record: ConfigRecord) -> tuple[FedsiteConfig, int, str]:
     return from_mapping(values), server_round, factors
 
 
+DEVICE_KEY = "device"  # node config of a deployed client (`fedsite client --device`)
+
+
+def client_device(config: FedsiteConfig, node_config: Mapping[str, Any]) -> str:
+    """The device this client trains on: its own (`fedsite client --device`, node config
+    `device`); a deployed client without one uses "auto", never the coordinator's device;
+    a simulated client the run's `device`."""
+    if node_config.get(DEVICE_KEY):
+        return str(node_config[DEVICE_KEY])
+    return "auto" if DEVICE_NODE in node_config else config.device
+
+
 def client_label(context: Context) -> str:
     return str(context.node_config.get("partition-id", context.node_id))
 
@@ -65,8 +81,19 @@ def client_id(context: Context) -> int:
     return int(context.node_config.get("partition-id", -1))
 
 
+def log_in_ray_worker() -> None:
+    """In a simulation's Ray worker, send the client's progress lines to its stderr: Ray keeps
+    each worker's stderr in the log folder of the node it runs on
+    (`<temp-dir>/session_latest/logs/worker-*.err`) and echoes it at the driver, deduplicated.
+    Elsewhere nothing changes: the CLI and the device's worker set up logging themselves."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and not logging.getLogger("fedsite").handlers:
+        setup_logging()
+
+
 def train_handler(msg: Message, context: Context) -> Message:
     """Load the global LoRA arrays, train locally, reply with the new arrays and metrics."""
+    log_in_ray_worker()
     config, server_round, factors = run_config_from(msg.content["config"])
     received = from_array_record(msg.content["arrays"])
     try:
@@ -75,7 +102,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     except PackageError as err:
         log.warning("client %s round %d: %s", client_label(context), server_round, err)
         return declined(msg, context, str(err))
-    except (BudgetExhausted, PolicyRefusal, LedgerError) as err:
+    except (BudgetExhausted, PolicyRefusal, LedgerError, DeviceError) as err:  # DeviceError: a device this machine lacks
         log.info("client %s round %d: %s", client_label(context), server_round, err)
         return declined(msg, context, str(err))
     except NoGradient as err:  # training would change nothing, or corrupt the update: say so
@@ -96,11 +123,13 @@ def local_training(
     BudgetExhausted when a local-DP client has spent its budget. With `offsite`, the client
     trains the adapter of the coordinator's emulator instead of LoRA on the backbone.
     """
+    device = client_device(config, context.node_config)
     if offsite is not None:
         model, tokenizer, layer_map = offsite_model(offsite, config.offsite_lora_settings(), config.seed, context.node_config)
+        model.to(resolve_device(device))  # the cached emulator: moved once, a no-op afterwards
         set_offsite_arrays(model, received, layer_map, offsite.mode)
     else:
-        model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)
+        model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize, device, config.dtype)
         set_global_arrays(model, received)  # LoRA arrays, and the base-weight update of fedex-lora / flora
     set_trainable_factors(model, factors)
     train_examples, _ = client_splits(config, context.node_config)
@@ -125,7 +154,7 @@ def local_training(
             result = train(model, tokenizer, train_examples, settings)
     finally:
         set_trainable_factors(model, "AB")  # the cached model is shared with the next client
-    log.info("client %s round %d: %d steps, loss %.3f, %.1fs", client_label(context), server_round, result.steps, result.final_loss, result.seconds)
+    log.info("client %s round %d: %d steps, loss %.3f, %.1fs on %s", client_label(context), server_round, result.steps, result.final_loss, result.seconds, model_device(model))
     trained = get_offsite_arrays(model, layer_map, offsite.mode) if offsite is not None else get_lora_arrays(model)
     return trained, result, privacy
 
@@ -203,7 +232,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 def local_evaluation(config: FedsiteConfig, arrays: dict, context: Context) -> dict[str, float | int]:
     """Metrics of `arrays` on this client's test split (shared with `client/secure.py`)."""
     started = time.perf_counter()
-    model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)
+    model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize, client_device(config, context.node_config), config.dtype)
     set_global_arrays(model, arrays)
     _, test_examples = client_splits(config, context.node_config)
     test_examples = test_examples[: config.client_eval_examples]
@@ -224,8 +253,19 @@ def query_handler(msg: Message, context: Context) -> Message:
     info = {"partition-id": client_id(context), "profile": str(node.get("profile", ""))}
     if "holds-backbone" in node:  # a deployed client (`fedsite client`) describes its device
         info.update({"holds-backbone": bool(node["holds-backbone"]), "memory-gb": float(node.get("memory-gb", 0.0)), "quantized": bool(node.get("quantized", False))})
+        info.update(accelerator_report(str(node.get(DEVICE_KEY) or "auto")))
     info = ConfigRecord(info)
     return Message(content=RecordDict({"client": info}), reply_to=msg)
+
+
+def accelerator_report(device: str) -> dict[str, str | float]:
+    """The accelerator this client trains on, for its query answer: kind (none, cuda, mps) and
+    memory in GB. A device this machine lacks reports none (training would decline anyway)."""
+    try:
+        kind, memory = accelerator_of(resolve_device(device))
+    except DeviceError:
+        kind, memory = "none", 0.0
+    return {"accelerator": kind, "accelerator-memory-gb": float(memory)}
 
 
 HANDLERS: dict[str, Callable[[Message, Context], Message]] = {"train": train_handler, "evaluate": evaluate_handler, "query": query_handler}

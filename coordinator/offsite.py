@@ -25,6 +25,7 @@ from emulator.offsite import get_offsite_arrays, set_offsite_arrays, trainable_m
 from emulator.package import load_package, manifest_layer_map, verify_package
 from finetune.backbone import load_backbone, resolve_model_path
 from finetune.config import FedsiteConfig
+from finetune.device import model_device, resolve_device
 from finetune.lora import export_adapter
 from protos.tensors import to_array_record
 
@@ -81,7 +82,7 @@ class OffsiteTrack:
         """The emulator itself with `arrays` in its adapter: what offsite clients see (loaded once)."""
         if self._emulator is None:
             model, _, _, _ = load_package(self.package, self.public_key)
-            self._emulator = trainable_model(model, self.layer_map, self.mode, settings, seed)
+            self._emulator = trainable_model(model, self.layer_map, self.mode, settings, seed).to(model_device(self.plug_in))
         set_offsite_arrays(self._emulator, arrays, self.layer_map, self.mode)
         return self._emulator
 
@@ -123,6 +124,7 @@ def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
             distill_steps=config.emulator_distill_steps,
             distill_data=config.emulator_distill_data,
             distill_objective=config.emulator_distill_objective,
+            device=config.device,
         )
         public_key = load_public_key(out / "keys" / "public_key.pem")
         manifest = verify_package(package, public_key)
@@ -138,6 +140,7 @@ def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
     backbone, tokenizer = load_backbone(config.model)
     plug_in = trainable_model(backbone, layer_map, config.offsite_train, config.offsite_lora_settings(), config.seed)
     initial = get_offsite_arrays(plug_in, layer_map, config.offsite_train)
+    plug_in.to(resolve_device(config.device))  # after the initial arrays: the same on every device; fp32 (dtype is the LoRA backbone's)
     summary.update(emulator_bytes=manifest.emulator_bytes, backbone_bytes=manifest.backbone_bytes, layer_map=layer_map.to_dict())
     return OffsiteTrack(package, public_key_pem(public_key).decode(), layer_map, config.offsite_train, plug_in, tokenizer, initial, summary, public_key, reference)
 
@@ -148,7 +151,7 @@ def offsite_wanted(config: FedsiteConfig, planner: object | None) -> bool:
     if config.emulator_share > 0:
         return True
     profiles = getattr(getattr(planner, "population", None), "profiles", ())
-    return any(not p.holds_backbone or p.memory_gb for p in profiles)
+    return any(not p.holds_backbone or p.memory_gb or p.accelerator_memory_gb for p in profiles)
 
 
 def offsite_evaluation(track: OffsiteTrack, arrays: Mapping[str, np.ndarray], eval_set: list, config: FedsiteConfig, with_emulator: bool) -> dict:

@@ -12,6 +12,9 @@ A package is a few overrides of the run config, put in that client's own ConfigR
 rank (HetLoRA: rank-r clients get the first r rank directions of the global adapter, alpha
 scaled with r so alpha/r stays the run's), 4-bit backbone, upload codec (the most precise one
 whose upload fits the profile's link in `upload_seconds`) and kind ("lora" or "emulator").
+The backbone must fit the memory the client trains in: its accelerator's (a GPU with enough
+memory gets the full-precision backbone, whatever its host memory), else its `memory-gb`
+(too little: NF4, or below an eighth of the backbone, an emulator).
 
 Simulated time of a client: download / bandwidth + measured train seconds / speed + upload /
 bandwidth. A client slower than the round deadline is a straggler: the coordinator stops
@@ -95,12 +98,21 @@ def plan_package(profile: DeviceProfile, run: Mapping[str, Any], num_values: int
     alpha = max(1, round(int(run["lora-alpha"]) * rank / int(run["lora-rank"])))
     quantize = "nf4" if profile.quantized else str(run.get("quantize", "none"))
     kind = "lora" if profile.holds_backbone else "emulator"
-    if profile.memory_gb and kind == "lora" and backbone_gb > profile.memory_gb and rule not in BASE_RULES:
+    memory = training_memory_gb(profile)
+    if memory and kind == "lora" and backbone_gb > memory and rule not in BASE_RULES:
         # fp32 does not fit: a 4-bit backbone takes about an eighth; below that, an emulator
-        quantize, kind = ("nf4", "lora") if backbone_gb / 8 <= profile.memory_gb else (quantize, "emulator")
+        quantize, kind = ("nf4", "lora") if backbone_gb / 8 <= memory else (quantize, "emulator")
     values = num_values * rank // int(run["lora-rank"])
     codec = profile.upload_codec or choose_codec(values, profile.bandwidth_mbps, upload_seconds)
     return Package(profile.name, kind, rank, alpha, quantize, codec)
+
+
+def training_memory_gb(profile: DeviceProfile) -> float:
+    """The memory the backbone must fit in (0 = unbounded): a device with an accelerator trains
+    there, so its accelerator's memory (when reported); a CPU-only device its `memory-gb`."""
+    if profile.accelerator != "none" and profile.accelerator_memory_gb:
+        return profile.accelerator_memory_gb
+    return profile.memory_gb
 
 
 def simulated_seconds(profile: DeviceProfile, train_seconds: float, upload_bytes: float, download_bytes: float) -> float:
@@ -211,7 +223,8 @@ class Planner:
             self._named[node] = answer.profile
             if answer.memory_gb is not None:  # a deployed client describes its own device
                 self._reported[node] = DeviceProfile(
-                    answer.profile or f"node-{node}", memory_gb=answer.memory_gb, holds_backbone=answer.holds_backbone, quantized=answer.quantized
+                    answer.profile or f"node-{node}", memory_gb=answer.memory_gb, holds_backbone=answer.holds_backbone, quantized=answer.quantized,
+                    accelerator=answer.accelerator, accelerator_memory_gb=answer.accelerator_memory_gb,
                 ).validate()
         for node in unknown:
             self._partition.setdefault(node, -1)
@@ -277,8 +290,9 @@ def planner_for(config: Any, population: PopulationModel | None) -> Planner | No
         return None
     from finetune.cache import lora_model
 
-    model, _ = lora_model(config.model, config.lora_settings(), config.seed, config.quantize)
-    backbone_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    model, _ = lora_model(config.model, config.lora_settings(), config.seed, config.quantize, config.device, config.dtype)
+    # the full-precision (fp32) size, whatever dtype the coordinator's own copy computes in
+    backbone_gb = sum(p.numel() * (4 if p.is_floating_point() else p.element_size()) for p in model.parameters()) / 1e9
     counts = getattr(population, "counts", dict)()
     log.info("population: %s; deadline %s", ", ".join(f"{name} {count}" for name, count in counts.items()) or "reported by the clients",
              f"{population.deadline:g} s (simulated)" if population.deadline else "none")

@@ -30,6 +30,7 @@ from flwr.app import Message
 
 from aggregation.validate import global_l2_norm, validate_update
 from protos.codecs import CodecError
+from protos.profile import ACCELERATORS
 from protos.tensors import TensorError, from_array_record
 from protos.updates import decode_update
 
@@ -311,6 +312,8 @@ class QueryAnswer:
     memory_gb: float | None = None  # None: the node did not describe a device
     holds_backbone: bool = True
     quantized: bool = False
+    accelerator: str = "none"  # none (CPU), cuda or mps; absent from older clients' answers
+    accelerator_memory_gb: float = 0.0
 
 
 MAX_PROFILE_CHARS = 64
@@ -340,7 +343,15 @@ def read_query_answer(msg: Message) -> tuple[QueryAnswer, str | None]:
     memory = info.get("memory-gb", 0.0)
     if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not 0 <= memory <= MAX_MEMORY_GB:
         return QueryAnswer(pid, profile), f"query answer: memory-gb {shown(memory)} is not a number in [0, {MAX_MEMORY_GB:g}]"
-    return QueryAnswer(pid, profile, float(memory), flags["holds-backbone"], flags["quantized"]), None
+    accelerator = info.get("accelerator", "none")
+    if not isinstance(accelerator, str) or accelerator not in ACCELERATORS:
+        return QueryAnswer(pid, profile), f"query answer: accelerator {shown(accelerator)} is not one of {', '.join(ACCELERATORS)}"
+    accelerator_memory = info.get("accelerator-memory-gb", 0.0)
+    if isinstance(accelerator_memory, bool) or not isinstance(accelerator_memory, (int, float)) or not 0 <= accelerator_memory <= MAX_MEMORY_GB:
+        return QueryAnswer(pid, profile), f"query answer: accelerator-memory-gb {shown(accelerator_memory)} is not a number in [0, {MAX_MEMORY_GB:g}]"
+    if accelerator == "none" and accelerator_memory:
+        return QueryAnswer(pid, profile), f"query answer: accelerator-memory-gb {shown(accelerator_memory)} without an accelerator"
+    return QueryAnswer(pid, profile, float(memory), flags["holds-backbone"], flags["quantized"], accelerator, float(accelerator_memory)), None
 
 
 def record_fields(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -49,8 +49,9 @@ def run_federation(grid: Grid, config: FedsiteConfig, population: PopulationMode
     grid = quick(grid)  # replies every 0.1 s, not every 3 s, on a deployed SuperLink
     checkpoint = None if config.secure else load_checkpoint(config)  # resume after the last completed round
     recorder = RunRecorder(config.out, config, fresh=checkpoint is None)
-    model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed)
-    initial = initial_lora_arrays(config.model, config.lora_settings(), config.seed)
+    # central evaluation on the run's device (`fedsite coordinator --device`); the initial arrays are the same on every device
+    model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, device=config.device, dtype=config.dtype)
+    initial = initial_lora_arrays(config.model, config.lora_settings(), config.seed, device=config.device, dtype=config.dtype)
     if config.secure:  # SecAgg+ runs on Flower's legacy workflow; recording and export are shared
         from coordinator.secure import run_secure
 

@@ -54,11 +54,12 @@ def build_command(
     distill_steps: int = 0,
     distill_data: str = "",
     distill_objective: str = DEFAULT_DISTILL_OBJECTIVE,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """`fedsite emulator build`: `build_package`, then print the summary."""
     summary = build_package(
         model_spec, out, adapter_layers, stride, quantize, key_path,
-        distill_steps=distill_steps, distill_data=distill_data, distill_objective=distill_objective,
+        distill_steps=distill_steps, distill_data=distill_data, distill_objective=distill_objective, device=device,
     )
     print(_describe(summary))
     return summary
@@ -75,13 +76,18 @@ def build_package(
     distill_steps: int = 0,
     distill_data: str = "",
     distill_objective: str = DEFAULT_DISTILL_OBJECTIVE,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Build, sign and write the emulator package `out` for backbone `model_spec`; return a summary.
 
     `distill_steps` > 0 first distils the kept middle toward the backbone on `distill_data`
     (a JSONL file or dataset folder the coordinator may use) or, without it, on examples of
-    the built-in task families drawn from their own seed (never a client's data).
+    the built-in task families drawn from their own seed (never a client's data), on `device`
+    (finetune/device.py); the package is written from the CPU, in fp32, whatever the device.
     """
+    from finetune.device import resolve_device
+
+    where = resolve_device(device)  # an unavailable device fails here, before anything is built
     out_dir = Path(out).expanduser().resolve()
     key_file = Path(key_path).expanduser().resolve() if key_path else out_dir.parent / "keys" / "signing_key.pem"
     if key_file == out_dir or out_dir in key_file.parents:
@@ -99,7 +105,11 @@ def build_package(
             if step % progress == 0 or step == distill_steps:
                 log.info(f"distillation step {step}/{distill_steps}: {distill_objective} loss {loss:.4f}")
 
+        model.to(where)
+        emulator.to(where)
         losses = distill_middle(emulator, model, layer_map, batches, steps=distill_steps, objective=distill_objective, on_step=report)
+        model.cpu()
+        emulator.cpu()
         log.info(f"distillation ({distill_objective}): {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps")
     if quantize:
         quantize_middle(emulator, layer_map, quantize)

@@ -30,6 +30,7 @@ from emulator.build import decoder_layers, freeze_non_adapter
 from emulator.layers import LayerMap
 from finetune.batches import collate, encode_example
 from finetune.config import DEFAULT_DISTILL_OBJECTIVE, DISTILL_OBJECTIVES
+from finetune.device import model_device, to_device
 from finetune.examples import Example
 
 
@@ -103,6 +104,7 @@ def distill_middle(
     """Train the kept middle blocks toward `full_model` under `objective`, then freeze them again.
 
     Returns the loss of each step. Run before quantizing (the package stores the result).
+    Both models must be on one device (the emulator's); batches are moved there step by step.
     """
     if objective not in DISTILL_OBJECTIVES:
         raise ValueError(f"emulator: distillation objective must be one of {', '.join(DISTILL_OBJECTIVES)}, got {objective!r}")
@@ -114,6 +116,9 @@ def distill_middle(
     emulator_in, full_in = layer_map.k + len(layer_map.middle_kept), layer_map.top[0]
     layers = decoder_layers(emulator)
     params = [p for position in layer_map.middle_positions() for p in layers[position].parameters()]
+    device = model_device(emulator)
+    if model_device(full_model) != device:
+        raise ValueError(f"emulator: distillation needs both models on one device (emulator on {device}, backbone on {model_device(full_model)})")
     was_training = emulator.training
     emulator.requires_grad_(False)
     for p in params:
@@ -125,12 +130,12 @@ def distill_middle(
     losses = []
     for step in range(steps):
         batch = batches[step % len(batches)]
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
-        mask = torch.ones(inputs["input_ids"].shape) if inputs["attention_mask"] is None else inputs["attention_mask"].float()
+        inputs = to_device({"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}, device)
+        mask = torch.ones(inputs["input_ids"].shape, device=device) if inputs["attention_mask"] is None else inputs["attention_mask"].float()
         with torch.no_grad():
             full_out = full_model.model(**inputs, output_hidden_states=objective != "logits")
         out = emulator.model(**inputs, output_hidden_states=objective != "logits")
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=device)
         if objective in ("logits", "logits+hidden"):
             scored = _scored_positions(inputs["input_ids"], mask)
             with torch.no_grad():

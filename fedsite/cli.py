@@ -86,6 +86,10 @@ FIELD_HELP = {
     "max-new-tokens": "tokens generated per answer in exact-match evaluation",
     "out": "results folder (metrics.jsonl, adapter/, summary.md, ...)",
     "workers": "simulation worker processes (each holds one backbone)",
+    "gpus-per-worker": "simulation: GPU share of each worker, e.g. 0.25 for four workers per GPU (0 = auto: with a CUDA --device the visible GPUs are shared by --workers, else none)",
+    "ray-address": "simulation: join the running Ray cluster at HOST:PORT (or 'auto') instead of starting a private Ray ('' = $RAY_ADDRESS if set)",
+    "device": "where models train and evaluate: auto (first CUDA GPU, else CPU), cpu, cuda, cuda:N or mps",
+    "dtype": "dtype of the frozen backbone: auto (bf16 on a CUDA GPU that supports it, else fp32), fp32, bf16 or fp16; LoRA and aggregation stay fp32",
     "experiment": "experiment TOML whose [population] and [[profiles]] decide each client's package, dropouts and deadline ('' = none; set by --config)",
 }
 
@@ -143,7 +147,7 @@ def cmd_emulator_build(args: argparse.Namespace) -> int:
     from emulator.cli import build_command
 
     quantize = None if args.quantize == "none" else args.quantize
-    build_command(args.model, args.out, args.adapter_layers, args.stride, quantize, args.key, distill_steps=args.distill_steps, distill_data=args.distill_data, distill_objective=args.distill_objective)
+    build_command(args.model, args.out, args.adapter_layers, args.stride, quantize, args.key, distill_steps=args.distill_steps, distill_data=args.distill_data, distill_objective=args.distill_objective, device=args.device)
     return 0
 
 
@@ -216,6 +220,7 @@ def add_emulator_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--distill-objective", choices=DISTILL_OBJECTIVES, default=DEFAULT_DISTILL_OBJECTIVE, help=f"what the distillation matches (default: {DEFAULT_DISTILL_OBJECTIVE})")
     build.add_argument("--distill-data", default="", help="examples to distil on: .jsonl or datasets folder (default: built-in task families, own seed)")
     build.add_argument("--key", default=None, help="Ed25519 signing key (PEM); default: created once in OUT/../keys/")
+    build.add_argument("--device", default="auto", help="where the distillation runs: auto (first CUDA GPU, else CPU), cpu, cuda, cuda:N or mps (default: auto)")
     build.set_defaults(func=cmd_emulator_build)
     verify = actions.add_parser("verify", help="check a package's signature and every file's hash", description="Exit 0 if the package is intact and signed by the key; else non-zero with a one-line reason.")
     verify.add_argument("dir", help="package folder")

@@ -36,6 +36,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         settings.validate()  # a bad option fails here, before the dashboard prints its address
+        from finetune.device import placement
+
+        placement(config.device, config.dtype)  # central evaluation's --device: DeviceError (one line) before anything starts
         start_live_dashboard(args.dashboard, args.certs, config.out)
         return run_coordinator(config, settings)
     except ServiceError as err:
@@ -57,6 +60,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         holds_backbone=not args.no_backbone,
         quantized=args.quantized,
         profile=args.profile,
+        device=args.device,
         runtime_port=args.runtime_port,
         max_retries=args.max_retries,
         max_wait_time=args.max_wait_time,
@@ -107,6 +111,7 @@ def add_service_parsers(sub: argparse._SubParsersAction) -> None:
     client.add_argument("--no-backbone", action="store_true", help="device profile: this device may not hold the full backbone (gets an offsite emulator)")
     client.add_argument("--quantized", action="store_true", help="device profile: load the frozen backbone in 4-bit")
     client.add_argument("--profile", default="", help="device profile name, for the coordinator's records")
+    client.add_argument("--device", default="auto", help="where this client trains: auto (first CUDA GPU, else CPU), cpu, cuda, cuda:N or mps; its accelerator (kind, memory) goes into the device profile (default: auto)")
     client.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode's Runtime API; one per client on a machine (default: 9094)")
     client.add_argument("--max-retries", type=int, default=None, help="give up after this many reconnection attempts (default: never)")
     client.add_argument("--max-wait-time", type=float, default=None, help="give up after this many seconds of reconnecting (default: never)")

@@ -78,7 +78,7 @@ def apply_base_delta(model: PeftModel, deltas: NamedArrays) -> None:
                 delta = np.asarray(deltas[prefix])
                 if delta.shape != tuple(original.shape):
                     raise ValueError(f"base delta: {prefix} has shape {delta.shape}, expected {tuple(original.shape)}")
-                weight.copy_(original + torch.from_numpy(delta.astype(np.float32)).to(original.dtype))
+                weight.copy_(original + torch.from_numpy(delta.astype(np.float32)).to(device=original.device, dtype=original.dtype))
             else:
                 weight.copy_(original)
 

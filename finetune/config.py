@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from finetune.device import DEVICE_CHOICES, DTYPE_CHOICES, valid_device_spec
 from finetune.lora import LoraSettings
 
 # what emulator distillation matches (emulator/distill.py); the last is the default
@@ -117,6 +118,11 @@ class FedsiteConfig:
     out: str = "results/run"
     # simulation engine
     workers: int = 2
+    gpus_per_worker: float = 0.0  # GPU share of each simulation worker (0.25: four per GPU); 0 = auto (a CUDA device's GPUs shared by the workers, else none)
+    ray_address: str = ""  # join this running Ray cluster (HOST:PORT or "auto"; "" = $RAY_ADDRESS, else a private Ray on this machine)
+    # where models run (finetune/device.py): auto | cpu | cuda | cuda:N | mps; dtype of the frozen backbone: auto | fp32 | bf16 | fp16
+    device: str = "auto"
+    dtype: str = "auto"
     # experiment file whose [population] and [[profiles]] decide packages, dropouts and deadlines ("" = none)
     experiment: str = ""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -170,6 +176,10 @@ class FedsiteConfig:
             ("partition-size-sigma", self.partition_size_sigma == 0 or (self.partition_size_sigma > 0 and self.partitioning == "iid"), "0, or positive with partitioning 'iid'"),
             ("test-fraction", 0.0 < self.test_fraction < 1.0, "in (0, 1)"),
             ("workers", self.workers >= 1, "at least 1"),
+            ("gpus-per-worker", math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0, "a finite number >= 0 (0 = auto)"),
+            ("ray-address", "\n" not in self.ray_address and self.ray_address == self.ray_address.strip(), "HOST:PORT, 'auto' or '' (one line)"),
+            ("device", valid_device_spec(self.device), DEVICE_CHOICES),
+            ("dtype", self.dtype in DTYPE_CHOICES, ", ".join(DTYPE_CHOICES)),
             ("upload-codec", self.upload_codec in ("fp32", "fp16", "int8", "4bit"), "fp32, fp16, int8 or 4bit"),
             ("upload-topk", 0.0 <= self.upload_topk <= 1.0, "in [0, 1]"),
             ("dp", self.dp in ("none", "local", "client"), "none, local or client"),

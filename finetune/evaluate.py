@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.batches import encode_example, fixed_batches, format_prompt
+from finetune.device import model_device, to_device
 from finetune.examples import Example
 from finetune.loss import token_losses
 
@@ -52,7 +53,7 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     try:
         for start in range(0, len(examples), batch_size):
             prompts = [format_prompt(tokenizer, ex) for ex in examples[start : start + batch_size]]
-            inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            inputs = to_device(tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False), model_device(model))
             out = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -61,7 +62,7 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                 eos_token_id=tokenizer.eos_token_id,
             )
             new_tokens = out[:, inputs["input_ids"].shape[1]:]
-            answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            answers.extend(tokenizer.batch_decode(new_tokens.cpu(), skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
     return answers

@@ -5,6 +5,9 @@ compute of about eight of its thirty blocks, at every position), and prompts are
 sequence. Asking the model for logits only from the batch's first answer-predicting position on
 (`logits_to_keep`) gives the same loss with a cheaper step; it also makes the emulator's
 speed-up over the full model the ratio of their blocks, not diluted by a head both share.
+
+Batches are built on the CPU (finetune/batches.py) and moved to the model's device here, once
+per step; the first supervised position is found on the CPU copy, so no device sync is needed.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.batches import IGNORE_INDEX
+from finetune.device import model_device
 
 
 def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,8 +28,10 @@ def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
     supervised = (labels != IGNORE_INDEX).any(0).nonzero()
     first = int(supervised[0]) if len(supervised) else 0
     keep = batch["input_ids"].shape[1] - first
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_to_keep=keep).logits
-    return logits[:, :-1], labels[:, first:]
+    device = model_device(model)
+    mask = batch.get("attention_mask")
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device), logits_to_keep=keep).logits
+    return logits[:, :-1], labels[:, first:].to(device)
 
 
 def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -301,8 +301,8 @@ def train_private(
         raise ValueError(f"train_private: only LoRA parameters may require grad, but {names[0]} does ({len(names)} such)")
 
     seed = dp.seed if dp.seed is not None else secrets.randbits(62)
-    sampling_rng = torch.Generator().manual_seed(seed)
-    noise_rng = torch.Generator().manual_seed(seed + 1)
+    sampling_rng = torch.Generator().manual_seed(seed)  # the sampler draws on the CPU
+    noise_rng = torch.Generator(device=params[0].device).manual_seed(seed + 1)  # Opacus draws noise where the gradients are
     with warnings.catch_warnings():  # Opacus' secure_mode needs torchcsprng; the noise is secure_noise instead
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=dp.accountant)

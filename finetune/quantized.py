@@ -34,14 +34,14 @@ class QuantizationUnsupported(RuntimeError):
     """The requested quantization cannot run on this machine (missing library or backend)."""
 
 
-def _bnb_config(mode: str):
+def _bnb_config(mode: str, compute_dtype: torch.dtype = torch.float32):
     from transformers import BitsAndBytesConfig
 
     if mode == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_use_double_quant=False,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
@@ -111,18 +111,23 @@ def is_quantized(model: torch.nn.Module) -> bool:
 
 
 def load_quantized_backbone(
-    spec: str = "smollm2", mode: str = "nf4", device: str = "cpu", gradient_checkpointing: bool = False
+    spec: str = "smollm2", mode: str = "nf4", device: str = "cpu", gradient_checkpointing: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(frozen quantized model in eval mode, tokenizer with a pad token) for `spec` in `mode`.
+    """(frozen quantized model in eval mode, tokenizer with a pad token) for `spec` in `mode`,
+    loaded by bitsandbytes straight onto `device` (`device_map`).
 
     Linear layers of the decoder are quantized; embeddings, norms and the LM head stay fp32
-    (transformers' default). `gradient_checkpointing` trades compute for activation memory.
+    (transformers' default, and `prepare_model_for_kbit_training` upcasts them anyway); NF4
+    layers compute in `compute_dtype` (bf16 on a CUDA GPU with dtype auto). `gradient_checkpointing`
+    trades compute for activation memory.
     """
+    device = str(device)
     check_mode(mode, device)
     folder = _folder(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=_bnb_config(mode), dtype=torch.float32, device_map={"": device}
+            folder, quantization_config=_bnb_config(mode, compute_dtype), dtype=torch.float32, device_map={"": device}
         )
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (ValueError, KeyError, OSError) as err:

@@ -47,13 +47,16 @@ def cosine(a: dict[str, torch.Tensor | None], b: dict[str, torch.Tensor]) -> flo
     return float(torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=0))
 
 
-def compare(mode: str, spec: str = "tiny") -> dict:
-    """Evaluate the quantized model first (the order a simulation worker uses), then compare."""
+def compare(mode: str, spec: str = "tiny", device: str = "cpu") -> dict:
+    """Evaluate the quantized model first (the order a simulation worker uses), then compare;
+    both models on `device` (bitsandbytes' CUDA kernels on a GPU)."""
+    from finetune.device import resolve_device
     from finetune.evaluate import evaluate
     from finetune.quantized import dequantized_backbone, inference_packed_layers, load_quantized_backbone
 
-    model, tokenizer = load_quantized_backbone(spec, mode)
-    reference = dequantized_backbone(model, load_backbone(spec)[0])
+    where = resolve_device(device)
+    model, tokenizer = load_quantized_backbone(spec, mode, device=str(where))
+    reference = dequantized_backbone(model, load_backbone(spec)[0].to(where))
     evaluate(model, tokenizer, EXAMPLES[:2], 64, 4)  # a no-grad pass in eval mode on the same model
     packed = len(inference_packed_layers(model))
     quantized = lora_gradients(model, tokenizer)

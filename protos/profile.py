@@ -1,7 +1,8 @@
 """A device profile: what a kind of device can do, as clients report it and simulations draw it.
 
 Part of the wire contract below both sides: a deployed client describes its device in its node
-config (`fedsite client --memory-gb --no-backbone --quantized --profile`), answers the
+config (`fedsite client --memory-gb --no-backbone --quantized --profile --device`: its
+accelerator's kind and memory are measured on the device), answers the
 coordinator's query with it, and the coordinator's planner decides the client's package from
 it; a simulated population (simulations/population.py) draws profiles from an experiment file.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from protos.codecs import CODECS
+
+ACCELERATORS = ("none", "cuda", "mps")  # the kinds of accelerator a device reports
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,8 @@ class DeviceProfile:
     bandwidth_mbps: float = 100.0  # link speed, both directions, megabits per second
     holds_backbone: bool = True  # False: the client must not hold the backbone (offsite emulator)
     quantized: bool = False  # frozen backbone in 4-bit NF4 (QLoRA)
+    accelerator: str = "none"  # what it trains on: none (CPU), cuda or mps
+    accelerator_memory_gb: float = 0.0  # the accelerator's memory; with an accelerator it bounds the backbone instead of memory-gb (0 = unknown/unlimited)
     lora_rank: int = 0  # 0 = the run's lora-rank; smaller ranks need aggregation 'hetlora'
     upload_codec: str = ""  # "" = adaptive from bandwidth; else fp32, fp16, int8 or 4bit
     availability: float = 1.0  # probability the client is reachable in a round
@@ -34,6 +39,8 @@ class DeviceProfile:
             ("share", self.share > 0, "positive"),
             ("speed", self.speed > 0, "positive"),
             ("memory-gb", self.memory_gb >= 0, "non-negative"),
+            ("accelerator", self.accelerator in ACCELERATORS, "one of " + ", ".join(ACCELERATORS)),
+            ("accelerator-memory-gb", self.accelerator_memory_gb >= 0 and (self.accelerator != "none" or self.accelerator_memory_gb == 0), "non-negative, and 0 without an accelerator"),
             ("bandwidth-mbps", self.bandwidth_mbps > 0, "positive"),
             ("lora-rank", self.lora_rank >= 0, "non-negative"),
             ("upload-codec", self.upload_codec in ("", *CODECS), "empty (adaptive) or one of " + ", ".join(CODECS)),

@@ -32,10 +32,10 @@ def test_node_config_carries_data_path_and_profile_through_flowers_parser(data):
     state_dir = plain.pop("state-dir")
     ledger = plain.pop("privacy-ledger")
     assert state_dir.endswith("client-state") and ledger.startswith(state_dir) and ledger.endswith(".json")
-    assert plain == {"data-path": data, "memory-gb": 2.5, "holds-backbone": True, "quantized": False}
-    settings = EdgeSettings("h:1", data, memory_gb=4.0, holds_backbone=False, quantized=True, profile="phone")
+    assert plain == {"data-path": data, "memory-gb": 2.5, "holds-backbone": True, "quantized": False, "device": "auto"}
+    settings = EdgeSettings("h:1", data, memory_gb=4.0, holds_backbone=False, quantized=True, profile="phone", device="cpu")
     assert parse_config_args([node_config(settings)]) == {
-        "data-path": data, "memory-gb": 4.0, "holds-backbone": False, "quantized": True, "profile": "phone", "state-dir": state_dir, "privacy-ledger": ledger,
+        "data-path": data, "memory-gb": 4.0, "holds-backbone": False, "quantized": True, "device": "cpu", "profile": "phone", "state-dir": state_dir, "privacy-ledger": ledger,
     }
 
 

@@ -1,7 +1,7 @@
 """End to end through Flower's simulation engine on the tiny Llama: the Foundation contract.
 
-`fedsite simulate --model tiny --clients 4 --rounds 2 --out DIR` writes metrics.jsonl (one
-object per round) and a PEFT adapter that stock `PeftModel.from_pretrained` loads.
+`fedsite simulate --model tiny --clients 4 --rounds 2 --device cpu --out DIR` writes metrics.jsonl
+(one object per round) and a PEFT adapter that stock `PeftModel.from_pretrained` loads.
 """
 
 import json
@@ -26,7 +26,7 @@ def tiny_run(tmp_path_factory):
     proc = run_cli(
         "simulate", "--model", "tiny", "--clients", "4", "--rounds", "2", "--out", str(out),
         "--local-steps", "4", "--train-per-task", "20", "--test-per-task", "4", "--eval-examples", "12",
-        "--max-new-tokens", "4", "--fraction-evaluate", "0.5", "--lr", "0.01",
+        "--max-new-tokens", "4", "--fraction-evaluate", "0.5", "--lr", "0.01", "--device", "cpu",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
