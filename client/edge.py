@@ -25,10 +25,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from client import supernode
 from client.forwarder import OWNER_KEY, SOCKET_KEY, start_worker, stop_worker_at
 from client.private_socket import WorkerFiles, worker_files
 from client.privacy_policy import LEDGER_KEY, DevicePolicy
-from finetune.processes import flower_env, flower_tool, stop_process_tree
+from client.supernode import DEFAULT_POLL_SECONDS, check_poll
+from finetune.processes import flower_env, stop_process_tree
 
 log = logging.getLogger("fedsite.client")
 
@@ -51,6 +53,7 @@ class EdgeSettings:
     runtime_port: int = 9094  # the SuperNode's local Runtime API port (one per client on a machine)
     max_retries: int | None = None  # reconnect attempts before giving up (None = forever)
     max_wait_time: float | None = None  # seconds of reconnecting before giving up (None = forever)
+    poll_interval: float = DEFAULT_POLL_SECONDS  # seconds between the SuperNode's pulls while idle (Flower's own: 3)
     threads: int = 0  # torch threads of the ClientApp (0 = all cores)
     dp_min_noise: float = 0.0  # privacy policy: train only with local DP-SGD at this noise or more (0 = none)
     epsilon_budget: float = 0.0  # privacy policy: never spend more epsilon than this on this data (0 = none)
@@ -72,6 +75,7 @@ class EdgeSettings:
             load_public_key(self.artifact_public_key)  # an Ed25519 key, or a one-line PackageError now rather than a declined round later
         if self.key and self.insecure:
             raise ValueError("--key (node authentication) needs TLS; drop --insecure")
+        check_poll(self.poll_interval)
         if self.memory_gb < 0:
             raise ValueError(f"--memory-gb must be non-negative, got {self.memory_gb}")
         from finetune.device import resolve_device
@@ -129,18 +133,19 @@ def node_config(settings: EdgeSettings) -> str:
 
 
 def supernode_command(settings: EdgeSettings) -> list[str]:
-    command = [flower_tool("flower-supernode"), "--superlink", settings.coordinator, "--node-config", node_config(settings), "--port", str(settings.runtime_port)]
+    """Flower's SuperNode, through `client.supernode` so that it polls every `poll_interval`."""
+    flower_args = ["--superlink", settings.coordinator, "--node-config", node_config(settings), "--port", str(settings.runtime_port)]
     if settings.insecure:
-        command.append("--insecure")
+        flower_args.append("--insecure")
     elif settings.root_certificates:
-        command += ["--root-certificates", str(Path(settings.root_certificates).resolve())]
+        flower_args += ["--root-certificates", str(Path(settings.root_certificates).resolve())]
     if settings.key:
-        command += ["--auth-supernode-private-key", str(Path(settings.key).resolve())]
+        flower_args += ["--auth-supernode-private-key", str(Path(settings.key).resolve())]
     if settings.max_retries is not None:
-        command += ["--max-retries", str(settings.max_retries)]
+        flower_args += ["--max-retries", str(settings.max_retries)]
     if settings.max_wait_time is not None:
-        command += ["--max-wait-time", str(settings.max_wait_time)]
-    return command
+        flower_args += ["--max-wait-time", str(settings.max_wait_time)]
+    return supernode.command(settings.poll_interval, flower_args)
 
 
 def client_home(runtime_port: int, home: str | Path | None = None) -> Path:

@@ -64,6 +64,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         runtime_port=args.runtime_port,
         max_retries=args.max_retries,
         max_wait_time=args.max_wait_time,
+        poll_interval=args.poll_interval,
         threads=args.threads,
         dp_min_noise=args.dp_min_noise,
         epsilon_budget=args.epsilon_budget,
@@ -74,6 +75,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def add_service_parsers(sub: argparse._SubParsersAction) -> None:
+    from client.supernode import DEFAULT_POLL_SECONDS
     from fedsite.cli import add_config_options, add_dashboard_option
 
     certs = sub.add_parser("certs", help="make a test CA, server certificate and client keys", description="Write a self-signed CA (ca.crt), a server certificate it signs (server.pem, server.key; SANs localhost, 127.0.0.1 and --host) and client enrolment keys, for testing the service. Private keys are created owner-only (0600); existing files are never overwritten without --force. Use certificates from a real CA in production.")
@@ -115,6 +117,7 @@ def add_service_parsers(sub: argparse._SubParsersAction) -> None:
     client.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode's Runtime API; one per client on a machine (default: 9094)")
     client.add_argument("--max-retries", type=int, default=None, help="give up after this many reconnection attempts (default: never)")
     client.add_argument("--max-wait-time", type=float, default=None, help="give up after this many seconds of reconnecting (default: never)")
+    client.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_SECONDS, metavar="S", help="seconds between the SuperNode's pulls for work while idle; each is one request to the coordinator (Flower's own SuperNode waits 3 s; default: %(default)s)")
     client.add_argument("--threads", type=int, default=0, help="torch threads for local training (default: 0 = all cores)")
     privacy = client.add_argument_group("privacy policy (enforced on this device, whatever the coordinator asks)")
     privacy.add_argument("--dp-min-noise", type=float, default=0.0, metavar="Z", help="train only with local DP-SGD at a noise multiplier of at least Z; rounds asking for less, or for no local DP, are declined (default: 0 = no policy)")

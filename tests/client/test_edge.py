@@ -56,8 +56,8 @@ def test_supernode_command_uses_tls_key_and_reconnects_forever(data, tmp_path):
     ca.write_text("x")
     key.write_text("x")
     command = supernode_command(EdgeSettings("10.0.0.5:9092", data, str(ca), str(key), runtime_port=9123))
-    assert command[0].endswith("flower-supernode")
-    args = dict(zip(command[1::2], command[2::2]))
+    assert command[1:5] == ["-m", "client.supernode", "--poll-interval", "0.5"]
+    args = dict(zip(command[5::2], command[6::2]))
     assert args["--superlink"] == "10.0.0.5:9092" and args["--root-certificates"] == str(ca) and args["--auth-supernode-private-key"] == str(key)
     assert args["--port"] == "9123"
     assert "--insecure" not in command and "--max-retries" not in command and "--max-wait-time" not in command
