@@ -1,8 +1,9 @@
 """Compare Fedsite runs side by side: PNG plots, a markdown table for people, JSON for machines.
 
 Reads only the results folders runs leave behind (see `coordinator/results.py`), so it works on
-runs from any version: every field except `round` in `metrics.jsonl` is optional, and a plot or
-column with no data for any run is left empty rather than failing.
+runs from any version: every field except `round` in `metrics.jsonl` is optional (the round-0
+baseline row has no training keys at all; older runs lack that row and have the baseline only in
+`summary.json`), and a plot or column with no data for any run is left empty rather than failing.
 """
 
 from __future__ import annotations
@@ -73,8 +74,10 @@ def load_run(folder: str | Path) -> RunData:
         except tomllib.TOMLDecodeError as exc:
             raise ReportError(f"{config_path}: not valid TOML ({exc})") from None
     initial = summary.get("initial") if isinstance(summary, dict) else None
-    return RunData(folder.resolve().name, config, [by_round[r] for r in sorted(by_round)], clients,
-                   initial if isinstance(initial, dict) else None)
+    baseline = by_round.pop(0, None)  # metrics.jsonl's first row: the round-0 evaluation, no training keys
+    if not isinstance(initial, dict):  # a run still going (or from before summary.json) has only the row
+        initial = {k: v for k, v in baseline.items() if k != "round"} if baseline else None
+    return RunData(folder.resolve().name, config, [by_round[r] for r in sorted(by_round)], clients, initial)
 
 
 # ---------------------------------------------------------------------------------- numbers

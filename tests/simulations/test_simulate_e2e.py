@@ -34,7 +34,10 @@ def tiny_run(tmp_path_factory):
 
 def test_metrics_written_per_round(tiny_run):
     out, _ = tiny_run
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    baseline, *rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert baseline["round"] == 0 and np.isfinite(baseline["eval_loss"]) and baseline["eval_seconds"] > 0
+    assert not {"contributors", "train_loss", "profiles"} & set(baseline)  # evaluated before any training
+    assert baseline == {"round": 0, **json.loads((out / "summary.json").read_text())["initial"]}
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
         assert np.isfinite(row["eval_loss"]) and 0.0 <= row["eval_accuracy"] <= 1.0
