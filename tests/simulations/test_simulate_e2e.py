@@ -62,6 +62,28 @@ def test_exported_adapter_loads_with_peft_and_changed(tiny_run):
     assert any("lora_B" in k for k in changed)
 
 
+def test_the_results_explain_themselves(tiny_run):
+    """summary.md: train / eval / total seconds and the plumbing-check note; adapter/: a filled card, the
+    base named as it can be resolved, the local path beside it, and Fedsite's own loader finds it."""
+    from finetune.lora import load_adapter
+
+    out, _ = tiny_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    for row in rows:
+        assert 0 < row["train_seconds"] <= row["round_seconds"] < row["total_seconds"]
+        assert row["federated_eval_seconds"] > 0  # --fraction-evaluate 0.5
+        assert row["total_seconds"] == pytest.approx(row["round_seconds"] + row["eval_seconds"])
+    summary = (out / "summary.md").read_text()
+    assert "| train s | eval s | total s |" in summary and "Plumbing check" in summary and "0.000, as expected" in summary
+    card = (out / "adapter" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: tiny\n") and "Plumbing check" in card and "| 0 (baseline) |" in card
+    assert "| 2 |" in card and "rounds: 2 of 2 planned" in card and "clients: 4" in card and "no differential privacy" in card
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
+    assert json.loads((out / "adapter" / "fedsite_backbone.json").read_text())["local_path"] == "tiny"
+    loaded, _ = load_adapter(out / "adapter")
+    assert loaded.peft_config["default"].r == 8
+
+
 def test_progress_is_shown(tiny_run):
     _, proc = tiny_run
     log = proc.stdout + proc.stderr
