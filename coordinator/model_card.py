@@ -133,7 +133,7 @@ def model_card(config: FedsiteConfig, backbone: dict[str, str], initial: dict[st
         "## Federation",
         "",
         f"- rounds: {len(rounds)} of {config.num_server_rounds} planned",
-        f"- clients: {config.clients} ({config.fraction_train:g} sampled per round, at least {config.min_train_clients}); "
+        f"- clients: {config.clients} ({config.fraction_train:.0%} sampled per round, at least {config.min_train_clients}); "
         f"contributors per round: {', '.join(map(str, contributors)) or 'none'}",
         "",
         "## Privacy",
