@@ -6,7 +6,7 @@ import pytest
 
 from coordinator.model_card import model_card, spent_epsilon, write_model_card
 from coordinator.results import TINY_NOTE, RunRecorder
-from finetune.backbone import SMOLLM2_ID, backbone_note
+from finetune.backbone import SMOLLM2_ID, backbone_note, cache_dir
 from finetune.config import FedsiteConfig
 from finetune.lora import LoraSettings, attach_lora, export_adapter
 
@@ -80,3 +80,16 @@ def test_export_then_card_replaces_pefts_template_and_keeps_the_portable_id(tiny
     card = (folder / "README.md").read_text()
     assert f"base_model: {SMOLLM2_ID}" in card and "| 1 | 0.200 | 1.000 |" in card
     assert "[More Information Needed]" not in card  # PEFT's empty template is gone
+
+
+@pytest.mark.skipif(not (cache_dir() / "smollm2-135m-instruct" / "model.safetensors").is_file(),
+                    reason="the default model is not converted into the cache yet (first `fedsite simulate` does it)")
+def test_the_default_models_adapter_names_smollm2_and_reloads_on_the_cached_backbone(tmp_path):
+    """The contract on the real default backbone, when its conversion is already cached (no conversion here)."""
+    from finetune.backbone import load_backbone
+    from finetune.lora import load_adapter
+
+    folder = export_adapter(attach_lora(load_backbone("smollm2")[0], LoraSettings(rank=2)), tmp_path / "adapter", "smollm2")
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == SMOLLM2_ID
+    loaded, _ = load_adapter(folder)
+    assert loaded.peft_config["default"].r == 2
