@@ -96,8 +96,9 @@ def _points(run: RunData) -> list[dict[str, Any]]:
 
 
 def _time_key(run: RunData) -> str | None:
-    """Simulated device time when the run has it, else measured wall-clock time."""
-    for key in ("simulated_seconds", "round_seconds"):
+    """Simulated device time when the run has it, else measured wall-clock time (whole rounds,
+    central evaluation included, where the run records `total_seconds`)."""
+    for key in ("simulated_seconds", "total_seconds", "round_seconds"):
         if any(_num(r.get(key)) is not None for r in run.rounds):
             return key
     return None
@@ -148,7 +149,7 @@ def summarize(run: RunData) -> dict[str, Any]:
         "total_upload_mb": upload / 1e6,
         "total_download_bytes": int(sum(_num(r.get("download_bytes")) or 0 for r in rounds)) if has_download else None,
         "total_seconds": sum(_num(r.get(time_key)) or 0 for r in rounds) if time_key else None,
-        "time_basis": {"simulated_seconds": "simulated", "round_seconds": "wall"}.get(time_key or ""),
+        "time_basis": {"simulated_seconds": "simulated", "total_seconds": "wall", "round_seconds": "wall"}.get(time_key or ""),
         "rejected_updates": int(rejected),
         "dropped": sum(_count(r.get("dropped")) for r in rounds),
         "stragglers": sum(_count(r.get("stragglers")) for r in rounds),

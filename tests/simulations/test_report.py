@@ -148,6 +148,10 @@ def test_the_baseline_row_of_metrics_jsonl_is_the_initial_evaluation(tmp_path):
     write_report([run], tmp_path / "report")
     [summary] = json.loads((tmp_path / "report" / "report.json").read_text())["runs"]
     assert summary["initial_accuracy"] == 0.05 and summary["rounds_run"] == 3 and summary["mean_contributors"] == 3.0
+    assert summary["total_seconds"] == 30.0 and summary["time_basis"] == "wall"  # round_seconds: no total_seconds here
+
+    with_totals = write_run(tmp_path / "totals", [0.2, 0.5, 0.4], extra={"total_seconds": 14.0})  # central evaluation included
+    assert write_report([with_totals], tmp_path / "r2") and json.loads((tmp_path / "r2" / "report.json").read_text())["runs"][0]["total_seconds"] == 42.0
 
 
 def test_round_axes_of_every_report_plot_have_integer_ticks_and_a_title(tmp_path, monkeypatch):
