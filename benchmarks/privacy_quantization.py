@@ -123,7 +123,7 @@ def federated(args: argparse.Namespace) -> dict[str, dict]:
         ledger = [json.loads(line) for line in ledger_file.read_text().splitlines()] if ledger_file.exists() else []
         results[name] = {
             "accuracy": final["eval_accuracy"],
-            "upload_mb": sum(json.loads(l)["upload_bytes"] for l in (folder / "metrics.jsonl").read_text().splitlines()) / 1e6,
+            "upload_mb": sum(json.loads(l).get("upload_bytes", 0) for l in (folder / "metrics.jsonl").read_text().splitlines()) / 1e6,
             "epsilon": max((e["epsilon"] for e in ledger), default=None),
         }
     return results

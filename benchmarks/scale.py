@@ -71,7 +71,7 @@ def run_size(args: argparse.Namespace, clients: int, out: Path) -> dict:
         measured.parent.mkdir(parents=True, exist_ok=True)
         measured.write_text(json.dumps(measure(cmd, clients)))
     memory = json.loads(measured.read_text())
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) if r["round"] > 0]  # not the baseline
     clients_rows = [json.loads(line) for line in (out / "clients.jsonl").read_text().splitlines()]
     later = [r for r in rows if r["round"] > 1] or rows
     round_times = [r["round_seconds"] for r in later]  # from configure_train to the aggregate, before central evaluation

@@ -48,7 +48,7 @@ def parse() -> argparse.Namespace:
 
 
 def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) if r["round"] > 0]  # not the baseline
 
 
 def run_pair(args: argparse.Namespace, clients: int) -> dict:

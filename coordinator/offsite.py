@@ -23,7 +23,7 @@ from emulator.keys import load_public_key, load_signing_key, public_key_pem
 from emulator.layers import LayerMap
 from emulator.offsite import get_offsite_arrays, set_offsite_arrays, trainable_model
 from emulator.package import load_package, manifest_layer_map, verify_package
-from finetune.backbone import load_backbone, resolve_model_path
+from finetune.backbone import load_backbone
 from finetune.config import FedsiteConfig
 from finetune.device import model_device, resolve_device
 from finetune.lora import export_adapter
@@ -95,7 +95,7 @@ class OffsiteTrack:
         """LoRA mode: a PEFT adapter for the full backbone; blocks mode: the adapter blocks' weights."""
         model = self.load(arrays)
         if self.mode == "lora":
-            return export_adapter(model, folder, resolve_model_path(model_spec))
+            return export_adapter(model, folder, model_spec)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / "adapter_blocks.safetensors"), metadata={"layer_map": str(self.layer_map.to_dict())})
         return folder

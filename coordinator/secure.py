@@ -249,6 +249,7 @@ class SecureStrategy(LegacyFedAvg):
         for entry in rejected:
             self.recorder.record_client({"round": server_round, **entry, "status": "rejected"})
         problem = "no client survived to the masked upload" if not results else check_sum(self.arrays(results[0][1].parameters), self.current)
+        self.recorder.record(train_seconds=time.perf_counter() - self._started)  # the SecAgg+ stages up to the unmasked sum
         if problem:
             log.warning("round %d: %s; the global adapter stays as it was", server_round, problem)
             discarded = [{"client": c, "node_id": p.node_id, "stage": "unmask", "reason": f"masked update discarded: {problem}"} for (p, _), c in zip(results, contributors)]

@@ -25,9 +25,10 @@ from coordinator.directory import assigned_train_examples
 from coordinator.grid import quick
 from coordinator.offsite import OffsiteTrack, join_tracks, offsite_evaluation, offsite_wanted, prepare_offsite, split_tracks
 from coordinator.planner import PopulationModel, planner_for
+from coordinator.model_card import write_model_card
 from coordinator.results import RunRecorder
 from coordinator.strategy import FedsiteStrategy
-from finetune.backbone import resolve_model_path
+from finetune.backbone import BACKBONE_NOTE
 from finetune.base_delta import export_merged_adapter, set_global_arrays, split_base
 from finetune.cache import initial_lora_arrays, lora_model
 from finetune.config import FedsiteConfig
@@ -117,14 +118,17 @@ def finish_run(model: PeftModel, final: dict[str, np.ndarray], config: FedsiteCo
     set_global_arrays(model, final)
     lora, base = split_base(final)
     if base:  # fedex-lora / flora: the base-weight update goes into an exact higher-rank adapter
-        export_merged_adapter(model, lora, base, Path(config.out) / "adapter", resolve_model_path(config.model))
+        export_merged_adapter(model, lora, base, Path(config.out) / "adapter", config.model)
     else:
-        export_adapter(model, Path(config.out) / "adapter", resolve_model_path(config.model))
+        export_adapter(model, Path(config.out) / "adapter", config.model)
     extra = {}
     if offsite is not None:  # the plug-in: the full backbone with the offsite clients' adapter
         offsite.export(final_offsite, Path(config.out) / "offsite_adapter", config.model)
         extra["offsite"] = offsite.summary
     recorder.write_summary(**extra)
+    write_model_card(Path(config.out) / "adapter", config, recorder.initial, recorder.rounds)
+    if (Path(config.out) / "offsite_adapter" / BACKBONE_NOTE).is_file():  # LoRA mode: a PEFT adapter for the full backbone
+        write_model_card(Path(config.out) / "offsite_adapter", config, recorder.initial, recorder.rounds, offsite=True)
     log.info("[fedsite] results written to %s", config.out)
 
 

@@ -86,6 +86,7 @@ class FedsiteStrategy(FedAvg):
         self._errors_logged: set[str] = set()
         self._global: dict[str, np.ndarray] = {}
         self._round_started = 0.0
+        self._evaluate_started, self._evaluating = 0.0, False
         # a resumed run: Flower counts rounds from 1 again, the run goes on after the checkpoint's round
         self.round_offset = 0
         self._awaited: set[int] = set()  # sampled nodes whose reply has not come in this round
@@ -165,6 +166,7 @@ class FedsiteStrategy(FedAvg):
 
         accepted = [row for row in rows if row.accepted]
         new_global = self._aggregate(server_round, accepted) if accepted else None
+        self.recorder.record(train_seconds=time.perf_counter() - self._round_started)  # sent, trained, aggregated
         if new_global is None:
             log.warning("round %d: no valid update; the global adapter stays as it was", server_round)
             self.recorder.record(aggregation=self.aggregator.rule, contributors=[], rejected=rejected, upload_bytes=0, aggregation_seconds=0.0)
@@ -262,14 +264,20 @@ class FedsiteStrategy(FedAvg):
     # ----------------------------------------------------------------------------- evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Federated evaluation of the LoRA track on clients that hold the backbone."""
+        self._evaluate_started = time.perf_counter()
         if self.offsite is None:
-            return super().configure_evaluate(server_round, arrays, config, grid)
-        lora = to_array_record(split_tracks(from_array_record(arrays))[0])
-        return [m for m in super().configure_evaluate(server_round, lora, config, grid) if m.metadata.dst_node_id not in self._emulator_nodes]
+            messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        else:
+            lora = to_array_record(split_tracks(from_array_record(arrays))[0])
+            messages = [m for m in super().configure_evaluate(server_round, lora, config, grid) if m.metadata.dst_node_id not in self._emulator_nodes]
+        self._evaluating = bool(messages)
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted (capped) accuracy and loss of the clients' checked evaluation replies."""
         server_round += self.round_offset
+        if self._evaluating:  # federated evaluation on clients: sent, evaluated, replies read
+            self.recorder.record(federated_eval_seconds=time.perf_counter() - self._evaluate_started)
         rows: list[EvalReply] = []
         rejected = []
         for msg in replies:

@@ -73,12 +73,20 @@ class Run:
     def version(self) -> str:
         return hashlib.sha256(repr(sorted(self.stamps().items())).encode()).hexdigest()[:16]
 
-    def rounds(self) -> list[dict[str, Any]]:
-        """metrics.jsonl's rows, by round; a round recorded twice (a resumed run) keeps its last row."""
+    def _by_round(self) -> dict[int, dict[str, Any]]:
+        """metrics.jsonl's rows by round; a round recorded twice (a resumed run) keeps its last row."""
         with self._lock:
             rows = self.metrics_file.refresh(self.root.fd)
-        by_round = {row["round"]: row for row in rows if isinstance(row.get("round"), int) and not isinstance(row.get("round"), bool)}
-        return [by_round[r] for r in sorted(by_round)]
+        return {row["round"]: row for row in rows if isinstance(row.get("round"), int) and not isinstance(row.get("round"), bool)}
+
+    def rounds(self) -> list[dict[str, Any]]:
+        """The training rounds (1, 2, ...) of metrics.jsonl, in order; the baseline is `baseline()`."""
+        by_round = self._by_round()
+        return [by_round[r] for r in sorted(by_round) if r > 0]
+
+    def baseline(self) -> dict[str, Any] | None:
+        """metrics.jsonl's round-0 row (the evaluation before training; no training keys), if written yet."""
+        return self._by_round().get(0)
 
     def clients(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -83,6 +83,14 @@ def round_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def initial_of(run: Run, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The baseline evaluation: summary.json's (a finished run), else metrics.jsonl's round-0 row (live)."""
+    if isinstance(summary.get("initial"), dict):
+        return summary["initial"]
+    baseline = run.baseline()
+    return {k: v for k, v in baseline.items() if k != "round"} if baseline else None
+
+
 def scalars(row: dict[str, Any] | None) -> dict[str, float]:
     return {k: v for k, v in ((k, num(v)) for k, v in (row or {}).items()) if v is not None}
 
@@ -106,7 +114,7 @@ def overview(run: Run, now: float | None = None) -> dict[str, Any]:
         since_last = max(0.0, now - (last_update or now))
         eta = max(0.0, (total - len(rounds)) * sum(per_round) / len(per_round) - since_last)
     last = rounds[-1] if rounds else None
-    initial = summary.get("initial") if isinstance(summary.get("initial"), dict) else None
+    initial = initial_of(run, summary)
     return {
         "id": run.id,
         "name": run.name,
@@ -133,7 +141,7 @@ def run_listing(run: Run) -> dict[str, Any]:
     rounds = run.rounds()
     total = total_rounds(run, rounds)
     summary = run.summary() or {}
-    initial = summary.get("initial") if isinstance(summary.get("initial"), dict) else None
+    initial = initial_of(run, summary)
     return {
         "id": run.id,
         "name": run.name,
@@ -284,7 +292,7 @@ def offsite(run: Run) -> dict[str, Any]:
         row["lora_clients"], row["emulator_clients"] = count(kinds.get("lora")), count(kinds.get("emulator"))
         rows.append(row)
     present = any(row["offsite_eval_accuracy"] is not None or row["emulator_clients"] for row in rows)
-    initial = summary.get("initial") if isinstance(summary.get("initial"), dict) else {}
+    initial = initial_of(run, summary) or {}
     package = summary.get("offsite") if isinstance(summary.get("offsite"), dict) else {}
     return {
         "present": present or bool(package),

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -59,6 +60,52 @@ def resolve_model_path(spec: str) -> str:
     return str(Path(spec).expanduser().resolve())
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hugging Face hub spells a model id
+BACKBONE_NOTE = "fedsite_backbone.json"  # beside an exported adapter: the Fedsite spec and the local path it was trained on
+
+
+def portable_model_id(spec: str) -> str:
+    """The id someone who receives an adapter can resolve its backbone by (`base_model_name_or_path`).
+
+    'smollm2' is HuggingFaceTB/SmolLM2-135M-Instruct (what the embedded GGUF is); a model folder
+    whose config.json names a hub id (`_name_or_path`: "owner/name", as the SmolLM2 folder converted
+    into the cache does) gives that id, any other folder its absolute path; 'tiny' stays 'tiny'
+    (built in-process, nothing to download).
+    """
+    if spec in ("tiny", "smollm2"):
+        return SMOLLM2_ID if spec == "smollm2" else "tiny"
+    folder = Path(spec).expanduser().resolve()
+    try:
+        named = json.loads((folder / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if isinstance(named, str) and HUB_ID.match(named) and not Path(named).expanduser().exists():
+        return named
+    return str(folder)
+
+
+def backbone_note(spec: str) -> dict[str, str]:
+    """What an exported adapter records of its backbone: the portable id, the run's spec and the local path."""
+    return {"base_model_name_or_path": portable_model_id(spec), "model": spec, "local_path": resolve_model_path(spec)}
+
+
+def backbone_for_adapter(folder: str | Path) -> str:
+    """The backbone spec to load an exported adapter onto here: the local path it was trained on if it
+    still exists, else its spec ('smollm2' is converted again on this machine); BackboneError otherwise."""
+    path = Path(folder) / BACKBONE_NOTE
+    try:
+        note = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise BackboneError(f"adapter: cannot read {path} ({type(err).__name__}); expected an adapter exported by Fedsite") from None
+    local, spec = (note.get("local_path"), note.get("model")) if isinstance(note, dict) else (None, None)
+    if isinstance(local, str) and (local == "tiny" or Path(local).is_dir()):
+        return local
+    if spec == "smollm2":  # the cache was cleared or this is another machine: converted again from the GGUF
+        return spec
+    raise BackboneError(f"adapter: its backbone {local!r} ({path.name}) is not on this machine; load the base model "
+                        f"{note.get('base_model_name_or_path')!r} yourself and use PeftModel.from_pretrained")
+
+
 def _load_folder(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not folder.exists():
         raise BackboneError(f"model: path '{folder}' does not exist (expected 'smollm2', 'tiny' or a model folder)")
@@ -98,16 +145,16 @@ def smollm2_folder() -> Path:
     log.info("Converting %s to %s (one-time, ~30 s)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    save_folder_atomically(model, tokenizer, target)
+    save_folder_atomically(model, tokenizer, target, name_or_path=SMOLLM2_ID)
     return target
 
 
-def save_folder_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+def save_folder_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, name_or_path: str = "") -> None:
     """`save_plain_folder` into a temporary sibling, then rename: readers never see half a folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        save_plain_folder(model, tokenizer, tmp)
+        save_plain_folder(model, tokenizer, tmp, name_or_path)
         if target.exists():  # a concurrent process finished first
             shutil.rmtree(tmp)
         else:
@@ -117,11 +164,13 @@ def save_folder_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenize
         raise
 
 
-def save_plain_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+def save_plain_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, name_or_path: str = "") -> None:
     """Write weights, config and tokenizer so `from_pretrained(folder)` reloads the same model.
 
     transformers refuses `save_pretrained` on GGUF-loaded models, so the state dict is written
     with safetensors (tied embeddings once) and the config without its quantization section.
+    `name_or_path` (the SmolLM2 conversion: its hub id) goes into config.json's `_name_or_path`,
+    which `portable_model_id` reads back; a folder saved without it is named by its path.
     """
     from safetensors.torch import save_model
 
@@ -129,7 +178,9 @@ def save_plain_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    config["_name_or_path"] = SMOLLM2_ID
+    config.pop("_name_or_path", None)
+    if name_or_path:
+        config["_name_or_path"] = name_or_path
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)

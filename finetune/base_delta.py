@@ -112,15 +112,20 @@ def merged_adapter(lora: NamedArrays, base: NamedArrays, scaling: float, rtol: f
     return out, rank
 
 
-def export_merged_adapter(model: PeftModel, lora: NamedArrays, base: NamedArrays, folder: Path, base_model_path: str) -> Path:
+def export_merged_adapter(model: PeftModel, lora: NamedArrays, base: NamedArrays, folder: Path, model_spec: str) -> Path:
     """Save ΔW + s·B@A as a PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`)
-    of the rank it needs, alpha = rank so PEFT's scaling is 1."""
+    of the rank it needs, alpha = rank so PEFT's scaling is 1; the backbone as `export_adapter` records it."""
+    from finetune.backbone import backbone_note
+    from finetune.lora import write_backbone_note
+
     arrays, rank = merged_adapter(lora, base, lora_scaling(model))
+    note = backbone_note(model_spec)
     config = copy.deepcopy(model.peft_config["default"])
-    config.r, config.lora_alpha, config.base_model_name_or_path = rank, rank, base_model_path
+    config.r, config.lora_alpha, config.base_model_name_or_path = rank, rank, note["base_model_name_or_path"]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
+    write_backbone_note(folder, note)
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     notes = {"rank": rank, "modules": len(pair_keys(lora)), "why": "dense base update (fedex-lora / flora) folded into an exact LoRA by SVD"}
     (folder / "fedsite_merge.json").write_text(json.dumps(notes, indent=2))

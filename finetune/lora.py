@@ -6,9 +6,11 @@ names (adapter name stripped), so an exported adapter is exactly what stock PEFT
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,9 +86,33 @@ def trainable_lora_parameters(model: PeftModel) -> list[torch.nn.Parameter]:
     return [p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name]
 
 
-def export_adapter(model: PeftModel, folder: Path, base_model_path: str) -> Path:
-    """Save in PEFT format (`adapter_config.json` + `adapter_model.safetensors`)."""
+def export_adapter(model: PeftModel, folder: Path, model_spec: str) -> Path:
+    """Save in PEFT format (`adapter_config.json` + `adapter_model.safetensors`) for the backbone
+    `model_spec` names: `base_model_name_or_path` is its portable id, the local path goes to
+    `fedsite_backbone.json` (finetune/backbone.py)."""
+    from finetune.backbone import backbone_note
+
     folder = Path(folder)
-    model.peft_config["default"].base_model_name_or_path = base_model_path
+    note = backbone_note(model_spec)
+    # saved against the local path, so PEFT checks the base's vocabulary there and never asks the hub
+    model.peft_config["default"].base_model_name_or_path = note["local_path"]
     model.save_pretrained(str(folder))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = note["base_model_name_or_path"]
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_backbone_note(folder, note)
     return folder
+
+
+def write_backbone_note(folder: Path, note: dict[str, str]) -> None:
+    from finetune.backbone import BACKBONE_NOTE
+
+    (Path(folder) / BACKBONE_NOTE).write_text(json.dumps(note, indent=2) + "\n")
+
+
+def load_adapter(folder: str | Path, device: str = "cpu") -> tuple[PeftModel, Any]:
+    """An exported adapter on its backbone, resolved locally (never from the hub): (PeftModel, tokenizer)."""
+    from finetune.backbone import backbone_for_adapter, load_backbone
+
+    model, tokenizer = load_backbone(backbone_for_adapter(folder))
+    return PeftModel.from_pretrained(model.to(device), str(folder)), tokenizer

@@ -1,8 +1,9 @@
 """Compare Fedsite runs side by side: PNG plots, a markdown table for people, JSON for machines.
 
 Reads only the results folders runs leave behind (see `coordinator/results.py`), so it works on
-runs from any version: every field except `round` in `metrics.jsonl` is optional, and a plot or
-column with no data for any run is left empty rather than failing.
+runs from any version: every field except `round` in `metrics.jsonl` is optional (the round-0
+baseline row has no training keys at all; older runs lack that row and have the baseline only in
+`summary.json`), and a plot or column with no data for any run is left empty rather than failing.
 """
 
 from __future__ import annotations
@@ -73,8 +74,10 @@ def load_run(folder: str | Path) -> RunData:
         except tomllib.TOMLDecodeError as exc:
             raise ReportError(f"{config_path}: not valid TOML ({exc})") from None
     initial = summary.get("initial") if isinstance(summary, dict) else None
-    return RunData(folder.resolve().name, config, [by_round[r] for r in sorted(by_round)], clients,
-                   initial if isinstance(initial, dict) else None)
+    baseline = by_round.pop(0, None)  # metrics.jsonl's first row: the round-0 evaluation, no training keys
+    if not isinstance(initial, dict):  # a run still going (or from before summary.json) has only the row
+        initial = {k: v for k, v in baseline.items() if k != "round"} if baseline else None
+    return RunData(folder.resolve().name, config, [by_round[r] for r in sorted(by_round)], clients, initial)
 
 
 # ---------------------------------------------------------------------------------- numbers
@@ -93,8 +96,9 @@ def _points(run: RunData) -> list[dict[str, Any]]:
 
 
 def _time_key(run: RunData) -> str | None:
-    """Simulated device time when the run has it, else measured wall-clock time."""
-    for key in ("simulated_seconds", "round_seconds"):
+    """Simulated device time when the run has it, else measured wall-clock time (whole rounds,
+    central evaluation included, where the run records `total_seconds`)."""
+    for key in ("simulated_seconds", "total_seconds", "round_seconds"):
         if any(_num(r.get(key)) is not None for r in run.rounds):
             return key
     return None
@@ -145,7 +149,7 @@ def summarize(run: RunData) -> dict[str, Any]:
         "total_upload_mb": upload / 1e6,
         "total_download_bytes": int(sum(_num(r.get("download_bytes")) or 0 for r in rounds)) if has_download else None,
         "total_seconds": sum(_num(r.get(time_key)) or 0 for r in rounds) if time_key else None,
-        "time_basis": {"simulated_seconds": "simulated", "round_seconds": "wall"}.get(time_key or ""),
+        "time_basis": {"simulated_seconds": "simulated", "total_seconds": "wall", "round_seconds": "wall"}.get(time_key or ""),
         "rejected_updates": int(rejected),
         "dropped": sum(_count(r.get("dropped")) for r in rounds),
         "stragglers": sum(_count(r.get("stragglers")) for r in rounds),

@@ -95,7 +95,8 @@ def test_e2e_network_three_clients_tls_auth_three_rounds(network):
 
     assert coord.wait(timeout=DEADLINE) == 0, (root / "coordinator-run.log").read_text()[-3000:]
     out = root / "run"
-    metrics = rows(out)
+    baseline, *metrics = rows(out)
+    assert baseline["round"] == 0 and "contributors" not in baseline  # the round-0 evaluation comes first
     assert [r["round"] for r in metrics] == [1, 2, 3]
     not_accepted = [c for c in rows(out, "clients.jsonl") if c["status"] != "accepted"]
     assert all(len(r["contributors"]) == 3 for r in metrics), (  # node ids of the three enrolled clients
@@ -119,13 +120,13 @@ def test_e2e_network_coordinator_killed_after_round_2_resumes(network):
         except ProcessLookupError:
             pass
     first.wait()
-    assert len(rows(out)) in (2, 3)  # round 3 may have written its row already: resume cuts it back
+    assert len(rows(out)) in (3, 4)  # the baseline and rounds 1-2; round 3 may have written its row already: resume cuts it back
 
     second = net.coordinator("resumed", RUN)
     assert second.wait(timeout=DEADLINE) == 0, (root / "coordinator-resumed.log").read_text()[-3000:]
     assert "resuming from the checkpoint after round 2" in (root / "coordinator-resumed.log").read_text()
     metrics = rows(out)
-    assert [r["round"] for r in metrics] == [1, 2, 3]  # as many rounds as an uninterrupted run, none twice
+    assert [r["round"] for r in metrics] == [0, 1, 2, 3]  # as many rounds as an uninterrupted run, none twice
     assert len(metrics[-1]["contributors"]) == 3  # the clients reconnected to the restarted coordinator
     client_rounds = [c["round"] for c in rows(out, "clients.jsonl")]
     assert sorted(client_rounds) == [1, 1, 1, 2, 2, 2, 3, 3, 3]
@@ -160,7 +161,8 @@ def test_e2e_network_emulator_client_fetches_its_package_over_tls_against_a_pinn
 
     assert coord.wait(timeout=DEADLINE) == 0, log.read_text()[-3000:] + net.logs()
     out = root / "emulator-run"
-    [row] = rows(out)
+    [baseline, row] = rows(out)
+    assert baseline["round"] == 0
     [entry] = rows(out, "clients.jsonl")
     assert entry["status"] == "accepted" and entry["package_kind"] == "emulator", (entry, net.logs())
     assert len(row["contributors_by_kind"]["emulator"]) == 1 and not row["contributors_by_kind"]["lora"]

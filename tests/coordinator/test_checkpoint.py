@@ -73,7 +73,22 @@ def test_resume_cuts_results_files_back_to_the_checkpoint(tmp_path):
     ckpt.restore(ckpt.load_checkpoint(config), RunRecorder(tmp_path, config, fresh=False))
     assert {name: (tmp_path / name).read_text() for name in before} == before
     assert (tmp_path / "extra.jsonl").read_text() == ""
-    assert [json.loads(line)["round"] for line in before["metrics.jsonl"].splitlines()] == [1, 2]
+    assert [json.loads(line)["round"] for line in before["metrics.jsonl"].splitlines()] == [0, 1, 2]  # the baseline once
+
+
+def test_a_resumed_run_keeps_one_baseline_row_and_no_round_twice(tmp_path):
+    """The round-0 row stays the first line; after the resume the run goes on from round 3."""
+    config, recorder, aggregator, dp, current = state_after_round_2(tmp_path)
+    ckpt.save_checkpoint(recorder, 2, current, aggregator, dp)
+    finished_round(recorder, 3)  # written, then the coordinator dies before its checkpoint
+    resumed = RunRecorder(tmp_path, config, fresh=False)
+    ckpt.restore(ckpt.load_checkpoint(config), resumed)
+    for server_round in (3, 4):
+        finished_round(resumed, server_round)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[0] == {"round": 0, "eval_accuracy": 0.0, "eval_loss": 3.0}  # no training keys
+    assert resumed.initial["eval_loss"] == 3.0 and [r["round"] for r in resumed.rounds] == [1, 2, 3, 4]
 
 
 def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -229,8 +229,10 @@ def test_secure_federation_through_flower_simulation_survives_a_dropout(tmp_path
     config = FedsiteConfig(model="tiny", secure=True, clients=5, num_server_rounds=2, local_steps=1, batch_size=2, train_per_task=4, test_per_task=1,
                            eval_examples=4, max_new_tokens=2, workers=1, secure_max_weight=16.0, out=str(tmp_path / "run"))
     out = simulate(config, client=secure_client_app(dropout_mod({1})))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    baseline, *rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert baseline["round"] == 0 and "contributors" not in baseline
     assert [r["contributors"] for r in rows] == [[0, 2, 3, 4]] * 2
+    assert all(r["train_seconds"] > 0 and r["total_seconds"] >= r["train_seconds"] for r in rows)
     assert all([(x["client"], x["stage"]) for x in r["rejected"]] == [(1, Stage.COLLECT_MASKED_VECTORS)] for r in rows)
     assert all("simulated dropout" in r["rejected"][0]["reason"] for r in rows)
     assert rows[-1]["eval_loss"] < json.loads((out / "summary.json").read_text())["initial"]["eval_loss"]  # it learned

@@ -221,3 +221,26 @@ def test_only_the_command_line_imports_the_dashboard() -> None:
         for source in (root / package).rglob("*.py"):
             text = source.read_text()
             assert "import dashboard" not in text and "from dashboard" not in text, source
+
+
+def test_the_baseline_row_is_the_initial_evaluation_not_a_round(tmp_path: Path) -> None:
+    """metrics.jsonl starts with round 0 (evaluation only, no training keys): while the run is live
+    it is the run's initial evaluation; it is never counted as a round."""
+    folder = make_run(tmp_path / "live", rounds=2, total=5, finished=False)
+    rows = (folder / "metrics.jsonl").read_text()
+    baseline = {"round": 0, "eval_loss": 4.9, "eval_accuracy": 0.0, "eval_per_task": {"sort": 0.0}, "eval_seconds": 1.5}
+    (folder / "metrics.jsonl").write_text(json.dumps(baseline) + "\n" + rows)
+    client = client_for(folder)
+    run = the_run(client)
+    assert [r["round"] for r in run["rounds"]] == [1, 2] and run["initial"] == {"eval_loss": 4.9, "eval_accuracy": 0.0, "eval_seconds": 1.5}
+    overview = strict_json(client.get(f"/api/runs/{run['id']}").text)
+    assert (overview["round"], overview["rounds_recorded"], overview["status"]) == (2, 2, "in progress")
+    assert overview["initial"]["eval_loss"] == 4.9 and overview["eta_seconds"] is not None
+    assert [r["round"] for r in strict_json(client.get(f"/api/runs/{run['id']}/rounds").text)["rounds"]] == [1, 2]
+    offsite = strict_json(client.get(f"/api/runs/{run['id']}/offsite").text)
+    assert [r["round"] for r in offsite["rounds"]] == [1, 2] and offsite["initial"]["eval_loss"] == 4.9
+
+    only = make_run(tmp_path / "starting", rounds=0, total=3, finished=False)
+    (only / "metrics.jsonl").write_text(json.dumps(baseline) + "\n")  # the baseline is written, round 1 is running
+    run = the_run(client_for(only))
+    assert run["rounds"] == [] and run["initial"]["eval_loss"] == 4.9 and run["status"] == "starting"

@@ -105,10 +105,11 @@ def test_live_simulation_then_two_finished_runs_overlaid(browser, tmp_path: Path
         page.click("nav a[data-page=curves]")
         page.wait_for_function("() => (document.getElementById('chart-loss').data || []).some(t => t.x.length >= 3)")
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert rows[0]["round"] == 0  # the baseline row: shown as round 0 while the run is live
         (loss,) = [t for t in chart(page, "chart-loss") if t["meta"]["key"] == "eval_loss"]
-        assert loss["x"][:2] == [1, 2] and loss["y"][:2] == pytest.approx([rows[0]["eval_loss"], rows[1]["eval_loss"]])
+        assert loss["x"][:3] == [0, 1, 2] and loss["y"][:3] == pytest.approx([r["eval_loss"] for r in rows[:3]])
         (upload,) = [t for t in chart(page, "chart-bytes") if t["meta"]["key"] == "upload_bytes"]
-        assert upload["y"][0] == pytest.approx(rows[0]["upload_bytes"] / 1e6)
+        assert upload["x"][0] == 1 and upload["y"][0] == pytest.approx(rows[1]["upload_bytes"] / 1e6)
 
         page.click("nav a[data-page=clients]")
         page.wait_for_selector("#clients-table tbody tr[data-round='2']")

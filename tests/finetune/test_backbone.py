@@ -47,3 +47,47 @@ def test_unsupported_model_is_rejected(tmp_path):
     with pytest.raises(BackboneError, match="cannot load") as err:
         load_backbone(str(tmp_path))
     assert "\n" not in str(err.value)
+
+
+def test_portable_ids_name_what_a_receiver_can_resolve(tmp_path, monkeypatch):
+    import json
+
+    from finetune.backbone import SMOLLM2_ID, portable_model_id
+
+    monkeypatch.setenv("FEDSITE_CACHE", str(tmp_path / "cache"))
+    assert portable_model_id("smollm2") == SMOLLM2_ID  # the embedded GGUF is this hub model; nothing is converted to say so
+    assert not (tmp_path / "cache").exists()
+    assert portable_model_id("tiny") == "tiny"
+    named, unnamed, odd = tmp_path / "named", tmp_path / "unnamed", tmp_path / "odd"
+    for folder, config in ((named, {"_name_or_path": "org/some-model"}), (unnamed, {}), (odd, {"_name_or_path": "/abs/path/x"})):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+    assert portable_model_id(str(named)) == "org/some-model"
+    assert portable_model_id(str(unnamed)) == str(unnamed.resolve()) and portable_model_id(str(odd)) == str(odd.resolve())
+
+
+def test_an_exported_adapter_reloads_on_its_local_backbone(tiny, tmp_path):
+    import json
+
+    import numpy as np
+
+    from finetune.backbone import backbone_for_adapter
+    from finetune.lora import LoraSettings, attach_lora, export_adapter, get_lora_arrays, load_adapter, set_lora_arrays
+
+    model, tokenizer = tiny
+    save_plain_folder(model, tokenizer, tmp_path / "m")  # a local model folder, as `--model PATH` names one
+    peft = attach_lora(load_backbone(str(tmp_path / "m"))[0], LoraSettings(rank=2))
+    arrays = {k: np.full(v.shape, 0.5, np.float32) for k, v in get_lora_arrays(peft).items()}
+    set_lora_arrays(peft, arrays)
+    folder = export_adapter(peft, tmp_path / "adapter", str(tmp_path / "m"))
+    assert backbone_for_adapter(folder) == str((tmp_path / "m").resolve())
+    loaded, _ = load_adapter(folder)
+    assert all(np.array_equal(v, arrays[k]) for k, v in get_lora_arrays(loaded).items())
+    note = json.loads((folder / "fedsite_backbone.json").read_text())
+    (folder / "fedsite_backbone.json").write_text(json.dumps({**note, "local_path": str(tmp_path / "gone"), "model": str(tmp_path / "gone")}))
+    with pytest.raises(BackboneError, match="not on this machine") as err:
+        backbone_for_adapter(folder)
+    assert "\n" not in str(err.value)
+    (folder / "fedsite_backbone.json").write_text("[1, 2")
+    with pytest.raises(BackboneError, match="cannot read"):
+        backbone_for_adapter(folder)

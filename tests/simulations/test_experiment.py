@@ -79,8 +79,9 @@ def mixed_run(tmp_path_factory):
 
 def test_mixed_devices_run_records_the_population(mixed_run):
     out, proc = mixed_run
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    baseline, *rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     clients = [json.loads(line) for line in (out / "clients.jsonl").read_text().splitlines()]
+    assert baseline["round"] == 0 and "profiles" not in baseline
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
         assert row["sampled"] == 10

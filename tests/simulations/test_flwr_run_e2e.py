@@ -73,7 +73,8 @@ def test_flwr_run_dot_simulates_a_population_and_writes_results(flwr_home, tmp_p
         cwd=app, env=env, capture_output=True, text=True, timeout=540,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    baseline, *rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert baseline["round"] == 0 and "profiles" not in baseline  # the round-0 evaluation: no training keys
     assert [r["round"] for r in rows] == [1, 2]
     assert len(rows[-1]["contributors"]) == 3
     assert all(sum(r["profiles"].values()) == 3 for r in rows)

@@ -31,7 +31,8 @@ def test_both_kinds_train_and_each_is_aggregated_with_its_own(mixed_run):
     clients = read_jsonl(mixed_run / "clients.jsonl")
     kinds = {(c["round"], c["package_kind"]) for c in clients if c["status"] == "accepted"}
     assert kinds == {(1, "lora"), (1, "emulator"), (2, "lora"), (2, "emulator")}
-    rows = read_jsonl(mixed_run / "metrics.jsonl")
+    baseline, *rows = read_jsonl(mixed_run / "metrics.jsonl")
+    assert baseline["round"] == 0 and "offsite_eval_loss" in baseline and "contributors_by_kind" not in baseline
     for row in rows:
         assert sorted(row["contributors_by_kind"]) == ["emulator", "lora"]
         assert len(row["contributors_by_kind"]["emulator"]) == 2 and len(row["contributors_by_kind"]["lora"]) == 2

@@ -26,7 +26,7 @@ def test_local_dp_ledger_recomputes_and_exhausted_clients_decline(tmp_path):
         history = [(entry["noise_multiplier"], entry["sample_rate"], entry["total_steps"])]
         assert entry["epsilon"] == pytest.approx(epsilon_for(history, entry["delta"]), rel=1e-6)
     assert min(e["epsilon"] for e in ledger if e["round"] == 1) >= 3.0  # round 1 spends the whole budget...
-    rounds = lines(out / "metrics.jsonl")
+    rounds = lines(out / "metrics.jsonl")[1:]  # after the round-0 baseline
     assert rounds[1]["contributors"] == [] and all("declined" in r["reason"] for r in rounds[1]["rejected"])  # ...so round 2 is declined
 
 
@@ -41,5 +41,5 @@ def test_client_level_dp_writes_a_global_ledger(tmp_path):
 def test_qlora_clients_train_on_a_4bit_backbone(tmp_path):
     out = simulate(small(tmp_path, quantize="nf4", upload_codec="int8"))
     rows = lines(out / "metrics.jsonl")
-    assert all(len(r["contributors"]) == 3 for r in rows)
+    assert rows[0]["round"] == 0 and all(len(r["contributors"]) == 3 for r in rows[1:])
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -135,3 +135,46 @@ def test_same_folder_names_get_distinct_labels(tmp_path):
     write_report([a, b], tmp_path / "out")
     names = [r["name"] for r in json.loads((tmp_path / "out" / "report.json").read_text())["runs"]]
     assert names == ["exp1/run", "exp2/run"]
+
+
+def test_the_baseline_row_of_metrics_jsonl_is_the_initial_evaluation(tmp_path):
+    """metrics.jsonl's round-0 row has no training keys; without summary.json (a run in progress) it is the baseline."""
+    run = write_run(tmp_path / "live", [0.2, 0.5, 0.4], initial=0.3)
+    (run / "summary.json").unlink()
+    rows = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 0, "eval_loss": 3.5, "eval_accuracy": 0.05, "eval_seconds": 1.0}) + "\n" + rows)
+    data = load_run(run)
+    assert [r["round"] for r in data.rounds] == [1, 2, 3] and data.initial["eval_accuracy"] == 0.05
+    write_report([run], tmp_path / "report")
+    [summary] = json.loads((tmp_path / "report" / "report.json").read_text())["runs"]
+    assert summary["initial_accuracy"] == 0.05 and summary["rounds_run"] == 3 and summary["mean_contributors"] == 3.0
+    assert summary["total_seconds"] == 30.0 and summary["time_basis"] == "wall"  # round_seconds: no total_seconds here
+
+    with_totals = write_run(tmp_path / "totals", [0.2, 0.5, 0.4], extra={"total_seconds": 14.0})  # central evaluation included
+    assert write_report([with_totals], tmp_path / "r2") and json.loads((tmp_path / "r2" / "report.json").read_text())["runs"][0]["total_seconds"] == 42.0
+
+
+def test_round_axes_of_every_report_plot_have_integer_ticks_and_a_title(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    seen = {}
+    save = Figure.savefig
+
+    def check_then_save(fig, path, *args, **kwargs):
+        fig.canvas.draw()
+        axes = [ax for ax in fig.axes if ax.get_visible()]
+        seen[str(path).rsplit("/", 1)[-1]] = {
+            "titled": all(ax.get_title() for ax in axes),
+            "labelled": all(ax.get_xlabel() and ax.get_ylabel() for ax in axes if ax.get_xlabel() != "round" or ax is axes[0]),
+            "ticks": [t for ax in axes if ax.get_xlabel() == "round" for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]],
+        }
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", check_then_save)
+    run = write_run(tmp_path / "one", [0.2, 0.5, 0.4])
+    write_report([run], tmp_path / "report")
+    assert set(seen) == {f"{name}.png" for name in PLOTS}
+    for name, facts in seen.items():
+        assert facts["titled"] and facts["labelled"], name
+        assert all(float(t).is_integer() for t in facts["ticks"]), (name, facts["ticks"])
+    assert seen["accuracy.png"]["ticks"] and seen["participation.png"]["ticks"]

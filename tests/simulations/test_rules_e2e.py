@@ -21,7 +21,8 @@ def run_rule(rule: str, tmp_path) -> tuple[FedsiteConfig, object, list[dict]]:
         eval_examples=6, max_new_tokens=2, aggregation=rule, lr=0.01, out=str(tmp_path / rule), workers=1,
     )
     out = simulate(config)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    baseline, *rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert baseline["round"] == 0 and "aggregation" not in baseline
     assert [r["aggregation"] for r in rows] == [rule, rule]
     assert all(len(r["contributors"]) == 3 and not r["rejected"] for r in rows)
     return config, out, rows

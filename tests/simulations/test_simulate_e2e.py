@@ -34,7 +34,10 @@ def tiny_run(tmp_path_factory):
 
 def test_metrics_written_per_round(tiny_run):
     out, _ = tiny_run
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    baseline, *rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert baseline["round"] == 0 and np.isfinite(baseline["eval_loss"]) and baseline["eval_seconds"] > 0
+    assert not {"contributors", "train_loss", "profiles"} & set(baseline)  # evaluated before any training
+    assert baseline == {"round": 0, **json.loads((out / "summary.json").read_text())["initial"]}
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
         assert np.isfinite(row["eval_loss"]) and 0.0 <= row["eval_accuracy"] <= 1.0
@@ -57,6 +60,28 @@ def test_exported_adapter_loads_with_peft_and_changed(tiny_run):
     assert loaded.keys() == initial.keys()
     changed = [k for k in initial if not np.array_equal(initial[k], loaded[k])]
     assert any("lora_B" in k for k in changed)
+
+
+def test_the_results_explain_themselves(tiny_run):
+    """summary.md: train / eval / total seconds and the plumbing-check note; adapter/: a filled card, the
+    base named as it can be resolved, the local path beside it, and Fedsite's own loader finds it."""
+    from finetune.lora import load_adapter
+
+    out, _ = tiny_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    for row in rows:
+        assert 0 < row["train_seconds"] <= row["round_seconds"] < row["total_seconds"]
+        assert row["federated_eval_seconds"] > 0  # --fraction-evaluate 0.5
+        assert row["total_seconds"] == pytest.approx(row["round_seconds"] + row["eval_seconds"])
+    summary = (out / "summary.md").read_text()
+    assert "| train s | eval s | total s |" in summary and "Plumbing check" in summary and "0.000, as expected" in summary
+    card = (out / "adapter" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: tiny\n") and "Plumbing check" in card and "| 0 (baseline) |" in card
+    assert "| 2 |" in card and "rounds: 2 of 2 planned" in card and "clients: 4" in card and "no differential privacy" in card
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
+    assert json.loads((out / "adapter" / "fedsite_backbone.json").read_text())["local_path"] == "tiny"
+    loaded, _ = load_adapter(out / "adapter")
+    assert loaded.peft_config["default"].r == 8
 
 
 def test_progress_is_shown(tiny_run):
