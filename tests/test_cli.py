@@ -2,7 +2,8 @@
 
 import pytest
 
-from fedsite.cli import FIELD_HELP, build_parser, main
+from fedsite.cli import build_parser, main
+from fedsite.options import FIELD_HELP
 from finetune.config import field_help
 
 
@@ -29,7 +30,7 @@ def test_simulate_help_lists_contract_options(capsys):
 def test_bad_values_are_one_line_errors(tmp_path, capsys):
     assert main(["simulate", "--model", "tiny", "--lr", "fast", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "'lr'" in err[0]
+    assert len(err) == 1 and "--lr" in err[0]
     assert main(["simulate", "--aggregation", "fedmagic", "--out", str(tmp_path)]) == 2
     assert "aggregation" in capsys.readouterr().err
     assert main(["simulate", "--config", str(tmp_path / "missing.toml")]) == 2
