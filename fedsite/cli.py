@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from finetune.logs import setup_logging
+from finetune.logs import filter_harmless_warnings, setup_logging
 from finetune.config import DEFAULT_DISTILL_OBJECTIVE, DISTILL_OBJECTIVES, ConfigError
 from fedsite.options import add_config_options, config_from_args, option_labels
 from fedsite.service_cli import add_service_parsers
@@ -174,6 +174,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
+    filter_harmless_warnings()  # e.g. torch.jit's deprecation, raised while torch loads (finetune/logs.py says why each is harmless)
     args = parse(argv)
     try:
         return args.func(args)

@@ -189,8 +189,10 @@ def option_labels(args: argparse.Namespace) -> dict[str, str]:
 
 
 def config_from_args(args: argparse.Namespace) -> FedsiteConfig:
-    from simulations.experiment import load_experiment
+    base = FedsiteConfig()
+    if args.config:
+        from simulations.experiment import load_experiment  # loads Flower's records; only with --config
 
-    base = load_experiment(args.config).config if args.config else FedsiteConfig()
+        base = load_experiment(args.config).config
     values: dict[str, Any] = {key: getattr(args, key) for key in field_help() if getattr(args, key) is not None}
     return from_mapping(values, base, option_labels(args))

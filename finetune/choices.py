@@ -17,6 +17,9 @@ _SPEC = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # what emulator distillation matches (emulator/distill.py); the last is the default
 DISTILL_OBJECTIVES = ("logits", "hidden", "logits+hidden")
 
+# aggregation rules whose update lands in the frozen base weights (finetune/base_delta.py)
+BASE_RULES = ("fedex-lora", "flora")
+
 # field (kebab key) -> accepted values, for the fields whose values are a closed set
 CHOICES: dict[str, tuple[str, ...]] = {
     "partitioning": ("iid", "dirichlet", "shards"),

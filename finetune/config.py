@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.choices import CHOICES, DEVICE_CHOICES, DISTILL_OBJECTIVES, one_of, valid_device_spec
+from finetune.choices import BASE_RULES, CHOICES, DEVICE_CHOICES, DISTILL_OBJECTIVES, one_of, valid_device_spec
 
 if TYPE_CHECKING:  # torch and PEFT load only where LoRA is built, not for `fedsite --help`
     from finetune.lora import LoraSettings
@@ -133,7 +133,7 @@ class FedsiteConfig:
         """The run's LoRA; `targets` (comma-separated) overrides `lora-targets`."""
         from finetune.lora import LoraSettings
 
-        names = tuple(t.strip() for t in (self.lora_targets if targets is None else targets).split(",") if t.strip())
+        names = module_names(self.lora_targets if targets is None else targets)
         return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=names)
 
     def offsite_lora_settings(self) -> LoraSettings:
@@ -158,7 +158,6 @@ class FedsiteConfig:
         """Raise a one-line ConfigError on the first wrong value; `labels` (kebab key -> the name
         the user wrote, e.g. "--rounds") make the message name the option as it was given."""
         from aggregation.rules import RULES
-        from finetune.base_delta import BASE_RULES
 
         checks = [
             ("aggregation", self.aggregation in RULES, "one of " + ", ".join(RULES)),
@@ -201,7 +200,7 @@ class FedsiteConfig:
             ("emulator-distill-steps", self.emulator_distill_steps >= 0, "non-negative"),
             ("offsite-train", self.offsite_train in CHOICES["offsite-train"], one_of(CHOICES["offsite-train"])),
             ("offsite-lr", self.offsite_lr >= 0, "non-negative (0 = default)"),
-            ("offsite-lora-targets", bool(self.offsite_lora_settings().targets), "at least one module name"),
+            ("offsite-lora-targets", bool(module_names(self.offsite_lora_targets)), "at least one module name"),
             ("emulator-distill-objective", self.emulator_distill_objective in DISTILL_OBJECTIVES, one_of(DISTILL_OBJECTIVES)),
             ("aggregation", self.dp != "client" or self.aggregation == "fedavg", "fedavg with dp 'client' (DP-FedAvg)"),
             # fedex-lora / flora fold updates into the frozen base weights (finetune/base_delta.py)
@@ -236,6 +235,11 @@ class FedsiteConfig:
             ("secure-quantization-range", 2 <= self.secure_quantization_range < 2**32, "in [2, 2^32)"),
             ("secure-max-weight", self.secure_max_weight > 0, "positive"),
         ]
+
+
+def module_names(targets: str) -> tuple[str, ...]:
+    """'q_proj, v_proj' -> ('q_proj', 'v_proj')."""
+    return tuple(t.strip() for t in targets.split(",") if t.strip())
 
 
 def label(key: str, labels: Mapping[str, str] | None = None) -> str:
