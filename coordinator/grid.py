@@ -53,8 +53,8 @@ class QuickGrid(Grid):
         """Push, then pull every `interval` until every message has a reply or `timeout` passed;
         a progress bar (finetune/progress.py) counts the replies."""
         messages = list(messages)
-        first = messages[0].metadata if messages else None
-        desc = f"round {first.group_id} {first.message_type}" if first else "replies"
+        first = getattr(messages[0], "metadata", None) if messages else None
+        desc = f"round {first.group_id} {first.message_type}" if first is not None else "replies"
         waiting = set(self.push_messages(messages))
         end = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
