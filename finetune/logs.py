@@ -35,9 +35,27 @@ HARMLESS_WARNINGS = (
 )
 
 
+def harmless(message: Warning | str, category: type[Warning]) -> bool:
+    text = str(message)
+    return any(issubclass(category, kind) and text.startswith(prefix) for prefix, kind in HARMLESS_WARNINGS)
+
+
 def filter_harmless_warnings() -> None:
+    """Ignore HARMLESS_WARNINGS. Besides the filters, the display itself skips them: a library
+    may put a broader filter in front later (Flower's ray_transport sets "once" for every
+    DeprecationWarning at import), and filters are matched in order."""
     for message, category in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=f"^{message}", category=category)
+    show = warnings.showwarning
+    if getattr(show, "drops_harmless", False):
+        return
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202 (warnings' signature)
+        if not harmless(message, category):
+            show(message, category, filename, lineno, file, line)
+
+    showwarning.drops_harmless = True  # type: ignore[attr-defined]
+    warnings.showwarning = showwarning
 
 
 def harmless_warnings_env() -> str:
@@ -60,11 +78,11 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger = logging.getLogger("fedsite")
     log_dir = os.environ.get(LOG_DIR_ENV, "")
     if log_dir and Path(log_dir).is_dir() and not any(isinstance(h, logging.FileHandler) for h in logger.handlers):
-        filter_harmless_warnings()
         handler = file_handler(Path(log_dir) / f"worker-{os.getpid()}.log")
         logging.getLogger().addHandler(handler)  # Flower, Ray, transformers, bitsandbytes (they propagate)
         logging.getLogger().setLevel(logging.DEBUG)
         logging.captureWarnings(True)
+        filter_harmless_warnings()
         logger.addHandler(handler)
     console = not log_dir or os.environ.get(VERBOSE_ENV) == "1"
     if console and not any(type(h) is logging.StreamHandler for h in logger.handlers):

@@ -79,8 +79,8 @@ def run_console(out: Path, verbose: bool = False) -> Iterator[Path]:
     transformers_quiet = _transformers_to_file(verbose)
     try:
         with warnings.catch_warnings(), environment(env):
-            filter_harmless_warnings()
-            logging.captureWarnings(True)
+            logging.captureWarnings(True)  # Python warnings -> "py.warnings" -> the file
+            filter_harmless_warnings()  # after it: the display that logs them skips the harmless ones
             yield logs
     finally:
         logging.captureWarnings(False)
