@@ -59,8 +59,9 @@ def filter_harmless_warnings() -> None:
 
 
 def harmless_warnings_env() -> str:
-    """The same filters as PYTHONWARNINGS, for child processes' import-time warnings."""
-    return ",".join(f"ignore:{message}:{category.__name__}" for message, category in HARMLESS_WARNINGS)
+    """The same filters as PYTHONWARNINGS, for child processes' import-time warnings (a message
+    with ':' or ',' cannot be written there; Ray's is raised in the driver only)."""
+    return ",".join(f"ignore:{message}:{category.__name__}" for message, category in HARMLESS_WARNINGS if not set(message) & {":", ","})
 
 
 def file_handler(path: Path) -> logging.Handler:
