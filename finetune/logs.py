@@ -80,8 +80,11 @@ def setup_logging(level: int = logging.INFO) -> None:
     log_dir = os.environ.get(LOG_DIR_ENV, "")
     if log_dir and Path(log_dir).is_dir() and not any(isinstance(h, logging.FileHandler) for h in logger.handlers):
         handler = file_handler(Path(log_dir) / f"worker-{os.getpid()}.log")
-        logging.getLogger().addHandler(handler)  # Flower, Ray, transformers, bitsandbytes (they propagate)
-        logging.getLogger().setLevel(logging.DEBUG)
+        root = logging.getLogger()
+        for doubled in [h for h in root.handlers if type(h) is logging.StreamHandler]:
+            root.removeHandler(doubled)  # opacus' logging.basicConfig: Flower's lines a second time, timestamped
+        root.addHandler(handler)  # Flower, Ray, transformers, bitsandbytes (they propagate)
+        root.setLevel(logging.DEBUG)
         logging.captureWarnings(True)
         filter_harmless_warnings()
         logger.addHandler(handler)
