@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from finetune.progress import bar, progress_wanted
+
 POLL_SECONDS = 0.1
 
 
@@ -48,22 +50,31 @@ class QuickGrid(Grid):
         return self.grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push, then pull every `interval` until every message has a reply or `timeout` passed."""
+        """Push, then pull every `interval` until every message has a reply or `timeout` passed;
+        a progress bar (finetune/progress.py) counts the replies."""
+        messages = list(messages)
+        first = getattr(messages[0], "metadata", None) if messages else None
+        desc = f"round {first.group_id} {first.message_type}" if first is not None else "replies"
         waiting = set(self.push_messages(messages))
         end = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        while waiting:
-            got = list(self.pull_messages(waiting))
-            replies += got
-            waiting -= {m.metadata.reply_to_message_id for m in got}
-            if not waiting or (end is not None and time.monotonic() >= end):
-                break
-            time.sleep(self.interval)
+        with bar(len(waiting), desc, "client") as shown:
+            while waiting:
+                got = list(self.pull_messages(waiting))
+                replies += got
+                shown.update(len(got))
+                waiting -= {m.metadata.reply_to_message_id for m in got}
+                if not waiting or (end is not None and time.monotonic() >= end):
+                    break
+                time.sleep(self.interval)
         return replies
 
 
 def quick(grid: Grid) -> Grid:
-    """`grid` with replies collected every POLL_SECONDS (the in-memory grid already does)."""
+    """`grid` with replies collected every POLL_SECONDS (the in-memory grid already does; it is
+    wrapped too when a progress bar is wanted, to count its replies)."""
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-    return grid if isinstance(grid, (InMemoryGrid, QuickGrid)) else QuickGrid(grid)
+    if isinstance(grid, QuickGrid) or (isinstance(grid, InMemoryGrid) and not progress_wanted()):
+        return grid
+    return QuickGrid(grid)

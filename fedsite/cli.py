@@ -9,107 +9,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from finetune.logs import setup_logging
-from finetune.config import DEFAULT_DISTILL_OBJECTIVE, DISTILL_OBJECTIVES, ConfigError, FedsiteConfig, field_help, from_mapping
+from finetune.logs import filter_harmless_warnings, setup_logging
+from finetune.config import DEFAULT_DISTILL_OBJECTIVE, DISTILL_OBJECTIVES, ConfigError
+from fedsite.options import add_config_options, config_from_args, option_labels
 from fedsite.service_cli import add_service_parsers
-
-FIELD_HELP = {
-    "model": "backbone: 'smollm2' (embedded, default), 'tiny' (random Llama for tests) or a local model folder",
-    "lora-rank": "LoRA rank r",
-    "lora-alpha": "LoRA alpha (scaling = alpha / r)",
-    "lora-dropout": "LoRA dropout",
-    "lora-targets": "comma-separated module names that get LoRA",
-    "data": "'builtin' (generated task suite), a .jsonl file (instruction/input/output) or a datasets folder",
-    "train-per-task": "built-in suite: training examples per task family",
-    "test-per-task": "built-in suite: held-out examples per task family",
-    "test-fraction": "user data: share held out for evaluation",
-    "partitioning": "how data is split over clients: iid, dirichlet or shards",
-    "dirichlet-alpha": "Dirichlet concentration over task families (smaller = more skewed)",
-    "shards-per-client": "shards partitioning: shards dealt to each client",
-    "partition-size-sigma": "iid quantity skew: per-client data sizes drawn lognormal with this sigma (0 = equal sizes)",
-    "max-seq-len": "tokens per training example (prompt is cut from the left)",
-    "seed": "seed for data, partitions and LoRA initialisation",
-    "clients": "number of simulated clients",
-    "num-server-rounds": "federated rounds (alias --rounds)",
-    "fraction-train": "share of clients sampled for training each round",
-    "min-train-clients": "minimum clients sampled for training",
-    "fraction-evaluate": "share of clients sampled for federated evaluation (0 = central only)",
-    "round-timeout": "seconds to wait for client replies each round",
-    "aggregation": "rule: fedavg, fedprox, fedavgm, fedadam, fedyogi, ffa-lora, rolora, hetlora, median, trimmed-mean",
-    "server-lr": "server learning rate (eta) of fedadam and fedyogi",
-    "server-momentum": "server momentum of fedavgm",
-    "trim-fraction": "trimmed-mean: share of values cut from each side",
-    "proximal-mu": "fedprox: weight of the proximal term mu/2 ||w - w_global||^2 on clients",
-    "max-update-norm": "norm bound on a client update's L2 distance from the global adapter: < 0 adaptive (--max-update-norm-multiple x the round's median), 0 off, > 0 this absolute bound",
-    "max-update-norm-multiple": "adaptive norm bound: reject an update whose norm exceeds this multiple of the round's median update norm (with two, the median of them and the previous round's reference, else the smaller; with one, the previous round's)",
-    "max-update-mb": "reject a client update larger than this many MB, checked before it is decoded (0 = off)",
-    "max-client-examples": "cap on a client's reported example count, i.e. its aggregation weight (0 = no cap; simulated clients are also capped at their partition's size)",
-    "max-weight-share": "cap on any one client's share of the aggregation weights, the excess going to the others (0 = off; e.g. 0.5)",
-    "local-steps": "optimizer steps per client per round",
-    "local-epochs": "if > 0, whole passes over the client's data instead of --local-steps",
-    "batch-size": "examples per local step",
-    "lr": "AdamW learning rate on clients",
-    "weight-decay": "AdamW weight decay",
-    "max-grad-norm": "gradient clipping norm (0 = off)",
-    "upload-codec": "encoding of the client's update on the wire: fp32, fp16, int8 or 4bit (NF4 blockwise)",
-    "upload-topk": "send only this fraction of largest-magnitude entries per tensor (0 = dense)",
-    "error-feedback": "clients keep what compression dropped and add it to their next update",
-    "dp": "differential privacy: none, local (DP-SGD on clients with Opacus) or client (user-level DP at the coordinator)",
-    "noise-multiplier": "Gaussian noise multiplier (local: on clipped per-sample gradients; client: on the clipped mean)",
-    "target-epsilon": "local DP: calibrate the noise so a client's whole participation costs this epsilon (0 = use --noise-multiplier)",
-    "delta": "DP delta",
-    "dp-max-grad-norm": "local DP: per-sample gradient clipping norm",
-    "epsilon-budget": "local DP: a client declines to train once its spent epsilon reaches this (0 = --target-epsilon, else none)",
-    "dp-clip-norm": "client DP: clipping bound on each client's update (L2 distance from the global adapter)",
-    "dp-adaptive-clip": "client DP: adapt the clipping bound to the median update norm (Andrew et al. 2021)",
-    "secure": "secure aggregation with Flower's SecAgg+: the coordinator sees only the sum of masked updates (fedavg, fedprox, fedavgm, fedadam, fedyogi, ffa-lora, rolora)",
-    "secure-num-shares": "SecAgg+: clients each client secret-shares its keys with, as a share of the sampled clients (<= 1) or a count",
-    "secure-threshold": "SecAgg+: shares needed to unmask, as a share of --secure-num-shares (<= 1) or a count; fewer survivors and the round keeps the old adapter",
-    "secure-clip-range": "SecAgg+: each weighted array entry is clipped to [-r, r] before quantization (a client whose update exceeds it drops out)",
-    "secure-quantization-range": "SecAgg+: quantization levels per entry (error of the mean about range*2/levels)",
-    "secure-max-weight": "SecAgg+: largest client weight (training examples); heavier clients are capped",
-    "quantize": "QLoRA clients: load the frozen backbone in nf4 or int8 with bitsandbytes (none = fp32)",
-    "emulator-share": "offsite tuning: share of simulated clients that get a signed emulator instead of the backbone (0 = none)",
-    "emulator-package": "offsite tuning: use this package from `fedsite emulator build` (default: build one into OUT/emulator)",
-    "emulator-adapter-layers": "offsite tuning: trainable blocks kept at each end of the emulator (0 = 2, or 1 below 8 blocks)",
-    "emulator-stride": "offsite tuning: keep every n-th middle block in the emulator",
-    "emulator-quantize": "offsite tuning: storage of the emulator's frozen middle: none, int8 or nf4",
-    "emulator-distill-steps": "offsite tuning: distillation steps of the emulator's middle toward the full model",
-    "emulator-distill-objective": "offsite tuning: distil on 'logits' (KL), 'hidden' (MSE into the top adapter) or 'logits+hidden' (both, dimensions standardized)",
-    "emulator-distill-data": "offsite tuning: examples the coordinator distils on (.jsonl or datasets folder; default: built-in task families, own seed)",
-    "offsite-train": "offsite tuning: clients train 'lora' on the adapter blocks or the adapter 'blocks' themselves (the paper's; learns far more)",
-    "offsite-lora-targets": "offsite tuning: modules of the adapter blocks that get LoRA when --offsite-train lora (default: all seven linears)",
-    "offsite-lr": "offsite tuning: learning rate of emulator clients (0 = --lr for lora, 1e-4 for blocks)",
-    "artifact-url": "deployment: HOST:PORT of the coordinator's artifact service; emulator packages go to OUT/artifacts and clients fetch them by reference (serve it with `fedsite coordinator --artifacts OUT/artifacts`)",
-    "eval-examples": "held-out examples in the coordinator's evaluation",
-    "client-eval-examples": "test examples per client in federated evaluation",
-    "max-new-tokens": "tokens generated per answer in exact-match evaluation",
-    "out": "results folder (metrics.jsonl, adapter/, summary.md, ...)",
-    "workers": "simulation worker processes (each holds one backbone)",
-    "gpus-per-worker": "simulation: GPU share of each worker, e.g. 0.25 for four workers per GPU (0 = auto: with a CUDA --device the visible GPUs are shared by --workers, else none)",
-    "ray-address": "simulation: join the running Ray cluster at HOST:PORT (or 'auto') instead of starting a private Ray ('' = $RAY_ADDRESS if set)",
-    "device": "where models train and evaluate: auto (first CUDA GPU, else CPU), cpu, cuda, cuda:N or mps",
-    "dtype": "dtype of the frozen backbone: auto (bf16 on a CUDA GPU that supports it, else fp32), fp32, bf16 or fp16; LoRA and aggregation stay fp32",
-    "experiment": "experiment TOML whose [population] and [[profiles]] decide each client's package, dropouts and deadline ('' = none; set by --config)",
-}
-
-
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per config field, generated from the dataclass so none is forgotten."""
-    for key, (default, kind) in field_help().items():
-        names = [f"--{key}"] + (["--rounds"] if key == "num-server-rounds" else [])
-        flag = {"nargs": "?", "const": "true"} if kind == "bool" else {}  # `--secure` alone means true
-        parser.add_argument(*names, dest=key, default=None, metavar=kind.upper(), help=f"{FIELD_HELP.get(key, key)} (default: {default})", **flag)
-    parser.add_argument("--config", metavar="TOML", help="experiment file: keys are the options above, plus optional [population], [[profiles]] and [sweep] tables (see simulations/experiments/); flags override it")
-
-
-def config_from_args(args: argparse.Namespace) -> FedsiteConfig:
-    from simulations.experiment import load_experiment
-
-    base = load_experiment(args.config).config if args.config else FedsiteConfig()
-    values: dict[str, Any] = {key: getattr(args, key) for key in field_help() if getattr(args, key) is not None}
-    return from_mapping(values, base)
-
 
 def start_live_dashboard(address: str | None, certs: str | None, out: str) -> Any:
     """`--dashboard [HOST:PORT]`: serve the dashboard over the run's folder from a thread of this
@@ -123,7 +26,7 @@ def start_live_dashboard(address: str | None, certs: str | None, out: str) -> An
     return board
 
 
-def add_dashboard_option(parser: argparse.ArgumentParser, certs_option: bool) -> None:
+def add_dashboard_option(parser: argparse._ActionsContainer, certs_option: bool) -> None:
     from dashboard import DEFAULT_ADDRESS
 
     where = "--dashboard-certs" if certs_option else "--certs"
@@ -134,12 +37,14 @@ def add_dashboard_option(parser: argparse.ArgumentParser, certs_option: bool) ->
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.preflight import preflight
+
+    config = preflight(config_from_args(args), option_labels(args))  # before torch, Flower or Ray load
+    start_live_dashboard(args.dashboard, args.dashboard_certs, config.out)
     from simulations.runner import simulate
 
-    config = config_from_args(args)
-    start_live_dashboard(args.dashboard, args.dashboard_certs, config.out)
     out = simulate(config, verbose=args.verbose)
-    print(f"results: {out}  (metrics.jsonl, summary.md, curves.png, adapter/)")
+    print(f"results: {out}  (metrics.jsonl, summary.md, curves.png, adapter/; logs in {out / 'logs'})")
     return 0
 
 
@@ -236,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a federation of simulated clients on this machine",
         description="Run a federated LoRA fine-tuning of the backbone with simulated clients (Flower simulation engine).",
     )
-    add_config_options(simulate)
-    simulate.add_argument("--verbose", action="store_true", help="show Flower's debug logs")
-    add_dashboard_option(simulate, certs_option=True)
+    output = add_config_options(simulate)["output"]
+    output.add_argument("--verbose", action="store_true", help="also show Flower, Ray, transformers and bitsandbytes logs on the console (they always go to OUT/logs/)")
+    add_dashboard_option(output, certs_option=True)
     simulate.set_defaults(func=cmd_simulate)
     add_emulator_parser(sub)
     add_report_parser(sub)
@@ -248,9 +153,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def own_usage(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command's namespace carries its own parser, so an unknown option is shown
+    under that command's usage, not the top level's."""
+    parser.set_defaults(usage_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                own_usage(child)
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    own_usage(parser)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        getattr(args, "usage_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
-    args = build_parser().parse_args(argv)
+    filter_harmless_warnings()  # e.g. torch.jit's deprecation, raised while torch loads (finetune/logs.py says why each is harmless)
+    args = parse(argv)
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:

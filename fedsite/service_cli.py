@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -18,7 +19,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.service import ServiceError, ServiceSettings, run_coordinator
-    from fedsite.cli import config_from_args, start_live_dashboard
+    from fedsite.cli import config_from_args, option_labels, start_live_dashboard
+    from simulations.preflight import preflight
 
     settings = ServiceSettings(
         address=args.address,
@@ -34,7 +36,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         max_request_mb=args.max_request_mb,
     )
     try:
-        config = config_from_args(args)
+        config = preflight(config_from_args(args), option_labels(args))  # data, model, packages: before anything starts
         settings.validate()  # a bad option fails here, before the dashboard prints its address
         from finetune.device import placement
 
@@ -48,6 +50,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 def cmd_client(args: argparse.Namespace) -> int:
     from client.edge import EdgeSettings, run_edge
+    from simulations.preflight import check_examples
+
+    if args.data and Path(args.data).exists():
+        check_examples("data", args.data, None)  # a malformed line: one line with its number, before the SuperNode starts
 
     settings = EdgeSettings(
         coordinator=args.coordinator,

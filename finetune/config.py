@@ -12,14 +12,16 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from finetune.device import DEVICE_CHOICES, DTYPE_CHOICES, valid_device_spec
-from finetune.lora import LoraSettings
+from finetune.choices import BASE_RULES, CHOICES, DEVICE_CHOICES, DISTILL_OBJECTIVES, one_of, valid_device_spec
 
-# what emulator distillation matches (emulator/distill.py); the last is the default
-DISTILL_OBJECTIVES = ("logits", "hidden", "logits+hidden")
+if TYPE_CHECKING:  # torch and PEFT load only where LoRA is built, not for `fedsite --help`
+    from finetune.lora import LoraSettings
+
 DEFAULT_DISTILL_OBJECTIVE = DISTILL_OBJECTIVES[-1]
+# other spellings of a field, accepted wherever a key is (CLI option, TOML key, run config)
+ALIASES = {"rounds": "num-server-rounds"}
 
 
 class ConfigError(ValueError):
@@ -129,7 +131,9 @@ class FedsiteConfig:
 
     def lora_settings(self, targets: str | None = None) -> LoraSettings:
         """The run's LoRA; `targets` (comma-separated) overrides `lora-targets`."""
-        names = tuple(t.strip() for t in (self.lora_targets if targets is None else targets).split(",") if t.strip())
+        from finetune.lora import LoraSettings
+
+        names = module_names(self.lora_targets if targets is None else targets)
         return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=names)
 
     def offsite_lora_settings(self) -> LoraSettings:
@@ -150,9 +154,10 @@ class FedsiteConfig:
     def replace(self, **changes: Any) -> FedsiteConfig:
         return dataclasses.replace(self, **changes)
 
-    def validate(self) -> FedsiteConfig:
+    def validate(self, labels: Mapping[str, str] | None = None) -> FedsiteConfig:
+        """Raise a one-line ConfigError on the first wrong value; `labels` (kebab key -> the name
+        the user wrote, e.g. "--rounds") make the message name the option as it was given."""
         from aggregation.rules import RULES
-        from finetune.base_delta import BASE_RULES
 
         checks = [
             ("aggregation", self.aggregation in RULES, "one of " + ", ".join(RULES)),
@@ -171,7 +176,7 @@ class FedsiteConfig:
             ("local-steps", self.local_steps >= 1 or self.local_epochs >= 1, "at least 1"),
             ("batch-size", self.batch_size >= 1, "at least 1"),
             ("lr", self.lr > 0, "positive"),
-            ("partitioning", self.partitioning in ("iid", "dirichlet", "shards"), "iid, dirichlet or shards"),
+            ("partitioning", self.partitioning in CHOICES["partitioning"], one_of(CHOICES["partitioning"])),
             ("dirichlet-alpha", self.dirichlet_alpha > 0, "positive"),
             ("partition-size-sigma", self.partition_size_sigma == 0 or (self.partition_size_sigma > 0 and self.partitioning == "iid"), "0, or positive with partitioning 'iid'"),
             ("test-fraction", 0.0 < self.test_fraction < 1.0, "in (0, 1)"),
@@ -179,24 +184,24 @@ class FedsiteConfig:
             ("gpus-per-worker", math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0, "a finite number >= 0 (0 = auto)"),
             ("ray-address", "\n" not in self.ray_address and self.ray_address == self.ray_address.strip(), "HOST:PORT, 'auto' or '' (one line)"),
             ("device", valid_device_spec(self.device), DEVICE_CHOICES),
-            ("dtype", self.dtype in DTYPE_CHOICES, ", ".join(DTYPE_CHOICES)),
-            ("upload-codec", self.upload_codec in ("fp32", "fp16", "int8", "4bit"), "fp32, fp16, int8 or 4bit"),
+            ("dtype", self.dtype in CHOICES["dtype"], ", ".join(CHOICES["dtype"])),
+            ("upload-codec", self.upload_codec in CHOICES["upload-codec"], one_of(CHOICES["upload-codec"])),
             ("upload-topk", 0.0 <= self.upload_topk <= 1.0, "in [0, 1]"),
-            ("dp", self.dp in ("none", "local", "client"), "none, local or client"),
+            ("dp", self.dp in CHOICES["dp"], one_of(CHOICES["dp"])),
             ("noise-multiplier", self.noise_multiplier >= 0.0, "non-negative"),
             ("delta", 0.0 < self.delta < 1.0, "in (0, 1)"),
             ("dp-clip-norm", self.dp_clip_norm > 0.0, "positive"),
             ("dp-max-grad-norm", self.dp_max_grad_norm > 0.0, "positive"),
-            ("quantize", self.quantize in ("none", "nf4", "int8"), "none, nf4 or int8"),
+            ("quantize", self.quantize in CHOICES["quantize"], one_of(CHOICES["quantize"])),
             ("emulator-share", 0.0 <= self.emulator_share <= 1.0, "in [0, 1]"),
             ("emulator-adapter-layers", self.emulator_adapter_layers >= 0, "non-negative (0 = default)"),
             ("emulator-stride", self.emulator_stride >= 1, "at least 1"),
-            ("emulator-quantize", self.emulator_quantize in ("none", "int8", "nf4"), "none, int8 or nf4"),
+            ("emulator-quantize", self.emulator_quantize in CHOICES["emulator-quantize"], one_of(CHOICES["emulator-quantize"])),
             ("emulator-distill-steps", self.emulator_distill_steps >= 0, "non-negative"),
-            ("offsite-train", self.offsite_train in ("lora", "blocks"), "lora or blocks"),
+            ("offsite-train", self.offsite_train in CHOICES["offsite-train"], one_of(CHOICES["offsite-train"])),
             ("offsite-lr", self.offsite_lr >= 0, "non-negative (0 = default)"),
-            ("offsite-lora-targets", bool(self.offsite_lora_settings().targets), "at least one module name"),
-            ("emulator-distill-objective", self.emulator_distill_objective in DISTILL_OBJECTIVES, f"{', '.join(DISTILL_OBJECTIVES[:-1])} or {DISTILL_OBJECTIVES[-1]}"),
+            ("offsite-lora-targets", bool(module_names(self.offsite_lora_targets)), "at least one module name"),
+            ("emulator-distill-objective", self.emulator_distill_objective in DISTILL_OBJECTIVES, one_of(DISTILL_OBJECTIVES)),
             ("aggregation", self.dp != "client" or self.aggregation == "fedavg", "fedavg with dp 'client' (DP-FedAvg)"),
             # fedex-lora / flora fold updates into the frozen base weights (finetune/base_delta.py)
             ("quantize", self.quantize == "none" or self.aggregation not in BASE_RULES, f"none with aggregation {self.aggregation!r} (it updates the frozen base weights)"),
@@ -205,7 +210,7 @@ class FedsiteConfig:
         ]
         for key, ok, expected in checks:
             if not ok:
-                raise ConfigError(f"config field '{key}' = {getattr(self, _snake(key))!r} must be {expected}")
+                raise ConfigError(f"{label(key, labels)} = {getattr(self, _snake(key))!r} must be {expected}")
         return self
 
     def _secure_checks(self, rules: Mapping[str, Any]) -> list[tuple[str, bool, str]]:
@@ -232,6 +237,22 @@ class FedsiteConfig:
         ]
 
 
+def module_names(targets: str) -> tuple[str, ...]:
+    """'q_proj, v_proj' -> ('q_proj', 'v_proj')."""
+    return tuple(t.strip() for t in targets.split(",") if t.strip())
+
+
+def label(key: str, labels: Mapping[str, str] | None = None) -> str:
+    """How an error names field `key`: as the user wrote it if known, else as a config field."""
+    return (labels or {}).get(key) or f"config field '{key}'"
+
+
+def field_key(raw_key: str) -> str:
+    """The kebab field key of a key as written: `--rounds`, `rounds`, `num_server_rounds` -> num-server-rounds."""
+    key = _kebab(str(raw_key).lstrip("-"))
+    return ALIASES.get(key, key)
+
+
 def _public_fields() -> list[dataclasses.Field]:
     return [f for f in fields(FedsiteConfig) if f.name != "extra"]
 
@@ -244,7 +265,7 @@ def _snake(name: str) -> str:
     return name.replace("-", "_")
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
+def _coerce(name: str, value: Any, default: Any, labels: Mapping[str, str] | None = None) -> Any:
     kind = type(default)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
@@ -259,19 +280,22 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             raise ValueError
         return kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"config field '{_kebab(name)}' = {value!r} is not a valid {kind.__name__}") from None
+        raise ConfigError(f"{label(_kebab(name), labels)} = {value!r} is not a valid {kind.__name__}") from None
 
 
-def from_mapping(values: Mapping[str, Any], base: FedsiteConfig | None = None) -> FedsiteConfig:
-    """Build a config from kebab- or snake-case keys; unknown keys are rejected."""
+def from_mapping(values: Mapping[str, Any], base: FedsiteConfig | None = None, labels: Mapping[str, str] | None = None) -> FedsiteConfig:
+    """Build a config from kebab- or snake-case keys or their aliases (`rounds`); unknown keys
+    are rejected. Errors name a key by `labels[raw key]` if given (e.g. "--rounds"), else as written."""
     config = dataclasses.replace(base) if base is not None else FedsiteConfig()
     known = {f.name: f for f in _public_fields()}
+    spelled: dict[str, str] = {}
     for raw_key, value in values.items():
-        name = _snake(str(raw_key))
-        if name not in known:
+        key = field_key(raw_key)
+        if _snake(key) not in known:
             raise ConfigError(f"unknown config field '{raw_key}' (see `fedsite simulate --help` for the fields)")
-        setattr(config, name, _coerce(name, value, getattr(FedsiteConfig(), name)))
-    return config.validate()
+        spelled[key] = (labels or {}).get(raw_key) or f"config field '{raw_key}'"
+        setattr(config, _snake(key), _coerce(_snake(key), value, getattr(FedsiteConfig(), _snake(key)), spelled))
+    return config.validate(spelled)
 
 
 def load_toml(path: str | Path, base: FedsiteConfig | None = None) -> FedsiteConfig:
@@ -284,6 +308,14 @@ def load_toml(path: str | Path, base: FedsiteConfig | None = None) -> FedsiteCon
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file '{path}': invalid TOML: {err}") from None
     return from_mapping(values, base)
+
+
+def field_names() -> dict[str, list[str]]:
+    """kebab field key -> every key accepted for it: the field's own name, then its aliases."""
+    names = {_kebab(f.name): [_kebab(f.name)] for f in _public_fields()}
+    for alias, key in ALIASES.items():
+        names[key].append(alias)
+    return names
 
 
 def field_help() -> dict[str, tuple[Any, str]]:

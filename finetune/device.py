@@ -12,24 +12,17 @@ Arrays cross the wire as numpy on the CPU; a model's inputs are moved to its dev
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
 
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
-_SPEC = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+from finetune.choices import DEVICE_CHOICES, DTYPE_CHOICES, DTYPE_NAMES, valid_device_spec  # noqa: F401 (re-exported)
+
+DTYPES: dict[str, torch.dtype] = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 class DeviceError(ValueError):
     """A device that is malformed or not available on this machine; the message is one line."""
-
-
-def valid_device_spec(spec: str) -> bool:
-    """Whether `spec` is written as a device (availability is `resolve_device`'s business)."""
-    return isinstance(spec, str) and bool(_SPEC.match(spec))
 
 
 def _torch_build() -> str:

@@ -13,6 +13,7 @@ from finetune.batches import encode_example, fixed_batches, format_prompt
 from finetune.device import model_device, to_device
 from finetune.examples import Example
 from finetune.loss import token_losses
+from finetune.progress import bar
 
 
 @dataclass
@@ -37,10 +38,12 @@ def eval_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, exampl
     """Mean cross-entropy over answer tokens (token-weighted across batches)."""
     encoded = [encode_example(tokenizer, ex, max_len) for ex in examples]
     total, count = 0.0, 0
-    for batch in fixed_batches(encoded, batch_size, tokenizer.pad_token_id):
-        losses, mask = token_losses(model, batch)
-        total += float((losses * mask).sum())
-        count += int(mask.sum())
+    with bar(len(encoded), "evaluation loss", "ex") as shown:
+        for batch in fixed_batches(encoded, batch_size, tokenizer.pad_token_id):
+            losses, mask = token_losses(model, batch)
+            total += float((losses * mask).sum())
+            count += int(mask.sum())
+            shown.update(len(batch["input_ids"]))
     return total / max(count, 1)
 
 
@@ -50,6 +53,7 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     answers: list[str] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
+    shown = bar(len(examples), "evaluation answers", "ex")
     try:
         for start in range(0, len(examples), batch_size):
             prompts = [format_prompt(tokenizer, ex) for ex in examples[start : start + batch_size]]
@@ -63,7 +67,9 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
             )
             new_tokens = out[:, inputs["input_ids"].shape[1]:]
             answers.extend(tokenizer.batch_decode(new_tokens.cpu(), skip_special_tokens=True))
+            shown.update(len(prompts))
     finally:
+        shown.close()
         tokenizer.padding_side = side
     return answers
 

@@ -25,7 +25,9 @@ from client.secure import app as secure_client_app
 from client.state import STATE_ENV
 from coordinator.checkpoint import load_checkpoint
 from coordinator.server_app import make_server_app
+from simulations.console import run_console
 from simulations.experiment import population_for
+from simulations.preflight import preflight
 from finetune.config import FedsiteConfig
 
 log = logging.getLogger("fedsite")
@@ -120,22 +122,26 @@ def simulate(config: FedsiteConfig, verbose: bool = False, client: ClientApp | N
 
     `client` replaces the ClientApp (default: the plain app, or with `secure` the SecAgg+ one).
     """
-    config.validate()  # names an unknown aggregation rule, among others
+    preflight(config)  # values, data, model, packages: one line, before anything is written
     gpus = check_placement(config)  # an unavailable device or GPU share: one line, before Ray starts
     if not config.secure:
         load_checkpoint(config)  # an unusable checkpoint fails here, in one line, not inside Flower's server thread
     out = Path(config.out)
     address = ray_address(config)
-    log.info("[fedsite] simulating %d clients for %d rounds on '%s' -> %s%s", config.clients, config.num_server_rounds, config.model, out,
-             f" (Ray cluster at {address})" if address else "")
+    log.info("[fedsite] simulating %d clients for %d rounds on '%s' -> %s (config: %s, logs: %s/)%s", config.clients, config.num_server_rounds, config.model, out,
+             out / "config.toml", out / "logs", f" (Ray cluster at {address})" if address else "")
+    if config.model == "tiny":
+        log.info("[fedsite] model 'tiny' is a plumbing check: random weights, so accuracy stays 0.000 (expected); the default smollm2 learns")
     share_threads(config.workers)
+    engine = backend_config(config, gpus)
+    engine["init_args"]["log_to_driver"] = verbose  # workers log to OUT/logs/worker-PID.log; on the console only with --verbose
     try:
-        with client_state_dir():
+        with client_state_dir(), run_console(out, verbose):
             run_simulation(
                 server_app=make_server_app(config, population_for(config)),
                 client_app=client or (secure_client_app if config.secure else client_app),
                 num_supernodes=config.clients,
-                backend_config=backend_config(config, gpus),
+                backend_config=engine,
                 verbose_logging=verbose,
             )
     except RuntimeError as err:
@@ -144,5 +150,5 @@ def simulate(config: FedsiteConfig, verbose: bool = False, client: ClientApp | N
             cause = cause.__cause__
         raise SimulationError(f"simulation failed: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from err
     if not (out / "metrics.jsonl").is_file() or not (out / "adapter" / "adapter_model.safetensors").is_file():
-        raise RuntimeError(f"simulation ended without results in {out}; see the log above")
+        raise RuntimeError(f"simulation ended without results in {out}; see {out / 'logs'}/")
     return out

@@ -57,3 +57,35 @@ def test_the_in_memory_grid_is_left_as_it_is():
 
     in_memory = InMemoryGrid.__new__(InMemoryGrid)
     assert quick(in_memory) is in_memory
+
+
+def test_replies_are_counted_in_a_progress_bar(monkeypatch):
+    shown = []
+
+    class Bar:
+        def __init__(self, total, desc, unit):
+            self.total, self.desc, self.done = total, desc, 0
+            shown.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            self.done += n
+
+    monkeypatch.setattr(grid_module, "bar", Bar)
+    monkeypatch.setattr(grid_module.time, "sleep", lambda s: None)
+    messages = [SimpleNamespace(metadata=SimpleNamespace(group_id="3", message_type="train")) for _ in range(2)]
+    assert len(list(QuickGrid(SlowRepliesGrid([0, 1, 1])).send_and_receive(messages, timeout=60))) == 2
+    assert [(b.desc, b.total, b.done) for b in shown] == [("round 3 train", 2, 2)]
+
+
+def test_the_in_memory_grid_is_wrapped_only_to_show_progress(monkeypatch):
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    monkeypatch.setattr(grid_module, "progress_wanted", lambda: True)
+    in_memory = InMemoryGrid.__new__(InMemoryGrid)
+    assert isinstance(quick(in_memory), QuickGrid)

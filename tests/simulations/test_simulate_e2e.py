@@ -94,3 +94,19 @@ def test_unknown_option_value_is_one_line_error(tmp_path):
     proc = run_cli("simulate", "--model", "tiny", "--partitioning", "random", "--out", str(tmp_path / "x"), timeout=120)
     assert proc.returncode != 0
     assert "partitioning" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_console_is_quiet_without_verbose_and_the_logs_are_in_the_results_folder(tiny_run):
+    out, proc = tiny_run
+    lines = [line for line in (proc.stdout + proc.stderr).split("\n") if line.strip()]
+    assert len(lines) < 15, "\n".join(lines)
+    assert not [line for line in lines if "DEBUG" in line or "WARNING" in line or "Warning" in line], "\n".join(lines)
+    assert len(set(lines)) == len(lines), "a line is printed twice"
+    assert not [line for line in lines if "lora-rank" in line or "ConfigRecord" in line], "the config is dumped"
+    assert sum("config.toml" in line for line in lines) == 1 and (out / "config.toml").is_file()
+    assert sum("plumbing check" in line for line in lines) == 1
+    driver_log = (out / "logs" / "fedsite.log").read_text()
+    assert driver_log.count("Starting FedsiteStrategy strategy") == 1  # Flower's lines: in the file, once
+    assert "DEPRECATED FEATURE" in driver_log
+    workers = list((out / "logs").glob("worker-*.log"))
+    assert workers and any("round 1:" in path.read_text() for path in workers)  # the ClientApp's own lines

@@ -1,0 +1,198 @@
+"""The run options of `fedsite simulate` and `fedsite coordinator`, generated from FedsiteConfig.
+
+One option per config field, grouped under headings in `--help`; a field's aliases
+(`finetune.config.ALIASES`, e.g. `--rounds`) are options too, and every one of them is also a
+TOML key of an experiment file. The spelling the user typed is kept so errors can name it.
+Imports here stay light: `fedsite --help` loads neither torch nor Flower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from typing import Any
+
+from finetune.choices import CHOICES
+from finetune.config import FedsiteConfig, field_help, field_names, from_mapping
+
+FIELD_HELP = {
+    "model": "backbone: 'smollm2' (embedded, default), 'tiny' (random Llama for tests) or a local model folder",
+    "lora-rank": "LoRA rank r",
+    "lora-alpha": "LoRA alpha (scaling = alpha / r)",
+    "lora-dropout": "LoRA dropout",
+    "lora-targets": "comma-separated module names that get LoRA",
+    "data": "'builtin' (generated task suite), a .jsonl file (instruction/input/output) or a datasets folder",
+    "train-per-task": "built-in suite: training examples per task family",
+    "test-per-task": "built-in suite: held-out examples per task family",
+    "test-fraction": "user data: share held out for evaluation",
+    "partitioning": "how data is split over clients: iid, dirichlet or shards",
+    "dirichlet-alpha": "Dirichlet concentration over task families (smaller = more skewed)",
+    "shards-per-client": "shards partitioning: shards dealt to each client",
+    "partition-size-sigma": "iid quantity skew: per-client data sizes drawn lognormal with this sigma (0 = equal sizes)",
+    "max-seq-len": "tokens per training example (prompt is cut from the left)",
+    "seed": "seed for data, partitions and LoRA initialisation",
+    "clients": "number of simulated clients",
+    "num-server-rounds": "federated rounds",
+    "fraction-train": "share of clients sampled for training each round",
+    "min-train-clients": "minimum clients sampled for training",
+    "fraction-evaluate": "share of clients sampled for federated evaluation (0 = central only)",
+    "round-timeout": "seconds to wait for client replies each round",
+    "aggregation": "aggregation rule (aggregation/rules.py)",
+    "server-lr": "server learning rate (eta) of fedadam and fedyogi",
+    "server-momentum": "server momentum of fedavgm",
+    "trim-fraction": "trimmed-mean: share of values cut from each side",
+    "proximal-mu": "fedprox: weight of the proximal term mu/2 ||w - w_global||^2 on clients",
+    "max-update-norm": "norm bound on a client update's L2 distance from the global adapter: < 0 adaptive (--max-update-norm-multiple x the round's median), 0 off, > 0 this absolute bound",
+    "max-update-norm-multiple": "adaptive norm bound: reject an update whose norm exceeds this multiple of the round's median update norm (with two, the median of them and the previous round's reference, else the smaller; with one, the previous round's)",
+    "max-update-mb": "reject a client update larger than this many MB, checked before it is decoded (0 = off)",
+    "max-client-examples": "cap on a client's reported example count, i.e. its aggregation weight (0 = no cap; simulated clients are also capped at their partition's size)",
+    "max-weight-share": "cap on any one client's share of the aggregation weights, the excess going to the others (0 = off; e.g. 0.5)",
+    "local-steps": "optimizer steps per client per round",
+    "local-epochs": "if > 0, whole passes over the client's data instead of --local-steps",
+    "batch-size": "examples per local step",
+    "lr": "AdamW learning rate on clients",
+    "weight-decay": "AdamW weight decay",
+    "max-grad-norm": "gradient clipping norm (0 = off)",
+    "upload-codec": "encoding of the client's update on the wire: fp32, fp16, int8 or 4bit (NF4 blockwise)",
+    "upload-topk": "send only this fraction of largest-magnitude entries per tensor (0 = dense)",
+    "error-feedback": "clients keep what compression dropped and add it to their next update",
+    "dp": "differential privacy: none, local (DP-SGD on clients with Opacus) or client (user-level DP at the coordinator)",
+    "noise-multiplier": "Gaussian noise multiplier (local: on clipped per-sample gradients; client: on the clipped mean)",
+    "target-epsilon": "local DP: calibrate the noise so a client's whole participation costs this epsilon (0 = use --noise-multiplier)",
+    "delta": "DP delta",
+    "dp-max-grad-norm": "local DP: per-sample gradient clipping norm",
+    "epsilon-budget": "local DP: a client declines to train once its spent epsilon reaches this (0 = --target-epsilon, else none)",
+    "dp-clip-norm": "client DP: clipping bound on each client's update (L2 distance from the global adapter)",
+    "dp-adaptive-clip": "client DP: adapt the clipping bound to the median update norm (Andrew et al. 2021)",
+    "secure": "secure aggregation with Flower's SecAgg+: the coordinator sees only the sum of masked updates (fedavg, fedprox, fedavgm, fedadam, fedyogi, ffa-lora, rolora)",
+    "secure-num-shares": "SecAgg+: clients each client secret-shares its keys with, as a share of the sampled clients (<= 1) or a count",
+    "secure-threshold": "SecAgg+: shares needed to unmask, as a share of --secure-num-shares (<= 1) or a count; fewer survivors and the round keeps the old adapter",
+    "secure-clip-range": "SecAgg+: each weighted array entry is clipped to [-r, r] before quantization (a client whose update exceeds it drops out)",
+    "secure-quantization-range": "SecAgg+: quantization levels per entry (error of the mean about range*2/levels)",
+    "secure-max-weight": "SecAgg+: largest client weight (training examples); heavier clients are capped",
+    "quantize": "QLoRA clients: load the frozen backbone in nf4 or int8 with bitsandbytes (none = fp32)",
+    "emulator-share": "offsite tuning: share of simulated clients that get a signed emulator instead of the backbone (0 = none)",
+    "emulator-package": "offsite tuning: use this package from `fedsite emulator build` (default: build one into OUT/emulator)",
+    "emulator-adapter-layers": "offsite tuning: trainable blocks kept at each end of the emulator (0 = 2, or 1 below 8 blocks)",
+    "emulator-stride": "offsite tuning: keep every n-th middle block in the emulator",
+    "emulator-quantize": "offsite tuning: storage of the emulator's frozen middle: none, int8 or nf4",
+    "emulator-distill-steps": "offsite tuning: distillation steps of the emulator's middle toward the full model",
+    "emulator-distill-objective": "offsite tuning: distil on 'logits' (KL), 'hidden' (MSE into the top adapter) or 'logits+hidden' (both, dimensions standardized)",
+    "emulator-distill-data": "offsite tuning: examples the coordinator distils on (.jsonl or datasets folder; default: built-in task families, own seed)",
+    "offsite-train": "offsite tuning: clients train 'lora' on the adapter blocks or the adapter 'blocks' themselves (the paper's; learns far more)",
+    "offsite-lora-targets": "offsite tuning: modules of the adapter blocks that get LoRA when --offsite-train lora (default: all seven linears)",
+    "offsite-lr": "offsite tuning: learning rate of emulator clients (0 = --lr for lora, 1e-4 for blocks)",
+    "artifact-url": "deployment: HOST:PORT of the coordinator's artifact service; emulator packages go to OUT/artifacts and clients fetch them by reference (serve it with `fedsite coordinator --artifacts OUT/artifacts`)",
+    "eval-examples": "held-out examples in the coordinator's evaluation",
+    "client-eval-examples": "test examples per client in federated evaluation",
+    "max-new-tokens": "tokens generated per answer in exact-match evaluation",
+    "out": "results folder (metrics.jsonl, adapter/, summary.md, ...)",
+    "workers": "simulation worker processes (each holds one backbone)",
+    "gpus-per-worker": "simulation: GPU share of each worker, e.g. 0.25 for four workers per GPU (0 = auto: with a CUDA --device the visible GPUs are shared by --workers, else none)",
+    "ray-address": "simulation: join the running Ray cluster at HOST:PORT (or 'auto') instead of starting a private Ray ('' = $RAY_ADDRESS if set)",
+    "device": "where models train and evaluate: auto (first CUDA GPU, else CPU), cpu, cuda, cuda:N or mps",
+    "dtype": "dtype of the frozen backbone: auto (bf16 on a CUDA GPU that supports it, else fp32), fp32, bf16 or fp16; LoRA and aggregation stay fp32",
+    "experiment": "experiment TOML whose [population] and [[profiles]] decide each client's package, dropouts and deadline ('' = none; set by --config)",
+}
+
+# help headings: field keys in the order shown; a field not listed lands under "other options"
+GROUPS: dict[str, tuple[str, ...]] = {
+    "model and LoRA": ("model", "lora-rank", "lora-alpha", "lora-dropout", "lora-targets", "quantize", "device", "dtype"),
+    "data": ("data", "train-per-task", "test-per-task", "test-fraction", "max-seq-len", "seed"),
+    "federation": ("clients", "num-server-rounds", "fraction-train", "min-train-clients", "fraction-evaluate", "round-timeout",
+                   "local-steps", "local-epochs", "batch-size", "lr", "weight-decay", "max-grad-norm",
+                   "upload-codec", "upload-topk", "error-feedback", "eval-examples", "client-eval-examples", "max-new-tokens"),
+    "aggregation": ("aggregation", "server-lr", "server-momentum", "trim-fraction", "proximal-mu", "max-update-norm",
+                    "max-update-norm-multiple", "max-update-mb", "max-client-examples", "max-weight-share"),
+    "privacy": ("dp", "noise-multiplier", "target-epsilon", "delta", "dp-max-grad-norm", "epsilon-budget", "dp-clip-norm", "dp-adaptive-clip"),
+    "security": ("secure", "secure-num-shares", "secure-threshold", "secure-clip-range", "secure-quantization-range", "secure-max-weight"),
+    "offsite": ("emulator-share", "emulator-package", "emulator-adapter-layers", "emulator-stride", "emulator-quantize",
+                "emulator-distill-steps", "emulator-distill-objective", "emulator-distill-data", "offsite-train",
+                "offsite-lora-targets", "offsite-lr", "artifact-url"),
+    "population": ("partitioning", "dirichlet-alpha", "shards-per-client", "partition-size-sigma", "experiment"),
+    "simulation engine": ("workers", "gpus-per-worker", "ray-address"),
+    "output": ("out",),
+}
+SPELLING = "option_spelling"  # Namespace attribute: field key -> the option string the user typed
+
+
+class Spelled(argparse.Action):
+    """Store the value and remember which of the field's option strings was typed."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        spelled = dict(getattr(namespace, SPELLING, None) or {})
+        spelled[self.dest] = option_string or f"--{self.dest}"
+        setattr(namespace, SPELLING, spelled)
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The accepted values of a choice field, from the code that checks them."""
+    if key == "aggregation":
+        from aggregation.rules import RULES  # numpy only
+
+        return tuple(RULES)
+    return CHOICES.get(key, ())
+
+
+def option_help(key: str, default: Any) -> str:
+    text = FIELD_HELP.get(key, key)
+    values = choices(key)
+    if values and not all(value in text for value in values):
+        text += f"; one of: {', '.join(values)}"
+    if "default" not in text:  # a text that explains its default says it once
+        text += f" (default: {default if default != '' else 'none'})"
+    return text.replace("%", "%%")
+
+
+def group_of(key: str) -> str:
+    return next((heading for heading, keys in GROUPS.items() if key in keys), "other options")
+
+
+class LazyHelp:
+    """A help text built only when help is printed: listing the aggregation rules imports
+    numpy, which `fedsite --help` and every other command skip."""
+
+    def __init__(self, build: functools.partial) -> None:
+        self.build = build
+
+    def __str__(self) -> str:
+        return self.build()
+
+    def strip(self) -> str:  # argparse tests a help text with .strip() before formatting it
+        return str(self).strip()
+
+
+class LazyHelpFormatter(argparse.HelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return str(action.help)
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """One option per config field (plus aliases) under its heading; returns the groups by heading."""
+    parser.formatter_class = LazyHelpFormatter
+    groups = {heading: parser.add_argument_group(heading) for heading in (*GROUPS, "other options")}
+    names = field_names()
+    for key, (default, kind) in field_help().items():
+        flag = {"nargs": "?", "const": "true"} if kind == "bool" else {}  # `--secure` alone means true
+        options = [f"--{name}" for name in sorted(names[key], key=len)]  # the short alias (--rounds) first
+        groups[group_of(key)].add_argument(*options, dest=key, default=None, action=Spelled, metavar=kind.upper(), help=LazyHelp(functools.partial(option_help, key, default)), **flag)
+    groups["population"].add_argument("--config", metavar="TOML", help="experiment file: keys are the options above (without --; old names still work), plus optional [population], [[profiles]] and [sweep] tables (see simulations/experiments/); flags override it")
+    if not groups["other options"]._group_actions:
+        parser._action_groups.remove(groups["other options"])
+    return groups
+
+
+def option_labels(args: argparse.Namespace) -> dict[str, str]:
+    """Field key -> the option as the user typed it (`--rounds`), for error messages."""
+    return dict(getattr(args, SPELLING, None) or {})
+
+
+def config_from_args(args: argparse.Namespace) -> FedsiteConfig:
+    base = FedsiteConfig()
+    if args.config:
+        from simulations.experiment import load_experiment  # loads Flower's records; only with --config
+
+        base = load_experiment(args.config).config
+    values: dict[str, Any] = {key: getattr(args, key) for key in field_help() if getattr(args, key) is not None}
+    return from_mapping(values, base, option_labels(args))
