@@ -195,6 +195,15 @@ class Planner:
         )
         return out
 
+    def learn(self, nodes: Iterable[int], grid: Any) -> None:
+        """Learn the partition id and profile of nodes not met yet (energy-aware selection sees all)."""
+        self._learn_partitions(nodes, grid)
+
+    def sent_to(self, node: int) -> tuple[DeviceProfile, int, bool] | None:
+        """(profile, bytes sent, simulated?) of `node`'s package this round; None if it got none."""
+        sent = self._sent.get(node)
+        return None if sent is None else (sent.profile, sent.download_bytes, sent.partition_id >= 0)
+
     def partition_of(self, node: int) -> int:
         """The partition id `node` answered (-1: none, or not asked yet)."""
         return self._partition.get(node, -1)
