@@ -103,7 +103,8 @@ def plan_package(profile: DeviceProfile, run: Mapping[str, Any], num_values: int
         # fp32 does not fit: a 4-bit backbone takes about an eighth; below that, an emulator
         quantize, kind = ("nf4", "lora") if backbone_gb / 8 <= memory else (quantize, "emulator")
     values = num_values * rank // int(run["lora-rank"])
-    codec = profile.upload_codec or choose_codec(values, profile.bandwidth_mbps, upload_seconds)
+    adaptive = str(run.get("upload-codec", "")) == "adaptive"  # per module by importance, within the client's budget
+    codec = profile.upload_codec or ("adaptive" if adaptive else choose_codec(values, profile.bandwidth_mbps, upload_seconds))
     return Package(profile.name, kind, rank, alpha, quantize, codec)
 
 
