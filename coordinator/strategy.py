@@ -154,7 +154,10 @@ class FedsiteStrategy(FedAvg):
                 self._read_reply(msg, row)
             except Exception as err:  # last line of defence: one reply never takes the round down
                 row.reply, row.reason = None, self._internal_error(err)
-            energies.append(self._account_energy(msg, row))
+            try:
+                energies.append(self._account_energy(msg, row))
+            except Exception as err:  # the account never takes a reply (or the round) down
+                self._internal_error(err)
             rows.append(row)
             self._awaited.discard(node)
         self.recorder.record(**total_fields(energies), **self.selection.round_record())

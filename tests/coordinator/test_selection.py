@@ -145,3 +145,15 @@ def test_strategy_selects_energy_aware_within_the_bound_and_accounts_energy(tmp_
     assert clients[0]["energy_joules"] == pytest.approx(20.0 + upload / 1e6 + 0.5 * sent / 1e6)
     assert rows[0]["energy_joules"] == pytest.approx(2 * clients[0]["energy_joules"])
     assert rows[-1]["jain_index"] == pytest.approx(1.0) and rows[-1]["client_selection"] == "energy-aware"
+
+
+def test_config_knobs_are_checked_and_energy_aware_is_refused_with_secure():
+    from finetune.config import ConfigError, FedsiteConfig
+
+    assert FedsiteConfig(client_selection="energy-aware", selection_fairness_rounds=3).validate()
+    for bad, field in ((dict(client_selection="greedy"), "client-selection"), (dict(selection_fairness_rounds=0), "selection-fairness-rounds"),
+                       (dict(selection_battery_threshold=1.5), "selection-battery-threshold")):
+        with pytest.raises(ConfigError, match=f"^config field '{field}'"):
+            FedsiteConfig(**bad).validate()
+    with pytest.raises(ConfigError, match="^config field 'client-selection' = 'energy-aware' must be uniform with secure aggregation"):
+        FedsiteConfig(client_selection="energy-aware", secure=True).validate()
