@@ -4,7 +4,7 @@
 connected nodes). `"energy-aware"` picks as many clients, preferring those whose battery is
 above `selection-battery-threshold` (or who have none: mains power), then those whose round is
 expected to emit the least carbon (profile watts / speed and per-MB costs times the grid's
-carbon intensity), then those idle longest. The fairness bound overrides preference: every
+carbon intensity; `selection-objective = "energy"`: the fewest joules), then those idle longest. The fairness bound overrides preference: every
 client is selected at least once every K = `selection-fairness-rounds` rounds. Earliest
 deadline first decides how many must be taken now: if d_i is the last round client i may wait
 until, the round takes the fewest earliest-deadline clients such that, for every window j < K,
@@ -30,6 +30,7 @@ from coordinator.energy import BYTES_PER_MB, JOULES_PER_WH, jain_index
 from protos.profile import DeviceProfile
 
 SELECTIONS = ("uniform", "energy-aware")
+OBJECTIVES = ("carbon", "energy")
 START_LEVEL = (0.1, 1.0)  # a battery's start level, fraction of capacity, uniform in this range
 RECHARGE = (0.02, 0.2)  # fraction of capacity recovered per idle round, uniform in this range
 
@@ -59,10 +60,14 @@ def must_take(deadlines: Mapping[int, int], server_round: int, slots: int, windo
     return need
 
 
+def expected_joules(profile: DeviceProfile, seconds: float, upload_mb: float, download_mb: float) -> float:
+    """Joules a round of `seconds` reference compute and these transfers is expected to cost on `profile`."""
+    return profile.train_watts * seconds / profile.speed + profile.joules_per_mb_sent * upload_mb + profile.joules_per_mb_received * download_mb
+
+
 def expected_gco2e(profile: DeviceProfile, seconds: float, upload_mb: float, download_mb: float) -> float:
-    """gCO2e a round of `seconds` reference compute and these transfers is expected to cost on `profile`."""
-    joules = profile.train_watts * seconds / profile.speed + profile.joules_per_mb_sent * upload_mb + profile.joules_per_mb_received * download_mb
-    return joules / 3.6e6 * profile.carbon_intensity
+    """gCO2e of that round on `profile`'s power."""
+    return expected_joules(profile, seconds, upload_mb, download_mb) / 3.6e6 * profile.carbon_intensity
 
 
 @dataclass
@@ -74,6 +79,7 @@ class ClientSelection:
     battery_threshold: float = 0.3
     seed: int = 0
     clients: int = 0  # the run's number of clients (Jain's index counts the never selected as 0)
+    objective: str = "carbon"  # what energy-aware selection minimises after batteries: "carbon" (gCO2e) or "energy" (joules)
     last: dict[int, int] = field(default_factory=dict)  # key -> last round selected (0: never)
     level: dict[int, float] = field(default_factory=dict)  # key -> battery Wh
     counts: dict[int, int] = field(default_factory=dict)  # key -> times selected
@@ -86,6 +92,8 @@ class ClientSelection:
             raise ValueError(f"client-selection {self.mode!r} must be one of {', '.join(SELECTIONS)}")
         if self.fairness_rounds < 1:
             raise ValueError(f"selection-fairness-rounds {self.fairness_rounds} must be at least 1")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"selection-objective {self.objective!r} must be one of {', '.join(OBJECTIVES)}")
 
     def battery_fraction(self, candidate: Candidate) -> float | None:
         """Its battery level as a fraction of capacity (None: mains-powered)."""
@@ -124,7 +132,8 @@ class ClientSelection:
         def preference(c: Candidate) -> tuple:
             fraction = self.battery_fraction(c)
             low = fraction is not None and fraction < self.battery_threshold
-            return (low, expected_gco2e(c.profile, self.seconds, update_mb, update_mb), self.last.get(c.key, 0), c.key)
+            cost = (expected_gco2e if self.objective == "carbon" else expected_joules)(c.profile, self.seconds, update_mb, update_mb)
+            return (low, cost, self.last.get(c.key, 0), c.key)
 
         taken = {c.key for c in forced}
         rest = sorted((c for c in candidates if c.key not in taken), key=preference)

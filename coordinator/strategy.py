@@ -100,7 +100,8 @@ class FedsiteStrategy(FedAvg):
         self._emulator_nodes: set[int] = set()  # never sent the LoRA track, not even to evaluate
         # who trains (coordinator/selection.py) and what their rounds cost (coordinator/energy.py)
         self.selection = ClientSelection(getattr(config, "client_selection", "uniform"), getattr(config, "selection_fairness_rounds", 5),
-                                         getattr(config, "selection_battery_threshold", 0.3), getattr(config, "seed", 0), getattr(config, "clients", 0))
+                                         getattr(config, "selection_battery_threshold", 0.3), getattr(config, "seed", 0), getattr(config, "clients", 0),
+                                         getattr(config, "selection_objective", "carbon"))
         self._download_bytes = 0
 
     # ----------------------------------------------------------------------------- state

@@ -56,6 +56,7 @@ FIELD_HELP = {
     "client-selection": "who trains each round: uniform (Flower's sample of --fraction-train) or energy-aware (batteries above the threshold, low-carbon power, within --selection-fairness-rounds)",
     "selection-fairness-rounds": "energy-aware selection: every client is selected at least once every this many rounds",
     "selection-battery-threshold": "energy-aware selection: prefer clients whose battery is above this fraction of its capacity",
+    "selection-objective": "energy-aware selection: among charged clients prefer the lowest expected gCO2e (carbon) or joules (energy) per round",
     "upload-topk": "send only this fraction of largest-magnitude entries per tensor (0 = dense)",
     "error-feedback": "clients keep what compression dropped and add it to their next update",
     "dp": "differential privacy: none, local (DP-SGD on clients with Opacus) or client (user-level DP at the coordinator)",

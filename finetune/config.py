@@ -57,6 +57,7 @@ class FedsiteConfig:
     client_selection: str = "uniform"  # uniform | energy-aware
     selection_fairness_rounds: int = 5  # energy-aware: every client is selected at least once every this many rounds
     selection_battery_threshold: float = 0.3  # energy-aware: prefer batteries above this fraction of capacity
+    selection_objective: str = "carbon"  # energy-aware: then minimise expected gCO2e ("carbon") or joules ("energy")
     # aggregation rule (see aggregation/rules.py) and its knobs
     aggregation: str = "fedavg"
     server_lr: float = 0.01
@@ -191,6 +192,7 @@ class FedsiteConfig:
             ("client-selection", self.client_selection in ("uniform", "energy-aware"), "uniform or energy-aware"),
             ("selection-fairness-rounds", self.selection_fairness_rounds >= 1, "at least 1"),
             ("selection-battery-threshold", 0.0 <= self.selection_battery_threshold <= 1.0, "in [0, 1]"),
+            ("selection-objective", self.selection_objective in ("carbon", "energy"), "carbon or energy"),
             ("upload-topk", 0.0 <= self.upload_topk <= 1.0, "in [0, 1]"),
             ("dp", self.dp in ("none", "local", "client"), "none, local or client"),
             ("noise-multiplier", self.noise_multiplier >= 0.0, "non-negative"),
