@@ -157,3 +157,10 @@ def test_config_knobs_are_checked_and_energy_aware_is_refused_with_secure():
             FedsiteConfig(**bad).validate()
     with pytest.raises(ConfigError, match="^config field 'client-selection' = 'energy-aware' must be uniform with secure aggregation"):
         FedsiteConfig(client_selection="energy-aware", secure=True).validate()
+
+
+def test_energy_objective_prefers_the_fewest_joules():
+    hungry_green = Candidate(0, 10, DeviceProfile("hydro", train_watts=120.0, carbon_intensity=10.0))
+    frugal_dirty = Candidate(1, 11, DeviceProfile("phone", train_watts=3.0, carbon_intensity=700.0))
+    assert ClientSelection("energy-aware", 10, clients=2).choose(1, [hungry_green, frugal_dirty], [10], 0.1) == [10]
+    assert ClientSelection("energy-aware", 10, clients=2, objective="energy").choose(1, [hungry_green, frugal_dirty], [10], 0.1) == [11]
