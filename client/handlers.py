@@ -36,7 +36,7 @@ from finetune.lora import get_lora_arrays, set_trainable_factors
 from finetune.sources import client_splits
 from finetune.examples import Example
 from finetune.train import NoGradient, TrainResult, TrainSettings, train
-from protos.codecs import ErrorFeedback, encoded_nbytes
+from protos.codecs import CodecError, ErrorFeedback, encoded_nbytes
 from protos.tensors import from_array_record, to_array_record
 from protos.updates import encode_update
 
@@ -108,7 +108,11 @@ def train_handler(msg: Message, context: Context) -> Message:
     except NoGradient as err:  # training would change nothing, or corrupt the update: say so
         log.error("client %s round %d: %s", client_label(context), server_round, err)
         return declined(msg, context, str(err))
-    payload = encode_upload(trained, split_base(received)[0], config, context)
+    try:
+        payload = encode_upload(trained, split_base(received)[0], config, context)
+    except CodecError as err:  # e.g. an upload budget below the update's smallest adaptive size
+        log.warning("client %s round %d: %s", client_label(context), server_round, err)
+        return declined(msg, context, str(err))
     metrics = MetricRecord(train_metrics(result, encoded_nbytes(payload), privacy, context))
     content = RecordDict({"arrays": to_array_record(payload), "metrics": metrics})
     return Message(content=content, reply_to=msg)
@@ -216,7 +220,7 @@ def encode_upload(trained: dict, received: dict, config: FedsiteConfig, context:
     """Encode the delta with the run's codec; the error-feedback residual lives on the client's
     disk (client/state.py), not in Flower's in-memory node state."""
     feedback = ErrorFeedback(load_state(context, FEEDBACK_KEY)) if config.error_feedback else None
-    payload = encode_update(trained, received, config.upload_codec, config.upload_topk or None, feedback)
+    payload = encode_update(trained, received, config.upload_codec, config.upload_topk or None, feedback, int(config.upload_budget_mb * 1e6))
     if feedback is not None:
         save_state(context, FEEDBACK_KEY, feedback.state_dict())
     return payload

@@ -103,7 +103,8 @@ def plan_package(profile: DeviceProfile, run: Mapping[str, Any], num_values: int
         # fp32 does not fit: a 4-bit backbone takes about an eighth; below that, an emulator
         quantize, kind = ("nf4", "lora") if backbone_gb / 8 <= memory else (quantize, "emulator")
     values = num_values * rank // int(run["lora-rank"])
-    codec = profile.upload_codec or choose_codec(values, profile.bandwidth_mbps, upload_seconds)
+    adaptive = str(run.get("upload-codec", "")) == "adaptive"  # per module by importance, within the client's budget
+    codec = profile.upload_codec or ("adaptive" if adaptive else choose_codec(values, profile.bandwidth_mbps, upload_seconds))
     return Package(profile.name, kind, rank, alpha, quantize, codec)
 
 
@@ -194,6 +195,15 @@ class Planner:
             ", ".join(f"{k} {v}" for k, v in sorted(profiles.items())),
         )
         return out
+
+    def learn(self, nodes: Iterable[int], grid: Any) -> None:
+        """Learn the partition id and profile of nodes not met yet (energy-aware selection sees all)."""
+        self._learn_partitions(nodes, grid)
+
+    def sent_to(self, node: int) -> tuple[DeviceProfile, int, bool] | None:
+        """(profile, bytes sent, simulated?) of `node`'s package this round; None if it got none."""
+        sent = self._sent.get(node)
+        return None if sent is None else (sent.profile, sent.download_bytes, sent.partition_id >= 0)
 
     def partition_of(self, node: int) -> int:
         """The partition id `node` answered (-1: none, or not asked yet)."""

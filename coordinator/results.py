@@ -22,6 +22,7 @@ from typing import Any
 
 import tomli_w
 
+from coordinator.energy import energy_markdown, run_energy
 from finetune.config import FedsiteConfig
 
 
@@ -83,9 +84,11 @@ class RunRecorder:
     def write_summary(self, **extra: Any) -> None:
         """summary.json/md and curves.png; `extra` adds sections to summary.json (e.g. offsite)."""
         final = self.rounds[-1] if self.rounds else {}
-        summary = {"initial": self.initial, "final": final, "rounds": len(self.rounds), **extra}
+        energy = run_energy(self.rounds)
+        summary = {"initial": self.initial, "final": final, "rounds": len(self.rounds), **({"energy": energy} if energy else {}), **extra}
         write_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
-        write_atomic(self.out / "summary.md", summary_markdown(self.config, self.initial, self.rounds))
+        markdown = summary_markdown(self.config, self.initial, self.rounds) + "\n".join(energy_markdown(self.rounds))
+        write_atomic(self.out / "summary.md", markdown + ("\n" if energy else ""))
         if self.rounds:
             plot_curves(self.rounds, self.initial, self.out / "curves.png", run_title(self.config))
 

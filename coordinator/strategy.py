@@ -18,20 +18,23 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from coordinator.aggregate import Aggregator, train_factors
 from coordinator.client_dp import ClientLevelDP
 from coordinator.directory import QUERY_TIMEOUT, ClientDirectory
+from coordinator.energy import Energy, client_energy, compute_seconds, total_fields
 from coordinator.ledger import PrivacyLedger
 from coordinator.offsite import KIND_EMULATOR, KIND_LORA, OffsiteTrack, join_tracks, split_tracks
 from coordinator.planner import Planner
 from coordinator.replies import EvalReply, Rejected, read_evaluate_reply, read_train_reply
 from coordinator.results import RunRecorder
+from coordinator.selection import ClientSelection, candidates_for, update_megabytes
 from coordinator.round_bounds import ReplyBounds, ReplyRow, assign_weights, bound_norms, client_entry, evaluation_summary, weighted
 from finetune.base_delta import split_base
+from protos.profile import DEFAULT_PROFILE
 from protos.tensors import from_array_record, to_array_record
 
 log = logging.getLogger("fedsite.coordinator")
@@ -96,15 +99,21 @@ class FedsiteStrategy(FedAvg):
         self._offsite_global: dict[str, np.ndarray] = {}
         self._kinds: dict[int, str] = {}  # node id -> the kind of package it was sent this round
         self._emulator_nodes: set[int] = set()  # never sent the LoRA track, not even to evaluate
+        # who trains (coordinator/selection.py) and what their rounds cost (coordinator/energy.py)
+        self.selection = ClientSelection(getattr(config, "client_selection", "uniform"), getattr(config, "selection_fairness_rounds", 5),
+                                         getattr(config, "selection_battery_threshold", 0.3), getattr(config, "seed", 0), getattr(config, "clients", 0),
+                                         getattr(config, "selection_objective", "carbon"))
+        self._download_bytes = 0
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the strategy: the DP ledger's histories and the norm references."""
-        return {"ledger": self.ledger.state_dict(), "norm_reference": dict(self._norm_reference)}
+        return {"ledger": self.ledger.state_dict(), "norm_reference": dict(self._norm_reference), "selection": self.selection.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ledger.load_state_dict(state.get("ledger", {}))
         self._norm_reference = {str(k): float(v) for k, v in state.get("norm_reference", {}).items()}
+        self.selection.load_state_dict(state.get("selection", {}))
 
     # ----------------------------------------------------------------------------- train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -114,7 +123,7 @@ class FedsiteStrategy(FedAvg):
         if self.offsite is not None:
             arrays = to_array_record(self._global)  # LoRA clients get the LoRA track only
         config["train-factors"] = train_factors(self.aggregator.rule, server_round)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self._select(server_round, list(super().configure_train(server_round, arrays, config, grid)), arrays, grid)
         self._sample_rate = len(messages) / max(1, len(list(grid.get_node_ids())))
         self.recorder.record(sampled=len(messages))
         if self.planner is not None:
@@ -124,6 +133,7 @@ class FedsiteStrategy(FedAvg):
         else:
             timeout = min(QUERY_TIMEOUT, float(getattr(self.recorder.config, "round_timeout", QUERY_TIMEOUT)))
             refused = self.directory.query([m.metadata.dst_node_id for m in messages], grid, timeout)
+        self.recorder.record(selected=[self.directory.name(m.metadata.dst_node_id) for m in messages])
         for node, reason in refused:  # the node is named by its node id
             self.recorder.record_client({"round": server_round, "phase": "query", "node_id": node, "client_id": node, "status": "rejected", "reason": reason})
         if self.offsite is not None:
@@ -138,6 +148,7 @@ class FedsiteStrategy(FedAvg):
         started = time.perf_counter()
         server_round += self.round_offset
         rows: list[ReplyRow] = []
+        energies: list[Energy] = []
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             row = ReplyRow(node, self.directory.name(node), self._kinds.get(node, KIND_LORA))
@@ -145,8 +156,13 @@ class FedsiteStrategy(FedAvg):
                 self._read_reply(msg, row)
             except Exception as err:  # last line of defence: one reply never takes the round down
                 row.reply, row.reason = None, self._internal_error(err)
+            try:
+                energies.append(self._account_energy(msg, row))
+            except Exception as err:  # the account never takes a reply (or the round) down
+                self._internal_error(err)
             rows.append(row)
             self._awaited.discard(node)
+        self.recorder.record(**total_fields(energies), **self.selection.round_record())
         if self.bounds.adaptive and self.client_dp is None:  # DP-FedAvg clips every update instead
             self._norm_reference = bound_norms(rows, self.bounds.norm_multiple, self._norm_reference)
         assign_weights(rows, self.bounds, self._limit_of)
@@ -204,6 +220,31 @@ class FedsiteStrategy(FedAvg):
             row.reason = row.reason or late
         if row.accepted and row.rank:
             row.reply.update = self.planner.restore(row.reply.update, row.rank)
+
+    def _select(self, server_round: int, sampled: list[Message], arrays: ArrayRecord, grid: Grid) -> list[Message]:
+        """Flower's uniform sample, or as many clients chosen energy-aware (same content, other nodes)."""
+        self._download_bytes = int(update_megabytes(arrays) * 1e6)
+        nodes = list(grid.get_node_ids()) if self.selection.mode != "uniform" else [m.metadata.dst_node_id for m in sampled]
+        candidates = candidates_for(nodes, self.planner, grid)
+        chosen = self.selection.choose(server_round, candidates, [m.metadata.dst_node_id for m in sampled], update_megabytes(arrays))
+        if self.selection.mode == "uniform" or not sampled:
+            return sampled
+        return self._construct_messages(sampled[0].content, chosen, MessageType.TRAIN)
+
+    def _account_energy(self, msg: Message, row: ReplyRow) -> Energy:
+        """The energy of one reply's round from its profile's figures: measured (or simulated) compute
+        seconds from the checked metrics, the bytes it was sent and the bytes its reply carries."""
+        sent = self.planner.sent_to(row.node_id) if self.planner is not None else None
+        profile, download, simulated = sent or (DEFAULT_PROFILE, self._download_bytes, self.directory.partition_of(row.node_id) is not None)
+        train_seconds = float(row.metrics.get("train-seconds", 0.0))
+        seconds = compute_seconds(profile, train_seconds, simulated, float(getattr(self.recorder.config, "round_timeout", 3600.0)))
+        arrays = msg.content.array_records.get("arrays") if msg.has_content() else None
+        upload = sum(len(a.data) for a in arrays.values()) if arrays is not None else 0
+        energy = client_energy(profile, seconds, upload, download)
+        row.extra.update(energy.fields())
+        pid = self.planner.partition_of(row.node_id) if self.planner is not None else -1
+        self.selection.spend(pid if pid >= 0 else row.node_id, profile, energy.joules, train_seconds)
+        return energy
 
     def _limit_of(self, row: ReplyRow) -> int | None:
         """The examples the run assigned this client (simulation, a learned partition id), else None."""

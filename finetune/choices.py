@@ -23,7 +23,9 @@ BASE_RULES = ("fedex-lora", "flora")
 # field (kebab key) -> accepted values, for the fields whose values are a closed set
 CHOICES: dict[str, tuple[str, ...]] = {
     "partitioning": ("iid", "dirichlet", "shards"),
-    "upload-codec": ("fp32", "fp16", "int8", "4bit"),
+    "upload-codec": ("fp32", "fp16", "int8", "4bit", "adaptive"),
+    "client-selection": ("uniform", "energy-aware"),
+    "selection-objective": ("carbon", "energy"),
     "dp": ("none", "local", "client"),
     "quantize": ("none", "nf4", "int8"),
     "emulator-quantize": ("none", "int8", "nf4"),

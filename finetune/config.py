@@ -55,6 +55,11 @@ class FedsiteConfig:
     min_train_clients: int = 2
     fraction_evaluate: float = 0.0
     round_timeout: float = 3600.0
+    # who trains: Flower's uniform sample, or energy-aware (coordinator/selection.py) within a fairness bound
+    client_selection: str = "uniform"  # uniform | energy-aware
+    selection_fairness_rounds: int = 5  # energy-aware: every client is selected at least once every this many rounds
+    selection_battery_threshold: float = 0.3  # energy-aware: prefer batteries above this fraction of capacity
+    selection_objective: str = "carbon"  # energy-aware: then minimise expected gCO2e ("carbon") or joules ("energy")
     # aggregation rule (see aggregation/rules.py) and its knobs
     aggregation: str = "fedavg"
     server_lr: float = 0.01
@@ -76,7 +81,8 @@ class FedsiteConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     # upload: codec for the client's delta, optional top-k sparsification and error feedback
-    upload_codec: str = "fp32"  # fp32 | fp16 | int8 | 4bit
+    upload_codec: str = "fp32"  # fp32 | fp16 | int8 | 4bit | adaptive (per module by norm share, protos/adaptive.py)
+    upload_budget_mb: float = 0.0  # adaptive codec: most MB a client's upload may take; 0 = no budget
     upload_topk: float = 0.0  # keep this fraction of largest entries per tensor; 0 = dense
     error_feedback: bool = False
     # privacy: "none", "local" (DP-SGD on clients, Opacus) or "client" (user-level DP at the coordinator)
@@ -186,6 +192,12 @@ class FedsiteConfig:
             ("device", valid_device_spec(self.device), DEVICE_CHOICES),
             ("dtype", self.dtype in CHOICES["dtype"], ", ".join(CHOICES["dtype"])),
             ("upload-codec", self.upload_codec in CHOICES["upload-codec"], one_of(CHOICES["upload-codec"])),
+            ("upload-budget-mb", math.isfinite(self.upload_budget_mb) and self.upload_budget_mb >= 0, "a finite number >= 0 (0 = no budget)"),
+            ("upload-topk", self.upload_topk == 0.0 or self.upload_codec != "adaptive", "0 with upload-codec 'adaptive' (it sends every module, each at its own precision)"),
+            ("client-selection", self.client_selection in CHOICES["client-selection"], one_of(CHOICES["client-selection"])),
+            ("selection-fairness-rounds", self.selection_fairness_rounds >= 1, "at least 1"),
+            ("selection-battery-threshold", 0.0 <= self.selection_battery_threshold <= 1.0, "in [0, 1]"),
+            ("selection-objective", self.selection_objective in CHOICES["selection-objective"], one_of(CHOICES["selection-objective"])),
             ("upload-topk", 0.0 <= self.upload_topk <= 1.0, "in [0, 1]"),
             ("dp", self.dp in CHOICES["dp"], one_of(CHOICES["dp"])),
             ("noise-multiplier", self.noise_multiplier >= 0.0, "non-negative"),
@@ -223,6 +235,7 @@ class FedsiteConfig:
             ("aggregation", getattr(rules.get(self.aggregation), "secure_compatible", False), f"a rule that needs only the sum of updates with secure aggregation ({sums})"),
             ("upload-codec", self.upload_codec == "fp32", "fp32 with secure aggregation (SecAgg+ quantizes the update itself)"),
             ("upload-topk", self.upload_topk == 0.0, "0 with secure aggregation (masked updates are dense)"),
+            ("client-selection", self.client_selection == "uniform", "uniform with secure aggregation (SecAgg+ samples on Flower's legacy path)"),
             ("error-feedback", not self.error_feedback, "false with secure aggregation (no upload codec to feed back)"),
             ("dp-adaptive-clip", not (self.dp == "client" and self.dp_adaptive_clip), "false with secure aggregation (the coordinator cannot see which updates were clipped)"),
             ("clients", self.clients >= 2, "at least 2 with secure aggregation"),

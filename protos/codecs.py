@@ -124,13 +124,22 @@ def _nf4_dequantize_many(parts: list[tuple[np.ndarray, np.ndarray, int]]) -> lis
     return [flat[a : a + m].copy() for a, (_, _, m) in zip(starts, parts)]
 
 
-def encode(named: Mapping[str, np.ndarray], codec: str, topk: float | None = None) -> dict[str, np.ndarray]:
+def encode(named: Mapping[str, np.ndarray], codec: str, topk: float | None = None, budget_bytes: int = 0) -> dict[str, np.ndarray]:
     """Encode float arrays into a self-describing payload of plain numpy arrays (layout above).
+
+    `codec` "adaptive" sends each LoRA module at its own precision within `budget_bytes`
+    (protos/adaptive.py; no top-k).
 
     With `topk`, only the ceil(topk * size) largest-magnitude entries of each tensor are sent.
     int8/4bit reject non-finite values (one NaN would spoil its whole block) and fp16 finite
     values it cannot hold; fp32/fp16 carry NaN/inf so the coordinator's validation rejects them.
     """
+    if codec == "adaptive":
+        from protos.adaptive import encode_adaptive
+
+        if topk is not None:
+            raise CodecError("the adaptive codec sends every module (no top-k)")
+        return encode_adaptive(named, budget_bytes)
     _check_codec(codec)
     if topk is not None and not 0.0 < topk <= 1.0:
         raise CodecError(f"topk must be in (0, 1], got {topk!r}")
@@ -250,6 +259,10 @@ def decode(payload: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, 
     then allocates at most the expected arrays plus what the payload itself carries.
     """
     arrays = {key: _as_numpy(value, str(key)) for key, value in payload.items()}
+    from protos.adaptive import decode_adaptive, is_adaptive
+
+    if is_adaptive(arrays):  # per-tensor precisions, each group decoded by its codec (below)
+        return decode_adaptive(arrays, expected)
     codec, sparse = _parse_header(arrays)
     grouped: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
@@ -323,13 +336,13 @@ class ErrorFeedback:
         if state is not None:
             self.load_state_dict(state)
 
-    def encode(self, named: Mapping[str, np.ndarray], codec: str, topk: float | None = None) -> dict[str, np.ndarray]:
+    def encode(self, named: Mapping[str, np.ndarray], codec: str, topk: float | None = None, budget_bytes: int = 0) -> dict[str, np.ndarray]:
         corrected = {}
         for name, array in named.items():
             array = np.asarray(array, np.float32)
             residual = self.residual.get(name)
             corrected[name] = array + residual if residual is not None and residual.shape == array.shape else array
-        payload = encode(corrected, codec, topk)
+        payload = encode(corrected, codec, topk, budget_bytes)
         for name, sent in decode(payload).items():
             self.residual[name] = corrected[name] - sent
         return payload

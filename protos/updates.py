@@ -20,12 +20,14 @@ def encode_update(
     codec: str = "fp32",
     topk: float | None = None,
     feedback: ErrorFeedback | None = None,
+    budget_bytes: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Encode `trained - received` with `codec` (through error feedback when given)."""
+    """Encode `trained - received` with `codec` (through error feedback when given); `budget_bytes`
+    bounds the adaptive codec's payload (0 = none)."""
     delta = {key: np.asarray(value, np.float32) - np.asarray(received[key], np.float32) for key, value in trained.items()}
     if feedback is not None:
-        return feedback.encode(delta, codec, topk)
-    return encode(delta, codec, topk)
+        return feedback.encode(delta, codec, topk, budget_bytes)
+    return encode(delta, codec, topk, budget_bytes)
 
 
 def decode_update(payload: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

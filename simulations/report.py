@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-PLOTS = ("accuracy", "loss", "bytes", "participation", "time_to_accuracy")
+PLOTS = ("accuracy", "loss", "bytes", "participation", "time_to_accuracy", "energy")
 
 
 class ReportError(ValueError):
@@ -159,7 +159,15 @@ def summarize(run: RunData) -> dict[str, Any]:
         "participation_rate": contributed / sampled if sampled else None,
         "final_per_task": dict(last.get("eval_per_task") or {}),
         "initial_per_task": dict((run.initial or {}).get("eval_per_task") or {}),
+        "energy": _energy().energy_summary(run),
     }
+
+
+def _energy():
+    """The energy section (simulations/report_energy.py imports this module's helpers)."""
+    from simulations import report_energy
+
+    return report_energy
 
 
 # ----------------------------------------------------------------------------------- plots
@@ -263,6 +271,7 @@ def write_plots(runs: list[RunData], out: Path) -> list[Path]:
                  1e-6, title="bytes per round (upload solid, download dashed)", xlabel="round", ylabel="MB", ylim=(0, None))
     _plot_participation(runs, out / "participation.png")
     _plot_time(runs, out / "time_to_accuracy.png")
+    _energy().plot_energy(runs, out / "energy.png")
     return [out / f"{name}.png" for name in PLOTS]
 
 
@@ -299,6 +308,7 @@ def report_markdown(summaries: list[dict[str, Any]]) -> str:
         lines += ["", "## Final accuracy per task", "",
                   *_table(["task", *(_fmt(s["name"]) for s in summaries)],
                           [[t, *(_fmt(s["final_per_task"].get(t)) for s in summaries)] for t in tasks])]
+    lines += _energy().energy_markdown(summaries)
     lines += ["", "## Plots", ""] + [f"![{name}]({name}.png)\n" for name in PLOTS]
     return "\n".join(lines)
 

@@ -161,3 +161,25 @@ def test_query_answers_are_checked(info, pid, words):
     device, reason = read_query_answer(answer(RecordDict({"client": ConfigRecord({"partition-id": -1, "holds-backbone": False, "memory-gb": 2, "quantized": True})}), kind=MessageType.QUERY))
     assert reason is None and (device.memory_gb, device.holds_backbone, device.quantized) == (2.0, False, True)
     assert read_query_answer(answer(RecordDict({}), kind=MessageType.QUERY))[1] == "query answer has no 'client' config record"
+
+
+@pytest.mark.parametrize("seconds,words", [(float("nan"), "NaN"), (-1.0, "outside"), (float("inf"), "finite"), (1e13, "outside")])
+def test_measured_compute_seconds_are_checked(seconds, words):
+    """Deployed clients' train-seconds feed the energy account: hostile values are refused."""
+    outcome = read_train_reply(train_reply({"num-examples": 10, "train-seconds": seconds}), GLOBAL)
+    assert isinstance(outcome, Rejected) and "train-seconds" in outcome.reason and words in outcome.reason
+
+
+def test_adaptive_replies_decode_and_hostile_precision_tags_are_rejected():
+    from protos.adaptive import encode_adaptive
+
+    delta = {k: np.full(v.shape, 0.5, np.float32) for k, v in GLOBAL.items()}
+    good = answer(RecordDict({"arrays": to_array_record(encode_adaptive(delta)), "metrics": MetricRecord({"num-examples": 10})}))
+    outcome = read_train_reply(good, GLOBAL)
+    assert not isinstance(outcome, Rejected)
+    payload = encode_adaptive(delta)
+    tag = next(k for k in payload if k.endswith("::prec"))
+    payload[tag] = np.array([7], np.uint8)
+    bad = answer(RecordDict({"arrays": to_array_record(payload), "metrics": MetricRecord({"num-examples": 10})}))
+    outcome = read_train_reply(bad, GLOBAL)
+    assert isinstance(outcome, Rejected) and outcome.reason.startswith("undecodable update") and "precision tag" in outcome.reason

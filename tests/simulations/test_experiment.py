@@ -109,3 +109,14 @@ def test_report_shows_population_plots(mixed_run, tmp_path):
     assert report["runs"][0]["time_basis"] == "simulated"
     for name in ("participation.png", "time_to_accuracy.png", "report.md"):
         assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_the_energy_experiment_parses_power_figures_and_its_selection_sweep():
+    from pathlib import Path
+
+    from simulations.experiment import load_experiment
+
+    experiment = load_experiment(Path(__file__).parents[2] / "simulations/experiments/energy.toml")
+    phone = experiment.population().profiles_by_name["phone-solar"]
+    assert (phone.train_watts, phone.joules_per_mb_sent, phone.battery_wh, phone.carbon_intensity) == (3.0, 2.0, 0.02, 40.0)
+    assert experiment.config.client_selection == "energy-aware" and experiment.sweep.grid == {"client-selection": ["uniform", "energy-aware"]}
