@@ -23,6 +23,7 @@ from coordinator.checkpoint import load_checkpoint, remove_checkpoint, restore, 
 from coordinator.client_dp import ClientLevelDP
 from coordinator.directory import assigned_train_examples
 from coordinator.grid import quick
+from coordinator.module_selection import selection_for
 from coordinator.offsite import OffsiteTrack, join_tracks, offsite_evaluation, offsite_wanted, prepare_offsite, split_tracks
 from coordinator.planner import PopulationModel, planner_for
 from coordinator.results import RunRecorder
@@ -74,6 +75,7 @@ def run_federation(grid: Grid, config: FedsiteConfig, population: PopulationMode
         client_dp=client_level_dp(config),
         planner=planner_for(config, population),
     )
+    strategy.selection = selection_for(config, initial)  # Kill-and-Revive (None: every module trains)
     if offsite_wanted(config, strategy.planner):  # some clients get an emulator instead of the backbone
         strategy.offsite = prepare_offsite(config)
         strategy.offsite_aggregator = Aggregator(config.aggregation, config.server_lr, config.server_momentum, config.trim_fraction)
