@@ -6,6 +6,7 @@ exactly as they started."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
@@ -42,3 +43,14 @@ def test_kill_revive_simulation_records_the_selection_and_leaves_killed_modules_
         assert np.array_equal(exported[key], initial[key]), key
     trained = keys_of(initial, rows[0]["active_modules"])
     assert any(not np.array_equal(exported[k], initial[k]) for k in trained)
+
+
+def test_the_kill_revive_experiment_file_and_its_sweep_plan_valid_runs(tmp_path):
+    from simulations.experiment import load_experiment
+    from simulations.sweep import plan_sweep
+
+    experiment = load_experiment(Path(__file__).parents[2] / "simulations" / "experiments" / "kill_revive.toml")
+    assert experiment.config.module_selection == "kill-revive" and experiment.config.partitioning == "dirichlet"
+    runs = plan_sweep(experiment, tmp_path)
+    assert [r.config.kr_active_share for r in runs] == [0.25, 0.5, 1.0]
+    assert all(r.config.module_selection == "kill-revive" and r.config.clients == 20 for r in runs)
