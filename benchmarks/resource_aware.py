@@ -111,6 +111,7 @@ def step_times(args: argparse.Namespace) -> list[tuple[str, float, int, float]]:
             set_trainable_factors(model, "AB")
         return result.seconds / result.steps
 
+    print(f"[resource-aware] timing {len(variants)} placements x {args.timing_repeats} repeats x {args.timing_steps} steps ({len(modules)} LoRA modules, {depth} blocks)", flush=True)
     run(variants["all modules"])  # warm-up
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.timing_repeats):  # interleaved: machine noise hits every variant alike
@@ -189,7 +190,7 @@ def federated(args: argparse.Namespace) -> dict[str, dict]:
         if isinstance(config, str):
             print(f"[resource-aware] skipping {label}: {config}")
             continue
-        print(f"[resource-aware] running {label} -> {folder}")
+        print(f"[resource-aware] running {label} -> {folder}", flush=True)
         simulate(config)
         results[key] = {"label": label, **summarize(Path(config.out))}
         folder.mkdir(parents=True, exist_ok=True)

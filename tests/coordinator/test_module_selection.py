@@ -8,11 +8,11 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from coordinator.aggregate import Aggregator
-from coordinator.module_selection import KillRevive, kill_revive, module_scores, selection_for
+from coordinator.module_selection import KillRevive, module_scores, selection_for
 from coordinator.results import RunRecorder
 from coordinator.strategy import FedsiteStrategy
 from finetune.config import ConfigError, FedsiteConfig
-from protos.selection import ACTIVE_KEY, decode_selection, keys_of
+from protos.selection import decode_selection, keys_of
 from protos.tensors import from_array_record, to_array_record
 from protos.updates import encode_update
 
