@@ -31,7 +31,7 @@ from coordinator.strategy import FedsiteStrategy
 from finetune.backbone import resolve_model_path
 from finetune.base_delta import export_merged_adapter, set_global_arrays, split_base
 from finetune.cache import initial_lora_arrays, lora_model
-from finetune.config import FedsiteConfig
+from finetune.config import ConfigError, FedsiteConfig
 from finetune.evaluate import EvalResult, evaluate
 from finetune.lora import export_adapter
 from finetune.sources import central_eval_set
@@ -80,6 +80,8 @@ def run_federation(grid: Grid, config: FedsiteConfig, population: PopulationMode
         strategy.offsite = prepare_offsite(config)
         strategy.offsite_aggregator = Aggregator(config.aggregation, config.server_lr, config.server_momentum, config.trim_fraction)
         initial = join_tracks(initial, strategy.offsite.initial)
+        if strategy.selection is not None:  # population profiles without the backbone: offsite clients train their own adapter
+            raise ConfigError("config field 'module-selection' = 'kill-revive' must be 'all' with emulator clients (the population has profiles that hold no backbone)")
     evaluate_round = central_evaluator(config, recorder, model, tokenizer, strategy.offsite)
 
     start = initial
