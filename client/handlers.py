@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from client.offsite import DEVICE_NODE, PACKAGE_KEY, PUBLIC_KEY_KEY, OffsiteSpec, offsite_model, offsite_spec
 from client.privacy_policy import DevicePolicy, PolicyRefusal
+from client.selection import apply_selection, selected_update
 from client.state import LedgerError, load_ledger, load_state, save_ledger, save_state
 from emulator.keys import PackageError
 from emulator.offsite import get_offsite_arrays, set_offsite_arrays
@@ -38,6 +39,7 @@ from finetune.examples import Example
 from finetune.train import NoGradient, TrainResult, TrainSettings, train
 from protos.codecs import CodecError, ErrorFeedback, encoded_nbytes
 from protos.tensors import from_array_record, to_array_record
+from protos.selection import ACTIVE_KEY, SelectionError
 from protos.updates import encode_update
 
 log = logging.getLogger("fedsite.client")
@@ -55,6 +57,7 @@ def run_config_from(record: ConfigRecord) -> tuple[FedsiteConfig, int, str]:
     values = dict(record)
     server_round = int(values.pop(ROUND_KEY, 0))
     factors = str(values.pop(FACTORS_KEY, "AB"))
+    values.pop(ACTIVE_KEY, None)  # Kill-and-Revive's selection: read (and checked) by `local_training`
     for key in PACKAGE_KEYS:  # labels of the coordinator's package (coordinator/planner.py)
         values.pop(key, None)
     return from_mapping(values), server_round, factors
@@ -98,8 +101,9 @@ def train_handler(msg: Message, context: Context) -> Message:
     received = from_array_record(msg.content["arrays"])
     try:
         offsite = offsite_spec(msg.content["config"], context.node_config)
-        trained, result, privacy = local_training(config, server_round, factors, received, context, offsite)
-    except PackageError as err:
+        selection = msg.content["config"].get(ACTIVE_KEY)
+        trained, result, privacy = local_training(config, server_round, factors, received, context, offsite, selection)
+    except (PackageError, SelectionError) as err:
         log.warning("client %s round %d: %s", client_label(context), server_round, err)
         return declined(msg, context, str(err))
     except (BudgetExhausted, PolicyRefusal, LedgerError, DeviceError) as err:  # DeviceError: a device this machine lacks
@@ -119,13 +123,16 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 
 def local_training(
-    config: FedsiteConfig, server_round: int, factors: str, received: dict, context: Context, offsite: OffsiteSpec | None = None
+    config: FedsiteConfig, server_round: int, factors: str, received: dict, context: Context, offsite: OffsiteSpec | None = None,
+    selection: object = None,
 ) -> tuple[dict, TrainResult, dict[str, float]]:
     """Train the received LoRA arrays on this client's split: (trained arrays, result, dp-* metrics).
 
     Shared by the plain handler above and the secure one in `client/secure.py`; raises
     BudgetExhausted when a local-DP client has spent its budget. With `offsite`, the client
-    trains the adapter of the coordinator's emulator instead of LoRA on the backbone.
+    trains the adapter of the coordinator's emulator instead of LoRA on the backbone. With a
+    Kill-and-Revive `selection` (the message's `active-modules`) only those modules train and
+    come back (SelectionError, before any training, if it does not fit the adapter).
     """
     device = client_device(config, context.node_config)
     if offsite is not None:
@@ -136,6 +143,11 @@ def local_training(
         model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize, device, config.dtype)
         set_global_arrays(model, received)  # LoRA arrays, and the base-weight update of fedex-lora / flora
     set_trainable_factors(model, factors)
+    try:
+        active = apply_selection(model, selection)
+    except SelectionError:
+        set_trainable_factors(model, "AB")
+        raise
     train_examples, _ = client_splits(config, context.node_config)
     settings = TrainSettings(
         steps=config.local_steps,
@@ -160,7 +172,7 @@ def local_training(
         set_trainable_factors(model, "AB")  # the cached model is shared with the next client
     log.info("client %s round %d: %d steps, loss %.3f, %.1fs on %s", client_label(context), server_round, result.steps, result.final_loss, result.seconds, model_device(model))
     trained = get_offsite_arrays(model, layer_map, offsite.mode) if offsite is not None else get_lora_arrays(model)
-    return trained, result, privacy
+    return selected_update(trained, active), result, privacy
 
 
 def train_metrics(result: TrainResult, upload_bytes: int, privacy: dict[str, float], context: Context) -> dict:

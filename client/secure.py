@@ -33,6 +33,7 @@ from flwr.compat.common.recorddict_compat import (
 from aggregation.user_dp import clip_delta
 from client.client_app import client_id, client_label, local_evaluation, local_training, run_config_from, train_metrics
 from finetune.config import FedsiteConfig
+from protos.selection import ACTIVE_KEY
 
 log = logging.getLogger("fedsite.client")
 
@@ -86,13 +87,15 @@ def secure_train(msg: Message, context: Context) -> Message:
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
     values = dict(fitins.config)
     received = named_arrays(fitins.parameters, values)
+    selection = values.get(ACTIVE_KEY)  # Kill-and-Revive: every client of the round has the same one
     config, server_round, factors = run_config_from(values)
-    trained, result, privacy = local_training(config, server_round, factors, received, context)  # BudgetExhausted: drop out
+    trained, result, privacy = local_training(config, server_round, factors, received, context, None, selection)  # BudgetExhausted: drop out
     weight = secure_weight(config, result.examples)
-    update = prepare_update(trained, received, config, weight)
+    keys = [k for k in received if k in trained]  # the selected modules' arrays, in the coordinator's key order
+    update = prepare_update(trained, {k: received[k] for k in keys}, config, weight)
     # upload bytes: 0 here, the coordinator counts what each client sends in every SecAgg+ stage
     metrics = {**train_metrics(result, 0, privacy, context), "secure-weight": weight}
-    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([update[k] for k in received]), weight, metrics)
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([update[k] for k in keys]), weight, metrics)
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 

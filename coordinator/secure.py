@@ -43,14 +43,17 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 
 from aggregation.lora import factor_keys
+from aggregation.partial import merge, subset
 from coordinator.aggregate import Aggregator, train_factors
 from coordinator.client_dp import ClientLevelDP
 from coordinator.directory import ClientDirectory
 from coordinator.ledger import PrivacyLedger
+from coordinator.module_selection import selection_for
 from coordinator.replies import TRAIN_METRICS, Rejected, error_text, read_dp, read_evaluate_metrics, read_metrics, record_fields
 from coordinator.results import RunRecorder
 from coordinator.round_bounds import evaluation_summary, weighted
 from finetune.config import FedsiteConfig
+from protos.selection import ACTIVE_KEY, keys_of
 
 log = logging.getLogger("fedsite.coordinator")
 
@@ -224,20 +227,27 @@ class SecureStrategy(LegacyFedAvg):
         self._started = 0.0
         self._sample_rate = 1.0
         self.ledger = PrivacyLedger(config.delta)
+        # Kill-and-Revive: one selection per round for every client, so the masked vectors line up
+        self.module_selection = selection_for(config, initial)
 
     def _round_config(self, server_round: int) -> dict:
         factors = train_factors(self.config.aggregation, server_round)
-        return {**self.config.to_flat(), "server-round": server_round, "train-factors": factors, ARRAY_KEYS: json.dumps(self.keys)}
+        selection = {ACTIVE_KEY: self.module_selection.message_value(server_round)} if self.module_selection is not None else {}
+        return {**self.config.to_flat(), "server-round": server_round, "train-factors": factors, ARRAY_KEYS: json.dumps(self.keys), **selection}
 
-    def arrays(self, parameters: Parameters) -> NamedArrays:
-        return dict(zip(self.keys, parameters_to_ndarrays(parameters)))
+    def arrays(self, parameters: Parameters, keys: list[str] | None = None) -> NamedArrays:
+        return dict(zip(self.keys if keys is None else keys, parameters_to_ndarrays(parameters)))
+
+    def sent_keys(self) -> list[str]:
+        """The keys clients masked this round: every key, or the active modules' (in key order)."""
+        return self.keys if self.module_selection is None else keys_of(self.keys, self.module_selection.current)
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[override]
         self._started = time.perf_counter()
         self.counter.reset()
         instructions = super().configure_fit(server_round, parameters, client_manager)
         self._sample_rate = len(instructions) / max(1, client_manager.num_available())
-        self.recorder.record(sampled=len(instructions), secure=True)
+        self.recorder.record(sampled=len(instructions), secure=True, **(self.module_selection.record() if self.module_selection is not None else {}))
         log.info("round %d: secure aggregation over %d clients", server_round, len(instructions))
         return instructions
 
@@ -248,7 +258,9 @@ class SecureStrategy(LegacyFedAvg):
         rejected = dropouts(self.counter)
         for entry in rejected:
             self.recorder.record_client({"round": server_round, **entry, "status": "rejected"})
-        problem = "no client survived to the masked upload" if not results else check_sum(self.arrays(results[0][1].parameters), self.current)
+        keys = self.sent_keys()
+        current = subset(self.current, keys)
+        problem = "no client survived to the masked upload" if not results else check_sum(self.arrays(results[0][1].parameters, keys), current)
         self.recorder.record(train_seconds=time.perf_counter() - self._started)  # the SecAgg+ stages up to the unmasked sum
         if problem:
             log.warning("round %d: %s; the global adapter stays as it was", server_round, problem)
@@ -258,14 +270,17 @@ class SecureStrategy(LegacyFedAvg):
             self.recorder.record(aggregation=self.aggregator.rule, contributors=[], rejected=rejected + discarded, secure_halted=problem)
             return None, {}
         factors = train_factors(self.config.aggregation, server_round)
-        mean = restore_frozen(self.arrays(results[0][1].parameters), self.current, factors)
+        mean = restore_frozen(self.arrays(results[0][1].parameters, keys), current, factors)
         if self.client_dp is not None:
-            new, ledger = self.client_dp.release(self.current, mean, len(results), self._sample_rate)
+            new, ledger = self.client_dp.release(current, mean, len(results), self._sample_rate)
             for client in contributors:
                 self.recorder.record_privacy({"round": server_round, "client": client, **ledger, "secure": True})
             self.recorder.record(privacy=ledger)
         else:
-            new = self.aggregator(self.current, [mean], [1.0], server_round)
+            new = self.aggregator(current, [mean], [1.0], server_round)
+        new = merge(self.current, new)  # modules outside the selection stay exactly as they were
+        if self.module_selection is not None:
+            self.module_selection.observe(self.current, new)
         self.current = {k: np.asarray(new[k], dtype=self.current[k].dtype) for k in self.keys}
         examples = []
         for (proxy, res), client in zip(results, contributors):  # each client's own metrics: checked, never trusted

@@ -23,6 +23,7 @@ from coordinator.checkpoint import load_checkpoint, remove_checkpoint, restore, 
 from coordinator.client_dp import ClientLevelDP
 from coordinator.directory import assigned_train_examples
 from coordinator.grid import quick
+from coordinator.module_selection import selection_for
 from coordinator.offsite import OffsiteTrack, join_tracks, offsite_evaluation, offsite_wanted, prepare_offsite, split_tracks
 from coordinator.planner import PopulationModel, planner_for
 from coordinator.model_card import write_model_card
@@ -31,7 +32,7 @@ from coordinator.strategy import FedsiteStrategy
 from finetune.backbone import BACKBONE_NOTE
 from finetune.base_delta import export_merged_adapter, set_global_arrays, split_base
 from finetune.cache import initial_lora_arrays, lora_model
-from finetune.config import FedsiteConfig
+from finetune.config import ConfigError, FedsiteConfig
 from finetune.evaluate import EvalResult, evaluate
 from finetune.lora import export_adapter
 from finetune.sources import central_eval_set
@@ -75,10 +76,13 @@ def run_federation(grid: Grid, config: FedsiteConfig, population: PopulationMode
         client_dp=client_level_dp(config),
         planner=planner_for(config, population),
     )
+    strategy.module_selection = selection_for(config, initial)  # Kill-and-Revive (None: every module trains)
     if offsite_wanted(config, strategy.planner):  # some clients get an emulator instead of the backbone
         strategy.offsite = prepare_offsite(config)
         strategy.offsite_aggregator = Aggregator(config.aggregation, config.server_lr, config.server_momentum, config.trim_fraction)
         initial = join_tracks(initial, strategy.offsite.initial)
+        if strategy.module_selection is not None:  # population profiles without the backbone: offsite clients train their own adapter
+            raise ConfigError("config field 'module-selection' = 'kill-revive' must be 'all' with emulator clients (the population has profiles that hold no backbone)")
     evaluate_round = central_evaluator(config, recorder, model, tokenizer, strategy.offsite)
 
     start = initial

@@ -27,6 +27,7 @@ from coordinator.client_dp import ClientLevelDP
 from coordinator.directory import QUERY_TIMEOUT, ClientDirectory
 from coordinator.energy import Energy, client_energy, compute_seconds, total_fields
 from coordinator.ledger import PrivacyLedger
+from coordinator.module_selection import MEAN_RULES, KillRevive, aggregate_selected
 from coordinator.offsite import KIND_EMULATOR, KIND_LORA, OffsiteTrack, join_tracks, split_tracks
 from coordinator.planner import Planner
 from coordinator.replies import EvalReply, Rejected, read_evaluate_reply, read_train_reply
@@ -35,6 +36,7 @@ from coordinator.selection import ClientSelection, candidates_for, update_megaby
 from coordinator.round_bounds import ReplyBounds, ReplyRow, assign_weights, bound_norms, client_entry, evaluation_summary, weighted
 from finetune.base_delta import split_base
 from protos.profile import DEFAULT_PROFILE
+from protos.selection import ACTIVE_KEY, restrict
 from protos.tensors import from_array_record, to_array_record
 
 log = logging.getLogger("fedsite.coordinator")
@@ -104,16 +106,20 @@ class FedsiteStrategy(FedAvg):
                                          getattr(config, "selection_battery_threshold", 0.3), getattr(config, "seed", 0), getattr(config, "clients", 0),
                                          getattr(config, "selection_objective", "carbon"))
         self._download_bytes = 0
+        self.module_selection: KillRevive | None = None  # Kill-and-Revive: the round's active LoRA modules (None = all)
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the strategy: the DP ledger's histories and the norm references."""
-        return {"ledger": self.ledger.state_dict(), "norm_reference": dict(self._norm_reference), "selection": self.selection.state_dict()}
+        modules = {"module_selection": self.module_selection.state_dict()} if self.module_selection is not None else {}
+        return {"ledger": self.ledger.state_dict(), "norm_reference": dict(self._norm_reference), "selection": self.selection.state_dict(), **modules}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ledger.load_state_dict(state.get("ledger", {}))
         self._norm_reference = {str(k): float(v) for k, v in state.get("norm_reference", {}).items()}
         self.selection.load_state_dict(state.get("selection", {}))
+        if self.module_selection is not None:
+            self.module_selection.load_state_dict(state.get("module_selection") or {})
 
     # ----------------------------------------------------------------------------- train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -123,6 +129,9 @@ class FedsiteStrategy(FedAvg):
         if self.offsite is not None:
             arrays = to_array_record(self._global)  # LoRA clients get the LoRA track only
         config["train-factors"] = train_factors(self.aggregator.rule, server_round)
+        if self.module_selection is not None:  # every client of the round trains and sends the same modules
+            config[ACTIVE_KEY] = self.module_selection.message_value(server_round)
+            self.recorder.record(**self.module_selection.record())
         messages = self._select(server_round, list(super().configure_train(server_round, arrays, config, grid)), arrays, grid)
         self._sample_rate = len(messages) / max(1, len(list(grid.get_node_ids())))
         self.recorder.record(sampled=len(messages))
@@ -209,6 +218,8 @@ class FedsiteStrategy(FedAvg):
         track = self._offsite_global if row.kind == KIND_EMULATOR else self._global
         track = split_base(track)[0]  # clients return LoRA arrays only, never the base-weight update
         base, row.rank = self.planner.base_for(row.node_id, track) if self.planner else (track, 0)
+        if self.module_selection is not None and row.kind == KIND_LORA:  # exactly the round's active modules, no more, no less
+            base = restrict(base, self.module_selection.current)
         outcome = read_train_reply(msg, base, max_update_bytes=self.bounds.max_update_bytes or None, max_norm=self.bounds.absolute_norm)
         row.metrics, row.dropped = outcome.metrics, outcome.dropped
         if isinstance(outcome, Rejected):
@@ -277,9 +288,19 @@ class FedsiteStrategy(FedAvg):
     def _aggregate_lora(self, server_round: int, group: list[ReplyRow]) -> dict[str, np.ndarray]:
         """The LoRA track's rule (or DP-FedAvg with client-level DP) over its clients' updates."""
         updates, weights = [row.reply.update for row in group], [row.weight for row in group]
+        if self.module_selection is None:
+            return self._rule(self._global, group, server_round)
+        per_key = self.client_dp is None and self.aggregator.rule in MEAN_RULES
+        new_global = aggregate_selected(self._global, updates, weights, lambda sub: self._rule(sub, group, server_round), per_key=per_key)
+        self.module_selection.observe(self._global, new_global)
+        return new_global
+
+    def _rule(self, current: dict[str, np.ndarray], group: list[ReplyRow], server_round: int) -> dict[str, np.ndarray]:
+        """The rule (or DP-FedAvg) on `current`: the global arrays, or the selected modules' part of them."""
+        updates, weights = [row.reply.update for row in group], [row.weight for row in group]
         if self.client_dp is None:
-            return self.aggregator(self._global, updates, weights, server_round)
-        new_global, ledger = self.client_dp(self._global, updates, self._sample_rate)
+            return self.aggregator(current, updates, weights, server_round)
+        new_global, ledger = self.client_dp(current, updates, self._sample_rate)
         for row in group:
             self.recorder.record_privacy({"round": server_round, "client": row.client, "node_id": row.node_id, **ledger})
         self.recorder.record(privacy=ledger)

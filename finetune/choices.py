@@ -26,6 +26,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "upload-codec": ("fp32", "fp16", "int8", "4bit", "adaptive"),
     "client-selection": ("uniform", "energy-aware"),
     "selection-objective": ("carbon", "energy"),
+    "module-selection": ("all", "kill-revive"),  # Kill-and-Revive (coordinator/module_selection.py)
+    "kr-score": ("update-norm", "update-rms"),
     "dp": ("none", "local", "client"),
     "quantize": ("none", "nf4", "int8"),
     "emulator-quantize": ("none", "int8", "nf4"),

@@ -22,6 +22,10 @@ if TYPE_CHECKING:  # torch and PEFT load only where LoRA is built, not for `feds
 DEFAULT_DISTILL_OBJECTIVE = DISTILL_OBJECTIVES[-1]
 # other spellings of a field, accepted wherever a key is (CLI option, TOML key, run config)
 ALIASES = {"rounds": "num-server-rounds"}
+# Kill-and-Revive module selection (coordinator/module_selection.py) and its sensitivity scores
+MODULE_SELECTIONS = CHOICES["module-selection"]
+KR_SCORES = CHOICES["kr-score"]
+KR_UNSUPPORTED_RULES = ("hetlora", "flora", "fedex-lora")  # per-client ranks or base-weight folds of every module
 
 
 class ConfigError(ValueError):
@@ -85,6 +89,11 @@ class FedsiteConfig:
     upload_budget_mb: float = 0.0  # adaptive codec: most MB a client's upload may take; 0 = no budget
     upload_topk: float = 0.0  # keep this fraction of largest entries per tensor; 0 = dense
     error_feedback: bool = False
+    # DLoRA Kill-and-Revive: clients train and send only the round's active LoRA modules
+    module_selection: str = "all"  # all | kill-revive
+    kr_active_share: float = 0.5  # share of the LoRA modules active each round
+    kr_score: str = "update-norm"  # a module's sensitivity: update-norm | update-rms of its aggregated update
+    kr_revive_every: int = 3  # every n-th round half the active slots go to the longest-killed modules; 0 = never
     # privacy: "none", "local" (DP-SGD on clients, Opacus) or "client" (user-level DP at the coordinator)
     dp: str = "none"
     noise_multiplier: float = 1.0
@@ -219,11 +228,24 @@ class FedsiteConfig:
             ("quantize", self.quantize == "none" or self.aggregation not in BASE_RULES, f"none with aggregation {self.aggregation!r} (it updates the frozen base weights)"),
             ("emulator-share", self.emulator_share == 0.0 or self.aggregation not in BASE_RULES, f"0 with aggregation {self.aggregation!r} (emulator clients cannot take base-weight updates)"),
             *self._secure_checks(RULES),
+            *self._selection_checks(),
         ]
         for key, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"{label(key, labels)} = {getattr(self, _snake(key))!r} must be {expected}")
         return self
+
+    def _selection_checks(self) -> list[tuple[str, bool, str]]:
+        """Kill-and-Revive's knobs, and what it cannot be combined with."""
+        kr = self.module_selection == "kill-revive"
+        return [
+            ("module-selection", self.module_selection in MODULE_SELECTIONS, " or ".join(MODULE_SELECTIONS)),
+            ("kr-active-share", 0.0 < self.kr_active_share <= 1.0, "in (0, 1]"),
+            ("kr-score", self.kr_score in KR_SCORES, " or ".join(KR_SCORES)),
+            ("kr-revive-every", self.kr_revive_every >= 0, "non-negative (0 = never revive)"),
+            ("aggregation", not kr or self.aggregation not in KR_UNSUPPORTED_RULES, f"not {', '.join(KR_UNSUPPORTED_RULES)} with module-selection 'kill-revive'"),
+            ("emulator-share", not kr or self.emulator_share == 0.0, "0 with module-selection 'kill-revive' (offsite clients train their own adapter)"),
+        ]
 
     def _secure_checks(self, rules: Mapping[str, Any]) -> list[tuple[str, bool, str]]:
         """With `secure` on the coordinator sees only the sum: refuse what needs individual updates."""

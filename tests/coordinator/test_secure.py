@@ -239,3 +239,52 @@ def test_secure_federation_through_flower_simulation_survives_a_dropout(tmp_path
     clients = [json.loads(line) for line in (out / "clients.jsonl").read_text().splitlines()]
     assert sum(c["status"] == "accepted" for c in clients) == 8 and all(c["upload_bytes"] > 0 for c in clients if c["status"] == "accepted")
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def selecting_app(updates: dict[int, dict[str, np.ndarray]]) -> ClientApp:
+    """Like `known_update_app`, but a client returns only the round's active modules (Kill-and-Revive)."""
+    from protos.selection import decode_selection, keys_of, modules_of
+
+    app = ClientApp(mods=secure_mods())
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        part = int(context.node_config["partition-id"])
+        config = msg.content.config_records["fitins.config"]
+        keys = json.loads(config["array-keys"])
+        sent = keys_of(keys, decode_selection(config["active-modules"], modules_of(keys)))
+        fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([updates[part][k] for k in sent]), 10 + part, {"client-id": part, "num-examples": 10 + part, "train-loss": 1.0})
+        return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+    return app
+
+
+def test_a_secure_round_with_a_module_selection_gives_the_plain_partial_mean(tmp_path):
+    from aggregation.partial import partial_mean
+    from protos.selection import keys_of
+
+    clients = 4
+    updates = updates_for(clients)
+    config = FedsiteConfig(model="tiny", secure=True, clients=clients, min_train_clients=clients, num_server_rounds=1, secure_max_weight=MAX_WEIGHT,
+                           secure_clip_range=CLIP, secure_threshold=0.5, module_selection="kill-revive", kr_active_share=0.5, out=str(tmp_path / "run")).validate()
+    recorder = RunRecorder(config.out, config)
+    initial = {k: np.zeros_like(v) for k, v in updates[0].items()}
+
+    def close_round(server_round: int, arrays: dict, seconds: float | None) -> dict:
+        recorder.finish_round(server_round, {"eval_loss": 0.0})
+        return {"eval-loss": 0.0}
+
+    final = run_secure(LoopbackGrid(selecting_app(updates), clients), config, recorder, initial, close_round)
+    row = recorder.rounds[-1]
+    selected = keys_of(initial, row["active_modules"])
+    assert len(row["active_modules"]) == 1 and row["active_share"] == 0.5 and len(selected) == 2
+    plain = partial_mean(initial, [{k: updates[i][k] for k in selected} for i in range(clients)], [10 + i for i in range(clients)])
+    share = sum(10 + i for i in range(clients)) / MAX_WEIGHT
+    bound = clients * (2 * CLIP / LEVELS) / share  # as in the full-vector test above
+    for key in initial:
+        if key in selected:
+            assert np.max(np.abs(final[key] - plain[key])) <= bound, key
+        else:
+            assert np.array_equal(final[key], initial[key]), key  # killed: exactly as it was
+    _, _, full_row, _ = federate(tmp_path / "full", clients)
+    assert 0 < row["secure_masked_bytes"] < 0.75 * full_row["secure_masked_bytes"]  # half the arrays masked and sent

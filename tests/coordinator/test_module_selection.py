@@ -1,0 +1,160 @@
+"""Kill-and-Revive at the coordinator: seeded selection, killing, revival, and the partial aggregate."""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from coordinator.aggregate import Aggregator
+from coordinator.module_selection import KillRevive, module_scores, selection_for
+from coordinator.results import RunRecorder
+from coordinator.strategy import FedsiteStrategy
+from finetune.config import ConfigError, FedsiteConfig
+from protos.selection import decode_selection, keys_of
+from protos.tensors import from_array_record, to_array_record
+from protos.updates import encode_update
+
+MODULES = [f"m.layers.{i}.self_attn.{p}" for i in range(4) for p in ("q_proj", "v_proj")]
+
+
+def arrays(value: float = 0.0) -> dict:
+    out = {}
+    for m in MODULES:
+        out[f"{m}.lora_A.weight"] = np.full((2, 3), value, np.float32)
+        out[f"{m}.lora_B.weight"] = np.full((3, 2), value, np.float32)
+    return out
+
+
+def run_rounds(selector: KillRevive, rounds: int, sensitivity: dict[str, float]) -> list[list[str]]:
+    """Rounds of selection, each active module moving by its fixed `sensitivity`."""
+    chosen = []
+    for r in range(1, rounds + 1):
+        active = selector.active(r)
+        chosen.append(active)
+        old = arrays()
+        new = {k: v + (sensitivity[k.rsplit(".lora_", 1)[0]] if k.rsplit(".lora_", 1)[0] in active else 0) for k, v in old.items()}
+        selector.observe(old, new)
+    return chosen
+
+
+SENSITIVITY = {m: float(i + 1) for i, m in enumerate(MODULES)}  # the last modules matter most
+
+
+def test_selection_and_revival_are_deterministic_by_seed():
+    first = run_rounds(KillRevive(MODULES, 0.25, revive_every=3, seed=5), 12, SENSITIVITY)
+    again = run_rounds(KillRevive(MODULES, 0.25, revive_every=3, seed=5), 12, SENSITIVITY)
+    other = run_rounds(KillRevive(MODULES, 0.25, revive_every=3, seed=6), 12, SENSITIVITY)
+    assert first == again
+    assert first != other  # the seed orders unscored modules and ties
+    assert all(len(active) == 2 for active in first)
+
+
+def test_every_module_is_tried_before_any_is_killed_then_the_small_ones_are_killed():
+    chosen = run_rounds(KillRevive(MODULES, 0.25, revive_every=0, seed=0), 8, SENSITIVITY)
+    assert sorted(m for active in chosen[:4] for m in active) == sorted(MODULES)  # 4 rounds x 2 cover all 8
+    top = sorted(MODULES, key=SENSITIVITY.__getitem__)[-2:]
+    assert all(active == top for active in chosen[4:])  # no revival: the two largest updates stay
+
+
+def test_revival_brings_back_the_longest_killed_modules_every_k_rounds():
+    selector = KillRevive(MODULES, 0.5, revive_every=3, seed=1)
+    chosen = run_rounds(selector, 9, SENSITIVITY)
+    top = sorted(MODULES, key=SENSITIVITY.__getitem__)[-4:]
+    assert chosen[3] == top and chosen[4] == top  # rounds 4 and 5: the most sensitive half
+    revived = set(chosen[5]) - set(top)  # round 6 revives half the slots
+    assert len(revived) == 2 and revived <= set(MODULES) - set(top)
+    last_active_before = {m: max((r for r, a in enumerate(chosen[:5], 1) if m in a), default=0) for m in set(MODULES) - set(top)}
+    assert all(last_active_before[m] == min(last_active_before.values()) for m in revived)
+    assert set(top) - set(chosen[5]) == set(sorted(top, key=SENSITIVITY.__getitem__)[:2])  # the weakest of the active make room
+
+
+def test_scores_are_the_norm_of_each_modules_aggregated_update():
+    old, new = arrays(), arrays()
+    new[f"{MODULES[0]}.lora_B.weight"] += 2.0  # 6 values
+    scores = module_scores(old, new, MODULES[:2])
+    assert scores[MODULES[0]] == pytest.approx(np.sqrt(6 * 4.0)) and scores[MODULES[1]] == 0.0
+    assert module_scores(old, new, MODULES[:1], "update-rms")[MODULES[0]] == pytest.approx(np.sqrt(24.0 / 12))
+
+
+def test_a_checkpointed_selector_resumes_with_the_same_scores():
+    selector = KillRevive(MODULES, 0.25, seed=2)
+    run_rounds(selector, 5, SENSITIVITY)
+    resumed = KillRevive(MODULES, 0.25, seed=2)
+    resumed.load_state_dict(json.loads(json.dumps(selector.state_dict())))
+    assert resumed.active(6) == selector.active(6)
+
+
+def test_the_config_refuses_what_cannot_take_partial_updates():
+    FedsiteConfig(module_selection="kill-revive", aggregation="fedadam").validate()
+    for changes, field in [({"aggregation": "hetlora"}, "aggregation"), ({"aggregation": "fedex-lora"}, "aggregation"), ({"emulator_share": 0.5}, "emulator-share"),
+                           ({"kr_active_share": 0.0}, "kr-active-share"), ({"kr_score": "magic"}, "kr-score"), ({"kr_revive_every": -1}, "kr-revive-every")]:
+        with pytest.raises(ConfigError, match=field):
+            FedsiteConfig(module_selection="kill-revive", **changes).validate()
+    with pytest.raises(ConfigError, match="module-selection"):
+        FedsiteConfig(module_selection="some").validate()
+    assert selection_for(FedsiteConfig(), arrays()) is None
+
+
+# ---------------------------------------------------------------- the strategy's round
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def reply(node: int, trained: dict, examples: int) -> Message:
+    request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    payload = encode_update(trained, {k: arrays()[k] for k in trained}, "fp32")
+    content = RecordDict({"arrays": to_array_record(payload), "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0})})
+    return Message(content=content, reply_to=request)
+
+
+def strategy_round(tmp_path, rule: str, replies_for) -> tuple[FedsiteStrategy, dict, dict, list[str]]:
+    config = FedsiteConfig(module_selection="kill-revive", kr_active_share=0.25, aggregation=rule)
+    strategy = FedsiteStrategy(RunRecorder(tmp_path, config), Aggregator(rule, server_lr=0.5), fraction_train=1.0, fraction_evaluate=0.0, min_train_clients=2, max_update_norm=0)
+    strategy.module_selection = selection_for(config, arrays())
+    strategy._global = arrays()
+    active = decode_selection(strategy.module_selection.message_value(1), MODULES)
+    out, _ = strategy.aggregate_train(1, replies_for(keys_of(arrays(), active)))
+    strategy.recorder.finish_round(1, {"eval_loss": 1.0})
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    return strategy, from_array_record(out), row, active
+
+
+def test_replies_with_exactly_the_selected_modules_are_averaged_and_the_rest_left_alone(tmp_path):
+    def replies(keys):
+        good = [reply(2, {k: np.full(arrays()[k].shape, 1.0, np.float32) for k in keys}, 10), reply(3, {k: np.full(arrays()[k].shape, 4.0, np.float32) for k in keys}, 30)]
+        extra = reply(4, {k: np.full(v.shape, 9.0, np.float32) for k, v in arrays().items()}, 10)  # every module: more than selected
+        missing = reply(5, {keys[0]: np.full(arrays()[keys[0]].shape, 9.0, np.float32)}, 10)  # one factor short
+        return [*good, extra, missing]
+
+    strategy, out, row, active = strategy_round(tmp_path, "fedavg", replies)
+    for key, value in out.items():
+        expected = 3.25 if key in keys_of(arrays(), active) else 0.0
+        assert np.all(value == np.float32(expected)), key
+    assert row["contributors"] == [2, 3]
+    assert strategy.module_selection.record() == {"module_selection": "kill-revive", "active_modules": active, "active_share": 0.25,
+                                           "active_layers": sorted({int(m.split(".")[2]) for m in active}), "lowest_active_layer": min(int(m.split(".")[2]) for m in active)}
+    reasons = {r["client"]: r["reason"] for r in row["rejected"]}
+    assert reasons[4].startswith("unknown key") and reasons[5].startswith("missing key")
+    assert strategy.module_selection.scores.keys() == set(active)  # scored from the aggregate
+    assert strategy.state_dict()["module_selection"]["scores"] == strategy.module_selection.scores
+
+
+@pytest.mark.parametrize("rule", ["fedadam", "fedavgm", "ffa-lora"])
+def test_rules_and_server_optimizers_touch_only_the_updated_modules(tmp_path, rule):
+    def replies(keys):
+        def trained(value):  # FFA-LoRA clients leave A as it was
+            return {k: (arrays()[k] if rule == "ffa-lora" and "lora_A" in k else np.full(arrays()[k].shape, value, np.float32)) for k in keys}
+        return [reply(2, trained(1.0), 10), reply(3, trained(2.0), 10)]
+
+    strategy, out, row, active = strategy_round(tmp_path, rule, replies)
+    selected = keys_of(arrays(), active)
+    assert all(np.array_equal(out[k], arrays()[k]) for k in out if k not in selected)
+    moved = [k for k in selected if not np.array_equal(out[k], arrays()[k])]
+    assert moved and all("lora_B" in k for k in moved) == (rule == "ffa-lora")
+    if rule != "ffa-lora":
+        assert set(strategy.aggregator.state.m) == set(selected)  # no moments for killed modules
