@@ -125,6 +125,7 @@ def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
             distill_data=config.emulator_distill_data,
             distill_objective=config.emulator_distill_objective,
             device=config.device,
+            fill=config.emulator_fill,
         )
         public_key = load_public_key(out / "keys" / "public_key.pem")
         manifest = verify_package(package, public_key)

@@ -113,7 +113,7 @@ def distill_middle(
     batches = [b if isinstance(b, Mapping) else {"input_ids": b} for b in batches]
     if not batches or steps < 1:
         raise ValueError("emulator: distillation needs at least one batch and one step")
-    emulator_in, full_in = layer_map.k + len(layer_map.middle_kept), layer_map.top[0]
+    emulator_in, full_in = layer_map.emulator_index()[layer_map.top[0]], layer_map.top[0]
     layers = decoder_layers(emulator)
     params = [p for position in layer_map.middle_positions() for p in layers[position].parameters()]
     device = model_device(emulator)

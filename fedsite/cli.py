@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from finetune.logs import setup_logging
-from finetune.config import DEFAULT_DISTILL_OBJECTIVE, DISTILL_OBJECTIVES, ConfigError, FedsiteConfig, field_help, from_mapping
+from finetune.config import DEFAULT_DISTILL_OBJECTIVE, DISTILL_OBJECTIVES, EMULATOR_FILLS, ConfigError, FedsiteConfig, field_help, from_mapping
 from fedsite.service_cli import add_service_parsers
 
 FIELD_HELP = {
@@ -73,6 +73,7 @@ FIELD_HELP = {
     "emulator-package": "offsite tuning: use this package from `fedsite emulator build` (default: build one into OUT/emulator)",
     "emulator-adapter-layers": "offsite tuning: trainable blocks kept at each end of the emulator (0 = 2, or 1 below 8 blocks)",
     "emulator-stride": "offsite tuning: keep every n-th middle block in the emulator",
+    "emulator-fill": "offsite tuning: dropped middle blocks are 'drop'ped (shallower emulator) or 'share'd (depth kept: each dropped slot runs its nearest kept block; same bytes, full-depth compute)",
     "emulator-quantize": "offsite tuning: storage of the emulator's frozen middle: none, int8 or nf4",
     "emulator-distill-steps": "offsite tuning: distillation steps of the emulator's middle toward the full model",
     "emulator-distill-objective": "offsite tuning: distil on 'logits' (KL), 'hidden' (MSE into the top adapter) or 'logits+hidden' (both, dimensions standardized)",
@@ -147,7 +148,7 @@ def cmd_emulator_build(args: argparse.Namespace) -> int:
     from emulator.cli import build_command
 
     quantize = None if args.quantize == "none" else args.quantize
-    build_command(args.model, args.out, args.adapter_layers, args.stride, quantize, args.key, distill_steps=args.distill_steps, distill_data=args.distill_data, distill_objective=args.distill_objective, device=args.device)
+    build_command(args.model, args.out, args.adapter_layers, args.stride, quantize, args.key, distill_steps=args.distill_steps, distill_data=args.distill_data, distill_objective=args.distill_objective, device=args.device, fill=args.fill)
     return 0
 
 
@@ -215,6 +216,7 @@ def add_emulator_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--out", required=True, help="package folder to write")
     build.add_argument("--adapter-layers", type=int, default=None, help="adapter blocks kept at each end (default: 2, or 1 below 8 blocks)")
     build.add_argument("--stride", type=int, default=2, help="keep every n-th middle block (default: 2; 1 keeps all)")
+    build.add_argument("--fill", choices=list(EMULATOR_FILLS), default="drop", help="dropped middle blocks: 'drop' them (shallower emulator) or 'share' (keep the depth, each dropped slot runs its nearest kept block; same bytes) (default: drop)")
     build.add_argument("--quantize", choices=["none", "int8", "nf4", "4bit"], default="none", help="weight quantization of the frozen middle (default: none)")
     build.add_argument("--distill-steps", type=int, default=0, help="distillation steps of the kept middle toward the full model (default: 0)")
     build.add_argument("--distill-objective", choices=DISTILL_OBJECTIVES, default=DEFAULT_DISTILL_OBJECTIVE, help=f"what the distillation matches (default: {DEFAULT_DISTILL_OBJECTIVE})")

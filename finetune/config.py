@@ -20,6 +20,8 @@ from finetune.lora import LoraSettings
 # what emulator distillation matches (emulator/distill.py); the last is the default
 DISTILL_OBJECTIVES = ("logits", "hidden", "logits+hidden")
 DEFAULT_DISTILL_OBJECTIVE = DISTILL_OBJECTIVES[-1]
+# what an emulator does with the middle blocks it drops (emulator/layers.py)
+EMULATOR_FILLS = ("drop", "share")
 
 
 class ConfigError(ValueError):
@@ -100,6 +102,7 @@ class FedsiteConfig:
     emulator_package: str = ""  # a package from `fedsite emulator build` ("" = build one into <out>/emulator)
     emulator_adapter_layers: int = 0  # trainable blocks kept at each end (0 = 2, or 1 below 8 blocks)
     emulator_stride: int = 2  # keep every n-th middle block
+    emulator_fill: str = "drop"  # dropped middle blocks: "drop" (shallower) or "share" (depth kept, nearest kept block reused)
     emulator_quantize: str = "none"  # storage of the emulator's frozen middle: none, int8 or nf4
     emulator_distill_steps: int = 0  # distillation steps of the kept middle toward the full model
     emulator_distill_objective: str = DEFAULT_DISTILL_OBJECTIVE  # logits (KL), hidden (MSE into the top adapter) or both
@@ -191,6 +194,7 @@ class FedsiteConfig:
             ("emulator-share", 0.0 <= self.emulator_share <= 1.0, "in [0, 1]"),
             ("emulator-adapter-layers", self.emulator_adapter_layers >= 0, "non-negative (0 = default)"),
             ("emulator-stride", self.emulator_stride >= 1, "at least 1"),
+            ("emulator-fill", self.emulator_fill in EMULATOR_FILLS, " or ".join(EMULATOR_FILLS)),
             ("emulator-quantize", self.emulator_quantize in ("none", "int8", "nf4"), "none, int8 or nf4"),
             ("emulator-distill-steps", self.emulator_distill_steps >= 0, "non-negative"),
             ("offsite-train", self.offsite_train in ("lora", "blocks"), "lora or blocks"),

@@ -174,3 +174,24 @@ def test_emulator_clients_of_a_smaller_rank_train_and_return_that_rank(track, tm
     assert offsite[a_key].shape == t.initial[a_key].shape  # back at the track's rank 4
     np.testing.assert_allclose(offsite[a_key][:2], t.initial[a_key][:2] + 1.0, rtol=1e-6)
     np.testing.assert_array_equal(offsite[a_key][2:], 0.0)  # only zero-padded directions came back
+
+
+def test_share_fill_run_ships_a_full_depth_emulator_of_drop_bytes(tmp_path):
+    from emulator.build import decoder_layers
+
+    config = FedsiteConfig(model="tiny", out=str(tmp_path / "run"), emulator_share=0.5, lora_rank=4, emulator_fill="share").validate()
+    t = prepare_offsite(config)
+    assert t.layer_map.fill == "share" and t.layer_map.slots == (0, 1, 1, 3)
+    drop = prepare_offsite(FedsiteConfig(model="tiny", out=str(tmp_path / "drop"), emulator_share=0.5, lora_rank=4))
+    assert t.summary["emulator_bytes"] == drop.summary["emulator_bytes"]
+    spec = OffsiteSpec.from_config(t.client_config())
+    emulator, _, layer_map = offsite_model(spec, config.offsite_lora_settings(), config.seed)
+    assert layer_map == t.layer_map and len(decoder_layers(emulator.get_base_model())) == 4
+    set_offsite_arrays(emulator, t.initial, layer_map, spec.mode)
+    with torch.no_grad():
+        for p in emulator.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    trained = get_offsite_arrays(emulator, layer_map, spec.mode)
+    assert set(trained) == set(t.initial)  # keyed by original blocks 0 and 3, as with drop
+    assert all(np.array_equal(get_offsite_arrays(t.load(trained), t.layer_map, t.mode)[k], v) for k, v in trained.items())
