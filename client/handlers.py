@@ -141,7 +141,7 @@ def local_training(
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         max_seq_len=config.max_seq_len,
-        proximal_mu=config.proximal_mu if config.aggregation == "fedprox" else 0.0,
+        proximal_mu=config.client_proximal_mu(offsite.mode if offsite is not None else None),
         # a different data order every round and client, reproducible from the run seed
         seed=zlib.crc32(f"{config.seed}/{server_round}/{client_label(context)}".encode()),
     )

@@ -81,6 +81,7 @@ FIELD_HELP = {
     "offsite-train": "offsite tuning: clients train 'lora' on the adapter blocks or the adapter 'blocks' themselves (the paper's; learns far more)",
     "offsite-lora-targets": "offsite tuning: modules of the adapter blocks that get LoRA when --offsite-train lora (default: all seven linears)",
     "offsite-lr": "offsite tuning: learning rate of emulator clients (0 = --lr for lora, 1e-4 for blocks)",
+    "offsite-proximal-mu": "offsite tuning: emulator clients add lambda * ||adapter - round-start adapter||^2 to their loss (drift control, FedBiOT uses 1; 0 = off)",
     "artifact-url": "deployment: HOST:PORT of the coordinator's artifact service; emulator packages go to OUT/artifacts and clients fetch them by reference (serve it with `fedsite coordinator --artifacts OUT/artifacts`)",
     "eval-examples": "held-out examples in the coordinator's evaluation",
     "client-eval-examples": "test examples per client in federated evaluation",

@@ -112,6 +112,7 @@ class FedsiteConfig:
     # little; on all seven it transferred best of what was tried on SmolLM2 and uploads ~22x less than blocks)
     offsite_lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     offsite_lr: float = 0.0  # learning rate of offsite clients (0 = `lr` for LoRA, 1e-4 for whole blocks)
+    offsite_proximal_mu: float = 0.0  # offsite clients add lambda * ||adapter - round-start adapter||^2 (FedBiOT: 1; 0 = off)
     artifact_url: str = ""  # HOST:PORT of the coordinator's artifact service: emulators are published to <out>/artifacts and fetched by reference
     # evaluation
     eval_examples: int = 60
@@ -145,6 +146,14 @@ class FedsiteConfig:
         if offsite_mode is None:
             return self.lr
         return self.offsite_lr or (1e-4 if offsite_mode == "blocks" else self.lr)
+
+    def client_proximal_mu(self, offsite_mode: str | None = None) -> float:
+        """The mu of a client's proximal term mu/2 ||w - w_start||^2 (finetune/train.py): FedProx's
+        `proximal-mu` under fedprox; offsite clients with `offsite-proximal-mu` = lambda > 0 get
+        mu = 2 lambda, i.e. FedBiOT's lambda ||adapter - round-start adapter||^2, whatever the rule."""
+        if offsite_mode is not None and self.offsite_proximal_mu > 0:
+            return 2.0 * self.offsite_proximal_mu
+        return self.proximal_mu if self.aggregation == "fedprox" else 0.0
 
     def to_flat(self) -> dict[str, Any]:
         """Kebab-case keys and plain values, as Flower's run config and ConfigRecord want them."""
@@ -199,6 +208,7 @@ class FedsiteConfig:
             ("emulator-distill-steps", self.emulator_distill_steps >= 0, "non-negative"),
             ("offsite-train", self.offsite_train in ("lora", "blocks"), "lora or blocks"),
             ("offsite-lr", self.offsite_lr >= 0, "non-negative (0 = default)"),
+            ("offsite-proximal-mu", self.offsite_proximal_mu >= 0, "non-negative (0 = off)"),
             ("offsite-lora-targets", bool(self.offsite_lora_settings().targets), "at least one module name"),
             ("emulator-distill-objective", self.emulator_distill_objective in DISTILL_OBJECTIVES, f"{', '.join(DISTILL_OBJECTIVES[:-1])} or {DISTILL_OBJECTIVES[-1]}"),
             ("aggregation", self.dp != "client" or self.aggregation == "fedavg", "fedavg with dp 'client' (DP-FedAvg)"),
