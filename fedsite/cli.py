@@ -81,6 +81,8 @@ FIELD_HELP = {
     "offsite-train": "offsite tuning: clients train 'lora' on the adapter blocks or the adapter 'blocks' themselves (the paper's; learns far more)",
     "offsite-lora-targets": "offsite tuning: modules of the adapter blocks that get LoRA when --offsite-train lora (default: all seven linears)",
     "offsite-lr": "offsite tuning: learning rate of emulator clients (0 = --lr for lora, 1e-4 for blocks)",
+    "emulator-align-steps": "offsite tuning: alignment steps of the emulator toward the backbone at the coordinator every round, with the current adapter in both (FedBiOT); sent to clients as a signed low-rank refresh of the middle (0 = off)",
+    "emulator-align-rank": "offsite tuning: rank of the per-round refresh's LoRA factors on the emulator's frozen middle",
     "offsite-proximal-mu": "offsite tuning: emulator clients add lambda * ||adapter - round-start adapter||^2 to their loss (drift control, FedBiOT uses 1; 0 = off)",
     "artifact-url": "deployment: HOST:PORT of the coordinator's artifact service; emulator packages go to OUT/artifacts and clients fetch them by reference (serve it with `fedsite coordinator --artifacts OUT/artifacts`)",
     "eval-examples": "held-out examples in the coordinator's evaluation",

@@ -112,6 +112,8 @@ class FedsiteConfig:
     # little; on all seven it transferred best of what was tried on SmolLM2 and uploads ~22x less than blocks)
     offsite_lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     offsite_lr: float = 0.0  # learning rate of offsite clients (0 = `lr` for LoRA, 1e-4 for whole blocks)
+    emulator_align_steps: int = 0  # per-round alignment steps of the emulator at the coordinator (FedBiOT; 0 = off), shipped as a signed low-rank refresh
+    emulator_align_rank: int = 4  # rank of that refresh's LoRA factors on the frozen middle
     offsite_proximal_mu: float = 0.0  # offsite clients add lambda * ||adapter - round-start adapter||^2 (FedBiOT: 1; 0 = off)
     artifact_url: str = ""  # HOST:PORT of the coordinator's artifact service: emulators are published to <out>/artifacts and fetched by reference
     # evaluation
@@ -209,6 +211,8 @@ class FedsiteConfig:
             ("offsite-train", self.offsite_train in ("lora", "blocks"), "lora or blocks"),
             ("offsite-lr", self.offsite_lr >= 0, "non-negative (0 = default)"),
             ("offsite-proximal-mu", self.offsite_proximal_mu >= 0, "non-negative (0 = off)"),
+            ("emulator-align-steps", self.emulator_align_steps >= 0, "non-negative (0 = off)"),
+            ("emulator-align-rank", self.emulator_align_rank >= 1, "at least 1"),
             ("offsite-lora-targets", bool(self.offsite_lora_settings().targets), "at least one module name"),
             ("emulator-distill-objective", self.emulator_distill_objective in DISTILL_OBJECTIVES, f"{', '.join(DISTILL_OBJECTIVES[:-1])} or {DISTILL_OBJECTIVES[-1]}"),
             ("aggregation", self.dp != "client" or self.aggregation == "fedavg", "fedavg with dp 'client' (DP-FedAvg)"),
