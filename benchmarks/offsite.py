@@ -10,7 +10,8 @@ Rows (`--rows`, comma-separated; default all):
   full-lora          federated LoRA on the full backbone (every client holds it): the reference
   drop, share        offsite clients on an emulator whose dropped middle blocks are dropped / shared
   drop+prox, share+prox   the same with the offsite proximal term (`--proximal-mu`, FedBiOT: 1)
-  drop+align, share+align per-round alignment at the coordinator: not implemented yet (row says so)
+  drop+align, share+align per-round alignment at the coordinator (FedBiOT, `--align-steps`), shipped
+                          as a signed low-rank refresh of the middle; share+align+prox adds the proximal term
   cost-drop, cost-share   emulator bytes / backbone bytes, client step time and peak memory
                           of an emulator client vs a full-model LoRA client
 
@@ -52,16 +53,18 @@ from finetune.loss import answer_logits
 from finetune.sources import central_eval_set, run_splits
 from finetune.train import TrainSettings, train
 
-FEDERATED = {  # row -> (emulator share, fill, offsite proximal term on)
-    "full-lora": (0.0, "drop", False),
-    "drop": (1.0, "drop", False),
-    "share": (1.0, "share", False),
-    "drop+prox": (1.0, "drop", True),
-    "share+prox": (1.0, "share", True),
+FEDERATED = {  # row -> (emulator share, fill, offsite proximal term on, per-round alignment on)
+    "full-lora": (0.0, "drop", False, False),
+    "drop": (1.0, "drop", False, False),
+    "share": (1.0, "share", False, False),
+    "drop+prox": (1.0, "drop", True, False),
+    "share+prox": (1.0, "share", True, False),
+    "drop+align": (1.0, "drop", False, True),
+    "share+align": (1.0, "share", False, True),
+    "share+align+prox": (1.0, "share", True, True),
 }
-UNAVAILABLE = {"drop+align": "per-round alignment (FedBiOT) is not implemented yet", "share+align": "per-round alignment (FedBiOT) is not implemented yet"}
 COSTS = {"cost-drop": "drop", "cost-share": "share"}
-ROWS = ("zero-shot", *FEDERATED, *UNAVAILABLE, *COSTS)
+ROWS = ("zero-shot", *FEDERATED, *COSTS)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,6 +83,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train", default="blocks", help="offsite clients train the adapter 'blocks' (the paper's) or 'lora' on them")
     p.add_argument("--offsite-lr", type=float, default=0.0, help="learning rate of the offsite clients (0 = 1e-4 for blocks, the run's lr for lora)")
     p.add_argument("--proximal-mu", type=float, default=1.0, help="lambda of the +prox rows' lambda*||adapter - round-start adapter||^2")
+    p.add_argument("--align-steps", type=int, default=10, help="+align rows: alignment steps at the coordinator before every round (FedBiOT: about 10)")
+    p.add_argument("--align-rank", type=int, default=4, help="+align rows: rank of the refresh's LoRA factors on the frozen middle")
     p.add_argument("--eval-examples", type=int, default=60)
     p.add_argument("--steps", type=int, default=4, help="cost rows: steps per timing repeat")
     p.add_argument("--repeats", type=int, default=3, help="cost rows: interleaved timing repeats")
@@ -89,7 +94,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_config(args: argparse.Namespace, row: str, share: float = 1.0, fill: str = "drop", prox: bool = False) -> FedsiteConfig:
+def run_config(args: argparse.Namespace, row: str, share: float = 1.0, fill: str = "drop", prox: bool = False, align: bool = False) -> FedsiteConfig:
     return FedsiteConfig(
         model=args.model,
         clients=args.clients,
@@ -107,6 +112,8 @@ def run_config(args: argparse.Namespace, row: str, share: float = 1.0, fill: str
         offsite_train=args.train,
         offsite_lr=args.offsite_lr,
         offsite_proximal_mu=args.proximal_mu if prox else 0.0,
+        emulator_align_steps=args.align_steps if align else 0,
+        emulator_align_rank=args.align_rank,
         out=str(Path(args.out) / "runs" / row),
     ).validate()
 
@@ -142,8 +149,8 @@ def federated_row(args: argparse.Namespace, row: str) -> dict:
 
     from simulations.runner import simulate
 
-    share, fill, prox = FEDERATED[row]
-    config = run_config(args, row, share, fill, prox)
+    share, fill, prox, align = FEDERATED[row]
+    config = run_config(args, row, share, fill, prox, align)
     run = simulate(config)
     summary = json.loads((run / "summary.json").read_text())
     backbone, tokenizer = load_backbone(config.model)
@@ -151,16 +158,29 @@ def federated_row(args: argparse.Namespace, row: str) -> dict:
         return {**scores(PeftModel.from_pretrained(backbone, str(run / "adapter")), tokenizer, config, "plug_in"), "seconds_federated": summary.get("seconds")}
     off = summary["offsite"]
     out = {"emulator_bytes": off["emulator_bytes"], "backbone_bytes": off["backbone_bytes"], "layer_map": off.get("layer_map")}
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    out["refresh_bytes"] = sum(int(r.get("emulator_refresh_bytes") or 0) for r in rounds)  # all rounds, per client
+    layer_map = manifest_layer_map_of(run)
     if config.offsite_train == "blocks":
         arrays = load_file(str(run / "offsite_adapter" / "adapter_blocks.safetensors"))
-        emulator, _, layer_map, _ = load_package(run / "emulator", run / "keys" / "public_key.pem")
         load_adapter_state(backbone, arrays, layer_map)
+        plug_in = backbone
+    else:  # LoRA on the adapter blocks: the exported PEFT adapter fits the full backbone
+        plug_in = PeftModel.from_pretrained(backbone, str(run / "offsite_adapter"))
+    out.update(scores(plug_in, tokenizer, config, "plug_in"))
+    if config.offsite_train == "blocks" and not align:  # an aligned emulator's refresh lives only in the run: its own scores
+        emulator = load_package(run / "emulator", run / "keys" / "public_key.pem")[0]
         load_adapter_state(emulator, arrays, layer_map)
-        out.update(scores(backbone, tokenizer, config, "plug_in"), **scores(emulator, tokenizer, config, "emulator"))
-    else:  # LoRA on the adapter blocks: the exported PEFT adapter fits the full backbone only
-        out.update(scores(PeftModel.from_pretrained(backbone, str(run / "offsite_adapter")), tokenizer, config, "plug_in"))
+        out.update(scores(emulator, tokenizer, config, "emulator"))
+    else:
         out.update(emulator_loss=summary["final"]["emulator_eval_loss"], emulator_exact_match=summary["final"]["emulator_eval_accuracy"], emulator_token_accuracy=None)
     return out
+
+
+def manifest_layer_map_of(run: Path):
+    from emulator.package import manifest_layer_map, verify_package
+
+    return manifest_layer_map(verify_package(run / "emulator", run / "keys" / "public_key.pem"))
 
 
 def cost_row(args: argparse.Namespace, row: str) -> dict:
@@ -238,21 +258,19 @@ def run_row(args: argparse.Namespace, row: str) -> dict:
         return zero_shot_row(args)
     if row in FEDERATED:
         return federated_row(args, row)
-    if row in COSTS:
-        return cost_row(args, row)
-    return {"unavailable": UNAVAILABLE[row]}
+    return cost_row(args, row)
 
 
 def budget(args: argparse.Namespace) -> dict:
     """What a row's numbers depend on: a cached row of another budget is not reused."""
-    keys = ("model", "clients", "rounds", "local_steps", "adapter_layers", "stride", "quantize", "distill_steps", "distill_objective", "distill_data", "train", "offsite_lr", "proximal_mu", "eval_examples")
+    keys = ("model", "clients", "rounds", "local_steps", "adapter_layers", "stride", "quantize", "distill_steps", "distill_objective", "distill_data", "train", "offsite_lr", "proximal_mu", "align_steps", "align_rank", "eval_examples")
     return {key: getattr(args, key) for key in keys}
 
 
 def table(rows: dict[str, dict]) -> str:
     """The markdown tables of every finished row."""
     zs, full = rows.get("zero-shot", {}).get("plug_in_loss"), rows.get("full-lora", {}).get("plug_in_loss")
-    lines = ["| row | plug-in eval loss | exact match | answer-token acc | gain recovered | emulator eval loss | plug-in - emulator | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| row | plug-in eval loss | exact match | answer-token acc | gain recovered | emulator eval loss | plug-in - emulator | refresh MB | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def f(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
@@ -260,13 +278,10 @@ def table(rows: dict[str, dict]) -> str:
     for name, r in rows.items():
         if name in COSTS:
             continue
-        if "unavailable" in r:
-            lines.append(f"| {name} | {r['unavailable']} |||||||")
-            continue
         plug, emu = r.get("plug_in_loss"), r.get("emulator_loss")
         gain = (zs - plug) / (zs - full) if None not in (zs, full, plug) and zs != full and name not in ("zero-shot", "full-lora") else None
         gap = plug - emu if None not in (plug, emu) else None
-        lines.append(f"| {name} | {f(plug)} | {f(r.get('plug_in_exact_match'))} | {f(r.get('plug_in_token_accuracy'))} | {f(gain, 2)} | {f(emu)} | {f(gap)} | {f(r.get('wall_seconds'), 0)} |")
+        lines.append(f"| {name} | {f(plug)} | {f(r.get('plug_in_exact_match'))} | {f(r.get('plug_in_token_accuracy'))} | {f(gain, 2)} | {f(emu)} | {f(gap)} | {f((r.get('refresh_bytes') or 0) / 1e6, 2)} | {f(r.get('wall_seconds'), 0)} |")
     costs = [(n, r) for n, r in rows.items() if n in COSTS]
     if costs:
         lines += ["", "| cost | emulator / backbone bytes | step s full | step s emulator | emulator / full step | peak RSS MB full | peak RSS MB emulator |", "|---|---:|---:|---:|---:|---:|---:|"]
