@@ -1,12 +1,28 @@
-"""Offsite tuning vs full-model LoRA, measured side by side in one run (Offsite-Tuning's table).
+"""Offsite tuning vs full-model LoRA at one client budget, row by row and resumable.
 
-Rows: full model zero-shot, emulator zero-shot, emulator fine-tuned (federated), plug-in
-fine-tuned (federated), full-model LoRA fine-tuned (federated, same clients and steps).
-Costs: emulator bytes / backbone bytes, client step time (interleaved repeats, median) and
-peak memory (one fresh process per kind) of an emulator client vs a full-model LoRA client.
+Every federated row runs the same clients x rounds x local steps (default 10 x 30, FedBiOT's
+budget); each row writes OUT/rows/<row>.json and is skipped when that file exists, so a
+benchmark too long for one sitting resumes row by row (an interrupted federated run also
+resumes from its own checkpoint). Each row prints its wall time.
 
-    python benchmarks/offsite.py                    # embedded SmolLM2 (two federated runs, long)
-    python benchmarks/offsite.py --model tiny       # plumbing check in about a minute
+Rows (`--rows`, comma-separated; default all):
+  zero-shot          the backbone as it is
+  full-lora          federated LoRA on the full backbone (every client holds it): the reference
+  drop, share        offsite clients on an emulator whose dropped middle blocks are dropped / shared
+  drop+prox, share+prox   the same with the offsite proximal term (`--proximal-mu`, FedBiOT: 1)
+  drop+align, share+align per-round alignment at the coordinator (FedBiOT, `--align-steps`), shipped
+                          as a signed low-rank refresh of the middle; share+align+prox adds the proximal term
+  cost-drop, cost-share   emulator bytes / backbone bytes, client step time and peak memory
+                          of an emulator client vs a full-model LoRA client
+
+Per federated row: eval loss, exact match and teacher-forced answer-token accuracy of the
+plug-in (the emulator-trained adapter in the full backbone) and of the emulator itself; the
+table adds the share of full LoRA's eval-loss gain the plug-in recovers,
+(zero-shot - plug-in) / (zero-shot - full LoRA), and the plug-in minus emulator gap.
+
+    python benchmarks/offsite.py                               # SmolLM2, the whole table (hours on 2 cores)
+    python benchmarks/offsite.py --rows zero-shot,share --rounds 2 --local-steps 5   # a slice
+    python benchmarks/offsite.py --model tiny --rounds 1 --local-steps 2             # plumbing check
 """
 
 from __future__ import annotations
@@ -21,39 +37,64 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from safetensors.numpy import load_file
+
 from client.offsite import OffsiteSpec, offsite_model
+from emulator.build import load_adapter_state
 from emulator.keys import load_public_key, public_key_pem
+from emulator.package import load_package
+from finetune.backbone import load_backbone
+from finetune.batches import encode_example, fixed_batches
 from finetune.cache import lora_model
 from finetune.config import DEFAULT_DISTILL_OBJECTIVE, DISTILL_OBJECTIVES, FedsiteConfig
-from finetune.sources import run_splits
+from finetune.evaluate import evaluate
+from finetune.loss import answer_logits
+from finetune.sources import central_eval_set, run_splits
 from finetune.train import TrainSettings, train
-from simulations.runner import simulate
+
+FEDERATED = {  # row -> (emulator share, fill, offsite proximal term on, per-round alignment on)
+    "full-lora": (0.0, "drop", False, False),
+    "drop": (1.0, "drop", False, False),
+    "share": (1.0, "share", False, False),
+    "drop+prox": (1.0, "drop", True, False),
+    "share+prox": (1.0, "share", True, False),
+    "drop+align": (1.0, "drop", False, True),
+    "share+align": (1.0, "share", False, True),
+    "share+align+prox": (1.0, "share", True, True),
+}
+COSTS = {"cost-drop": "drop", "cost-share": "share"}
+ROWS = ("zero-shot", *FEDERATED, *COSTS)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default=",".join(ROWS), help=f"rows to run, comma-separated (default: all of {', '.join(ROWS)})")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--local-steps", type=int, default=30)
     p.add_argument("--adapter-layers", type=int, default=2)
     p.add_argument("--stride", type=int, default=3, help="keep every n-th middle block")
     p.add_argument("--quantize", default="int8", help="storage of the emulator's middle: none, int8 or nf4")
-    p.add_argument("--distill-steps", type=int, default=100)
+    p.add_argument("--distill-steps", type=int, default=100, help="pre-alignment of the emulator's middle at build time")
     p.add_argument("--distill-objective", default=DEFAULT_DISTILL_OBJECTIVE, choices=DISTILL_OBJECTIVES)
     p.add_argument("--distill-data", default="", help="examples to distil on (default: built-in families, own seed)")
-    p.add_argument("--train", default="blocks", help="offsite clients train the adapter 'blocks' themselves (the paper's) or 'lora' on them")
+    p.add_argument("--train", default="blocks", help="offsite clients train the adapter 'blocks' (the paper's) or 'lora' on them")
     p.add_argument("--offsite-lr", type=float, default=0.0, help="learning rate of the offsite clients (0 = 1e-4 for blocks, the run's lr for lora)")
+    p.add_argument("--proximal-mu", type=float, default=1.0, help="lambda of the +prox rows' lambda*||adapter - round-start adapter||^2")
+    p.add_argument("--align-steps", type=int, default=10, help="+align rows: alignment steps at the coordinator before every round (FedBiOT: about 10)")
+    p.add_argument("--align-rank", type=int, default=4, help="+align rows: rank of the refresh's LoRA factors on the frozen middle")
     p.add_argument("--eval-examples", type=int, default=60)
-    p.add_argument("--steps", type=int, default=4, help="steps per timing repeat")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="cost rows: steps per timing repeat")
+    p.add_argument("--repeats", type=int, default=3, help="cost rows: interleaved timing repeats")
     p.add_argument("--out", default="results/bench-offsite")
-    p.add_argument("--reuse-full", default=None, metavar="DIR", help="take the full-model LoRA row from this earlier run (same clients, rounds, steps)")
     p.add_argument("--measure", choices=["full", "emulator"], help=argparse.SUPPRESS)  # child process: peak memory
+    p.add_argument("--package", default="", help=argparse.SUPPRESS)  # child process: the emulator package
     return p.parse_args(argv)
 
 
-def run_config(args: argparse.Namespace, share: float, name: str) -> FedsiteConfig:
+def run_config(args: argparse.Namespace, row: str, share: float = 1.0, fill: str = "drop", prox: bool = False, align: bool = False) -> FedsiteConfig:
     return FedsiteConfig(
         model=args.model,
         clients=args.clients,
@@ -63,14 +104,105 @@ def run_config(args: argparse.Namespace, share: float, name: str) -> FedsiteConf
         emulator_share=share,
         emulator_adapter_layers=args.adapter_layers,
         emulator_stride=args.stride,
+        emulator_fill=fill,
         emulator_quantize=args.quantize,
         emulator_distill_steps=args.distill_steps,
         emulator_distill_data=args.distill_data,
         emulator_distill_objective=args.distill_objective,
         offsite_train=args.train,
         offsite_lr=args.offsite_lr,
-        out=str(Path(args.out) / name),
+        offsite_proximal_mu=args.proximal_mu if prox else 0.0,
+        emulator_align_steps=args.align_steps if align else 0,
+        emulator_align_rank=args.align_rank,
+        out=str(Path(args.out) / "runs" / row),
     ).validate()
+
+
+@torch.no_grad()
+def answer_token_accuracy(model, tokenizer, examples, max_len: int) -> float:
+    """Teacher-forced: share of answer tokens whose greedy next-token prediction is right."""
+    model.eval()
+    encoded = [encode_example(tokenizer, ex, max_len) for ex in examples]
+    right = total = 0
+    for batch in fixed_batches(encoded, 16, tokenizer.pad_token_id):
+        logits, labels = answer_logits(model, batch)
+        mask = labels != -100
+        right += int(((logits.argmax(-1) == labels) & mask).sum())
+        total += int(mask.sum())
+    return right / max(total, 1)
+
+
+def scores(model, tokenizer, config: FedsiteConfig, prefix: str) -> dict:
+    examples = central_eval_set(config)
+    result = evaluate(model, tokenizer, examples, config.max_seq_len, config.max_new_tokens)
+    return {f"{prefix}_loss": result.loss, f"{prefix}_exact_match": result.accuracy, f"{prefix}_token_accuracy": answer_token_accuracy(model, tokenizer, examples, config.max_seq_len)}
+
+
+def zero_shot_row(args: argparse.Namespace) -> dict:
+    config = run_config(args, "zero-shot", 0.0)
+    model, tokenizer = load_backbone(config.model)
+    return scores(model, tokenizer, config, "plug_in")  # "plug_in" columns: the model a user ends up with
+
+
+def federated_row(args: argparse.Namespace, row: str) -> dict:
+    from peft import PeftModel
+
+    from simulations.runner import simulate
+
+    share, fill, prox, align = FEDERATED[row]
+    config = run_config(args, row, share, fill, prox, align)
+    run = simulate(config)
+    summary = json.loads((run / "summary.json").read_text())
+    backbone, tokenizer = load_backbone(config.model)
+    if share == 0.0:  # full-model LoRA: the run's adapter on the backbone
+        return {**scores(PeftModel.from_pretrained(backbone, str(run / "adapter")), tokenizer, config, "plug_in"), "seconds_federated": summary.get("seconds")}
+    off = summary["offsite"]
+    out = {"emulator_bytes": off["emulator_bytes"], "backbone_bytes": off["backbone_bytes"], "layer_map": off.get("layer_map")}
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    out["refresh_bytes"] = sum(int(r.get("emulator_refresh_bytes") or 0) for r in rounds)  # all rounds, per client
+    layer_map = manifest_layer_map_of(run)
+    if config.offsite_train == "blocks":
+        arrays = load_file(str(run / "offsite_adapter" / "adapter_blocks.safetensors"))
+        load_adapter_state(backbone, arrays, layer_map)
+        plug_in = backbone
+    else:  # LoRA on the adapter blocks: the exported PEFT adapter fits the full backbone
+        plug_in = PeftModel.from_pretrained(backbone, str(run / "offsite_adapter"))
+    out.update(scores(plug_in, tokenizer, config, "plug_in"))
+    if config.offsite_train == "blocks" and not align:  # an aligned emulator's refresh lives only in the run: its own scores
+        emulator = load_package(run / "emulator", run / "keys" / "public_key.pem")[0]
+        load_adapter_state(emulator, arrays, layer_map)
+        out.update(scores(emulator, tokenizer, config, "emulator"))
+    else:
+        out.update(emulator_loss=summary["final"]["emulator_eval_loss"], emulator_exact_match=summary["final"]["emulator_eval_accuracy"], emulator_token_accuracy=None)
+    return out
+
+
+def manifest_layer_map_of(run: Path):
+    from emulator.package import manifest_layer_map, verify_package
+
+    return manifest_layer_map(verify_package(run / "emulator", run / "keys" / "public_key.pem"))
+
+
+def cost_row(args: argparse.Namespace, row: str) -> dict:
+    """Bytes, step time (interleaved repeats, median) and peak RSS (fresh process per kind)."""
+    from emulator.cli import build_package
+
+    fill = COSTS[row]
+    config = run_config(args, row, 1.0, fill)
+    folder = Path(config.out)
+    package, key_file = folder / "emulator", folder / "keys" / "public_key.pem"
+    if not (package / "manifest.sig").is_file():  # no distillation: costs do not depend on it
+        build_package(config.model, package, args.adapter_layers, args.stride, None if args.quantize == "none" else args.quantize, folder / "keys" / "signing_key.pem", fill=fill)
+    manifest_bytes = load_package(package, key_file)[3]
+    models = client_models(config, package, key_file)
+    seconds = step_seconds(models, run_splits(config)[0], args, config.batch_size, config.max_seq_len)
+    memory = {kind: peak_memory_mb(kind, args, package, fill) for kind in ("full", "emulator")}
+    return {
+        "emulator_bytes": manifest_bytes.emulator_bytes, "backbone_bytes": manifest_bytes.backbone_bytes,
+        "byte_ratio": manifest_bytes.emulator_bytes / manifest_bytes.backbone_bytes,
+        "step_seconds_full": seconds["full"], "step_seconds_emulator": seconds["emulator"], "step_ratio": seconds["emulator"] / seconds["full"],
+        "peak_rss_mb_full": memory["full"], "peak_rss_mb_emulator": memory["emulator"],
+    }
 
 
 def client_models(config: FedsiteConfig, package: Path, key_file: Path, kinds: tuple[str, ...] = ("full", "emulator")) -> dict:
@@ -89,7 +221,7 @@ def step_seconds(models: dict, examples, args: argparse.Namespace, batch_size: i
     """Median seconds per training step of each kind, repeats interleaved so load noise hits both."""
     settings = TrainSettings(steps=args.steps, batch_size=batch_size, max_seq_len=max_len, lr=1e-4)
     for model, tokenizer in models.values():  # warm-up
-        train(model, tokenizer, examples, TrainSettings(steps=1, batch_size=batch_size, max_seq_len=max_len))
+        train(model, tokenizer, examples, TrainSettings(steps=1, batch_size=batch_size, max_seq_len=max_len, lr=1e-4))
     times: dict[str, list[float]] = {kind: [] for kind in models}
     for _ in range(args.repeats):
         for kind, (model, tokenizer) in models.items():
@@ -97,20 +229,19 @@ def step_seconds(models: dict, examples, args: argparse.Namespace, batch_size: i
     return {kind: statistics.median(values) for kind, values in times.items()}
 
 
-def peak_memory_mb(kind: str, args: argparse.Namespace, package: Path, key_file: Path) -> float:
+def peak_memory_mb(kind: str, args: argparse.Namespace, package: Path, fill: str) -> float:
     """Peak RSS of a fresh process that loads one kind of client and trains a few steps."""
-    command = [sys.executable, __file__, "--measure", kind, "--model", args.model, "--train", args.train, "--steps", "2", "--out", args.out,
-               "--adapter-layers", str(args.adapter_layers), "--stride", str(args.stride), "--quantize", args.quantize]
+    command = [sys.executable, __file__, "--measure", kind, "--package", str(package), "--model", args.model, "--train", args.train,
+               "--steps", "2", "--out", args.out, "--adapter-layers", str(args.adapter_layers), "--stride", str(args.stride), "--quantize", args.quantize]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
 
 def measure_child(args: argparse.Namespace) -> None:
-    config = run_config(args, 1.0, "offsite")
-    out = Path(config.out)
-    examples = run_splits(config)[0]
-    model, tokenizer = client_models(config, out / "emulator", out / "keys" / "public_key.pem", (args.measure,))[args.measure]
-    train(model, tokenizer, examples, TrainSettings(steps=args.steps, batch_size=config.batch_size, max_seq_len=config.max_seq_len))
+    config = run_config(args, "measure")
+    package = Path(args.package)
+    model, tokenizer = client_models(config, package, package.parent / "keys" / "public_key.pem", (args.measure,))[args.measure]
+    train(model, tokenizer, run_splits(config)[0], TrainSettings(steps=args.steps, batch_size=config.batch_size, max_seq_len=config.max_seq_len, lr=1e-4))
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 
 
@@ -122,8 +253,41 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def final_row(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
+def run_row(args: argparse.Namespace, row: str) -> dict:
+    if row == "zero-shot":
+        return zero_shot_row(args)
+    if row in FEDERATED:
+        return federated_row(args, row)
+    return cost_row(args, row)
+
+
+def budget(args: argparse.Namespace) -> dict:
+    """What a row's numbers depend on: a cached row of another budget is not reused."""
+    keys = ("model", "clients", "rounds", "local_steps", "adapter_layers", "stride", "quantize", "distill_steps", "distill_objective", "distill_data", "train", "offsite_lr", "proximal_mu", "align_steps", "align_rank", "eval_examples")
+    return {key: getattr(args, key) for key in keys}
+
+
+def table(rows: dict[str, dict]) -> str:
+    """The markdown tables of every finished row."""
+    zs, full = rows.get("zero-shot", {}).get("plug_in_loss"), rows.get("full-lora", {}).get("plug_in_loss")
+    lines = ["| row | plug-in eval loss | exact match | answer-token acc | gain recovered | emulator eval loss | plug-in - emulator | refresh MB | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def f(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for name, r in rows.items():
+        if name in COSTS:
+            continue
+        plug, emu = r.get("plug_in_loss"), r.get("emulator_loss")
+        gain = (zs - plug) / (zs - full) if None not in (zs, full, plug) and zs != full and name not in ("zero-shot", "full-lora") else None
+        gap = plug - emu if None not in (plug, emu) else None
+        lines.append(f"| {name} | {f(plug)} | {f(r.get('plug_in_exact_match'))} | {f(r.get('plug_in_token_accuracy'))} | {f(gain, 2)} | {f(emu)} | {f(gap)} | {f((r.get('refresh_bytes') or 0) / 1e6, 2)} | {f(r.get('wall_seconds'), 0)} |")
+    costs = [(n, r) for n, r in rows.items() if n in COSTS]
+    if costs:
+        lines += ["", "| cost | emulator / backbone bytes | step s full | step s emulator | emulator / full step | peak RSS MB full | peak RSS MB emulator |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, r in costs:
+            lines.append(f"| {name} | {r['byte_ratio']:.3f} | {r['step_seconds_full']:.3f} | {r['step_seconds_emulator']:.3f} | {r['step_ratio']:.2f} | {r['peak_rss_mb_full']:.0f} | {r['peak_rss_mb_emulator']:.0f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -132,35 +296,32 @@ def main() -> None:
         measure_child(args)
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    started = time.perf_counter()
-    offsite = simulate(run_config(args, 1.0, "offsite"))  # every client gets the emulator
-    # every client holds the backbone (the emulator settings do not touch this run)
-    full = Path(args.reuse_full) if args.reuse_full else simulate(run_config(args, 0.0, "full-lora"))
-    fed_seconds = time.perf_counter() - started
-    summary_off, summary_full = final_row(offsite), final_row(full)
-    initial, final, off = summary_off["initial"], summary_off["final"], summary_off["offsite"]
-
-    config = run_config(args, 1.0, "offsite")
-    package, key_file = offsite / "emulator", offsite / "keys" / "public_key.pem"
-    models = client_models(config, package, key_file)
-    examples = run_splits(config)[0]
-    seconds = step_seconds(models, examples, args, config.batch_size, config.max_seq_len)
-    memory = {kind: peak_memory_mb(kind, args, package, key_file) for kind in ("full", "emulator")}
-
+    wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in wanted if r not in ROWS]
+    if unknown:
+        sys.exit(f"error: unknown row '{unknown[0]}' (rows: {', '.join(ROWS)})")
+    folder = Path(args.out) / "rows"
+    folder.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict] = {}
+    for row in wanted:
+        path = folder / f"{row}.json"
+        if path.is_file():
+            cached = json.loads(path.read_text())
+            if cached.get("budget") == budget(args):
+                print(f"row {row}: done before ({cached.get('wall_seconds', 0):.0f} s then), skipped")
+                done[row] = cached
+                continue
+            sys.exit(f"error: {path} was measured at another budget; move it away or use another --out")
+        started = time.perf_counter()
+        result = {**run_row(args, row), "budget": budget(args)}
+        result["wall_seconds"] = time.perf_counter() - started
+        path.write_text(json.dumps(result, indent=2))
+        print(f"row {row}: {result['wall_seconds']:.0f} s")
+        done[row] = result
     print()
-    print(f"model {args.model}; {args.clients} clients x {args.rounds} rounds x {args.local_steps} steps; emulator k={args.adapter_layers}, stride {args.stride}, middle {args.quantize}, distill {args.distill_steps} steps ({args.distill_objective}), clients train {args.train}" + (f" at lr {args.offsite_lr:g}" if args.offsite_lr else ""))
-    print("| setting | exact match | eval loss |")
-    print("|---|---:|---:|")
-    print(f"| full model zero-shot | {summary_full['initial']['eval_accuracy']:.3f} | {summary_full['initial']['eval_loss']:.3f} |")
-    print(f"| emulator zero-shot | {initial['emulator_eval_accuracy']:.3f} | {initial['emulator_eval_loss']:.3f} |")
-    print(f"| emulator fine-tuned (federated) | {final['emulator_eval_accuracy']:.3f} | {final['emulator_eval_loss']:.3f} |")
-    print(f"| plug-in fine-tuned (federated) | {final['offsite_eval_accuracy']:.3f} | {final['offsite_eval_loss']:.3f} |")
-    print(f"| full-model LoRA (federated) | {summary_full['final']['eval_accuracy']:.3f} | {summary_full['final']['eval_loss']:.3f} |")
-    print()
-    print(f"emulator bytes / backbone bytes: {off['emulator_bytes'] / off['backbone_bytes']:.3f} ({off['emulator_bytes'] / 1e6:.1f} MB / {off['backbone_bytes'] / 1e6:.1f} MB)")
-    print(f"client step: full {seconds['full']:.2f} s, emulator {seconds['emulator']:.2f} s -> emulator {seconds['full'] / seconds['emulator']:.2f}x faster")
-    print(f"client peak RSS: full {memory['full']:.0f} MB, emulator {memory['emulator']:.0f} MB -> ratio {memory['emulator'] / memory['full']:.2f}")
-    print(f"(federated runs took {fed_seconds:.0f} s)")
+    print(f"model {args.model}; {args.clients} clients x {args.rounds} rounds x {args.local_steps} steps; emulator k={args.adapter_layers}, stride {args.stride}, middle {args.quantize}, "
+          f"distill {args.distill_steps} steps ({args.distill_objective}), clients train {args.train}; +prox rows lambda {args.proximal_mu:g}")
+    print(table(done))
 
 
 if __name__ == "__main__":

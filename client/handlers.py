@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from client.offsite import DEVICE_NODE, PACKAGE_KEY, PUBLIC_KEY_KEY, OffsiteSpec, offsite_model, offsite_spec
+from client.offsite import DEVICE_NODE, PACKAGE_KEY, PUBLIC_KEY_KEY, REFRESH_ROUND_KEY, REFRESH_SIGNATURE_KEY, OffsiteSpec, apply_round_refresh, offsite_model, offsite_spec, split_refresh
 from client.privacy_policy import DevicePolicy, PolicyRefusal
 from client.selection import apply_selection, selected_update
 from client.state import LedgerError, load_ledger, load_state, save_ledger, save_state
@@ -49,7 +49,7 @@ ROUND_KEY = "server-round"
 FACTORS_KEY = "train-factors"
 # The package's other decisions (rank, quantize, codec) are run-config fields the planner overrode;
 # "emulator" clients train LoRA on the backbone until the emulator path takes them.
-PACKAGE_KEYS = ("package-kind", "profile", PACKAGE_KEY, PUBLIC_KEY_KEY)
+PACKAGE_KEYS = ("package-kind", "profile", PACKAGE_KEY, PUBLIC_KEY_KEY, REFRESH_SIGNATURE_KEY, REFRESH_ROUND_KEY)
 
 
 def run_config_from(record: ConfigRecord) -> tuple[FedsiteConfig, int, str]:
@@ -98,11 +98,11 @@ def train_handler(msg: Message, context: Context) -> Message:
     """Load the global LoRA arrays, train locally, reply with the new arrays and metrics."""
     log_in_ray_worker()
     config, server_round, factors = run_config_from(msg.content["config"])
-    received = from_array_record(msg.content["arrays"])
+    received, refresh = split_refresh(from_array_record(msg.content["arrays"]))  # refresh: offsite clients only
     try:
         offsite = offsite_spec(msg.content["config"], context.node_config)
         selection = msg.content["config"].get(ACTIVE_KEY)
-        trained, result, privacy = local_training(config, server_round, factors, received, context, offsite, selection)
+        trained, result, privacy = local_training(config, server_round, factors, received, context, offsite, selection, refresh)
     except (PackageError, SelectionError) as err:
         log.warning("client %s round %d: %s", client_label(context), server_round, err)
         return declined(msg, context, str(err))
@@ -125,6 +125,7 @@ def train_handler(msg: Message, context: Context) -> Message:
 def local_training(
     config: FedsiteConfig, server_round: int, factors: str, received: dict, context: Context, offsite: OffsiteSpec | None = None,
     selection: object = None,
+    refresh: dict | None = None,
 ) -> tuple[dict, TrainResult, dict[str, float]]:
     """Train the received LoRA arrays on this client's split: (trained arrays, result, dp-* metrics).
 
@@ -138,8 +139,11 @@ def local_training(
     if offsite is not None:
         model, tokenizer, layer_map = offsite_model(offsite, config.offsite_lora_settings(), config.seed, context.node_config)
         model.to(resolve_device(device))  # the cached emulator: moved once, a no-op afterwards
+        apply_round_refresh(model, layer_map, offsite, refresh or {})  # PackageError: declined
         set_offsite_arrays(model, received, layer_map, offsite.mode)
     else:
+        if refresh:
+            raise PackageError("client: an emulator refresh sent to a client that trains on the backbone; declined")
         model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, config.quantize, device, config.dtype)
         set_global_arrays(model, received)  # LoRA arrays, and the base-weight update of fedex-lora / flora
     set_trainable_factors(model, factors)
@@ -157,7 +161,7 @@ def local_training(
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         max_seq_len=config.max_seq_len,
-        proximal_mu=config.proximal_mu if config.aggregation == "fedprox" else 0.0,
+        proximal_mu=config.client_proximal_mu(offsite.mode if offsite is not None else None),
         # a different data order every round and client, reproducible from the run seed
         seed=zlib.crc32(f"{config.seed}/{server_round}/{client_label(context)}".encode()),
     )

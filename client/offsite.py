@@ -11,6 +11,11 @@ command line told it: the package must verify against the key pinned in its node
 pinned key the client declines emulator packages. It fetches over TLS verified against
 `root-certificates` and signs its fetches with its enrolment key (`artifact-auth-key`). A
 simulated client (no such node config) uses the round message's key, as before.
+
+A round may carry a low-rank refresh of the emulator's middle (the coordinator's per-round
+alignment, emulator/refresh.py) under `refresh/` in its arrays: the client verifies its
+signature (same key as the package, bound to the package's manifest and the round) and applies
+it to the emulator it holds; a bad or stale refresh declines the round.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from client.artifacts import fetch_ref
 from emulator.keys import PackageError
 from emulator.layers import LayerMap
 from emulator.offsite import trainable_model
-from emulator.package import load_package
+from emulator.package import MANIFEST, load_package
+from emulator.refresh import apply_refresh, manifest_digest, verify_refresh
 from finetune.lora import LoraSettings
 from protos.artifacts import ArtifactError, ArtifactRef
 
@@ -40,6 +46,8 @@ KIND_KEY = "package-kind"
 PACKAGE_KEY = "emulator-package"
 PUBLIC_KEY_KEY = "emulator-public-key"
 MODE_KEY = "offsite-train"
+REFRESH_PREFIX = "refresh/"  # arrays: the round's low-rank refresh of the emulator's middle
+REFRESH_SIGNATURE_KEY, REFRESH_ROUND_KEY = "emulator-refresh-signature", "emulator-refresh-round"
 # node config keys of a deployed client (client/edge.py writes them)
 PINNED_KEY_NODE = "artifact-public-key"  # the coordinator's artifact-signing public key it trusts (PEM file)
 AUTH_KEY_NODE = "artifact-auth-key"  # its enrolment private key, which signs artifact fetches
@@ -54,6 +62,8 @@ class OffsiteSpec:
     package: str
     public_key_pem: str
     mode: str
+    refresh_signature: str = ""  # hex Ed25519 signature of the round's refresh ("" = none)
+    refresh_round: int = -1
 
     @classmethod
     def from_config(cls, values: dict, pinned_key_pem: str | None = None) -> OffsiteSpec:
@@ -64,13 +74,17 @@ class OffsiteSpec:
         missing = [key for key in needed if not values.get(key)]
         if missing:
             raise PackageError(f"offsite client: round message lacks '{missing[0]}'")
+        try:
+            refresh = (str(values.get(REFRESH_SIGNATURE_KEY) or ""), int(values.get(REFRESH_ROUND_KEY, -1)))
+        except (TypeError, ValueError):
+            raise PackageError(f"offsite client: '{REFRESH_ROUND_KEY}' is not a round number") from None
         if pinned_key_pem is None:
-            return cls(str(values[PACKAGE_KEY]), str(values[PUBLIC_KEY_KEY]), str(values[MODE_KEY]))
+            return cls(str(values[PACKAGE_KEY]), str(values[PUBLIC_KEY_KEY]), str(values[MODE_KEY]), *refresh)
         pinned = _raw(_public_key(pinned_key_pem, "pinned artifact key"))
         claimed = str(values.get(PUBLIC_KEY_KEY) or "")
         if claimed and _raw(_public_key(claimed, "round message's key")) != pinned:
             raise PackageError("offsite client: the round names a signer other than the pinned artifact key; declined")
-        return cls(str(values[PACKAGE_KEY]), pinned_key_pem, str(values[MODE_KEY]))
+        return cls(str(values[PACKAGE_KEY]), pinned_key_pem, str(values[MODE_KEY]), *refresh)
 
 
 def offsite_spec(values: Mapping[str, Any], node_config: Mapping[str, Any]) -> OffsiteSpec | None:
@@ -121,6 +135,33 @@ def offsite_model(
     return _load(package, spec.public_key_pem, spec.mode, settings, seed)
 
 
+def split_refresh(arrays: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(the adapter arrays, the refresh factors without their prefix) of a round's arrays."""
+    rest = {k: v for k, v in arrays.items() if not k.startswith(REFRESH_PREFIX)}
+    return rest, {k[len(REFRESH_PREFIX) :]: v for k, v in arrays.items() if k.startswith(REFRESH_PREFIX)}
+
+
+def apply_round_refresh(model: PreTrainedModel, layer_map: LayerMap, spec: OffsiteSpec, refresh: Mapping[str, Any]) -> None:
+    """Verify the round's refresh against the package key and apply it to the held emulator; else PackageError."""
+    if not refresh and not spec.refresh_signature:
+        return
+    if not refresh or not spec.refresh_signature:
+        raise PackageError("offsite client: an emulator refresh without its signature (or a signature without factors); declined")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        signature = bytes.fromhex(spec.refresh_signature)
+    except ValueError:
+        raise PackageError(f"offsite client: '{REFRESH_SIGNATURE_KEY}' is not hex") from None
+    verify_refresh(refresh, spec.refresh_round, base._fedsite_manifest_digest, signature, _public_key(spec.public_key_pem))
+    if spec.refresh_round < getattr(base, "_fedsite_refresh_round", -1):
+        raise PackageError(f"offsite client: refresh of round {spec.refresh_round} is older than the one applied; declined")
+    try:
+        apply_refresh(base, layer_map, refresh)
+    except ValueError as err:
+        raise PackageError(f"offsite client: {err}") from None
+    base._fedsite_refresh_round = spec.refresh_round
+
+
 def _public_key(pem: str, what: str = "coordinator's public key") -> Ed25519PublicKey:
     try:
         key = load_pem_public_key(pem.encode())
@@ -138,4 +179,5 @@ def _raw(key: Ed25519PublicKey) -> bytes:
 @lru_cache(maxsize=2)
 def _load(package: str, public_key_pem: str, mode: str, settings: LoraSettings, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, LayerMap]:
     emulator, tokenizer, layer_map, _ = load_package(Path(package), _public_key(public_key_pem))
+    emulator._fedsite_manifest_digest = manifest_digest((Path(package) / MANIFEST).read_bytes())  # binds refreshes to it
     return trainable_model(emulator, layer_map, mode, settings, seed), tokenizer, layer_map

@@ -28,6 +28,7 @@ def apply_selection(model: torch.nn.Module, selection: object) -> list[str] | No
         module = module_of(name)
         if module is not None and module not in chosen:
             param.requires_grad = False
+            param.grad = None  # a gradient left from a round it was active in: no memory, no optimizer step
     return active
 
 

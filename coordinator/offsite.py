@@ -5,6 +5,11 @@ offsite clients get a signed emulator package and train its adapter blocks. Each
 aggregated with its own kind only. Both tracks travel in the one ArrayRecord Flower keeps
 between rounds: LoRA arrays under their PEFT names, offsite arrays under `offsite/`, so
 checkpointing and the round loop need not know there are two.
+
+With `emulator-align-steps` > 0 the coordinator aligns the emulator toward the backbone before
+every round, the round's adapter plugged into both (FedBiOT), and sends the change to offsite
+clients as a signed low-rank refresh of the frozen middle (emulator/refresh.py) under
+`refresh/` in their arrays, with its signature and round in their config.
 """
 
 from __future__ import annotations
@@ -22,14 +27,17 @@ from emulator.cli import build_package
 from emulator.keys import load_public_key, load_signing_key, public_key_pem
 from emulator.layers import LayerMap
 from emulator.offsite import get_offsite_arrays, set_offsite_arrays, trainable_model
-from emulator.package import load_package, manifest_layer_map, verify_package
-from finetune.backbone import load_backbone
+from emulator.package import MANIFEST, load_package, manifest_layer_map, verify_package
+from emulator.refresh import align_refresh, manifest_digest, refresh_arrays, refresh_bytes, sign_refresh
+from finetune.backbone import load_backbone, resolve_model_path
 from finetune.config import FedsiteConfig
 from finetune.device import model_device, resolve_device
 from finetune.lora import export_adapter
-from protos.tensors import to_array_record
+from protos.tensors import from_array_record, to_array_record
 
 PREFIX = "offsite/"
+REFRESH_PREFIX = "refresh/"
+REFRESH_SIGNATURE_KEY, REFRESH_ROUND_KEY = "emulator-refresh-signature", "emulator-refresh-round"
 KIND_LORA, KIND_EMULATOR = "lora", "emulator"
 
 
@@ -58,11 +66,29 @@ class OffsiteTrack:
     summary: dict
     public_key: object = None
     reference: str = ""  # what clients are told to load: the folder, or a fedsite-artifact:// reference
+    signing_key: object = None  # signs per-round refreshes (emulator-align-steps > 0)
     _emulator: PreTrainedModel | None = None
+    _refresh: tuple[int, dict, str] | None = None  # (round, factors, signature hex) of the latest refresh
 
     def client_config(self) -> dict[str, str]:
-        """What an offsite client's round config adds: package reference, signer key, train mode."""
-        return {"package-kind": KIND_EMULATOR, "emulator-package": self.reference or str(self.package), "emulator-public-key": self.public_key_pem, "offsite-train": self.mode}
+        """What an offsite client's round config adds: package reference, signer key, train mode (and the refresh's signature)."""
+        values = {"package-kind": KIND_EMULATOR, "emulator-package": self.reference or str(self.package), "emulator-public-key": self.public_key_pem, "offsite-train": self.mode}
+        if self._refresh is not None:
+            values.update({REFRESH_SIGNATURE_KEY: self._refresh[2], REFRESH_ROUND_KEY: str(self._refresh[0])})
+        return values
+
+    def align(self, server_round: int, arrays: Mapping[str, np.ndarray], config: FedsiteConfig, batches: list) -> int:
+        """Warm-started alignment of the emulator toward the backbone, `arrays` plugged into both;
+        signs the resulting refresh for this round's offsite clients. Returns its bytes."""
+        emulator = self.emulator(arrays, config.offsite_lora_settings(), config.seed)
+        full = self.load(arrays)
+        base = emulator.get_base_model() if hasattr(emulator, "get_base_model") else emulator
+        full_base = full.get_base_model() if hasattr(full, "get_base_model") else full
+        align_refresh(base, full_base, self.layer_map, batches, rank=config.emulator_align_rank, steps=config.emulator_align_steps, objective=config.emulator_distill_objective)
+        factors = refresh_arrays(base)
+        digest = manifest_digest((self.package / MANIFEST).read_bytes())
+        self._refresh = (server_round, factors, sign_refresh(factors, server_round, digest, self.signing_key).hex())
+        return refresh_bytes(factors)
 
     def route(self, messages: list[Message], record_for: Callable[[int], ArrayRecord]) -> list[Message]:
         """Emulator clients' messages carry the offsite arrays (`record_for(node)`, e.g. cut to the
@@ -74,7 +100,10 @@ class OffsiteTrack:
             if config.get("package-kind") != KIND_EMULATOR:
                 out.append(msg)
                 continue
-            content = RecordDict({"arrays": record_for(msg.metadata.dst_node_id), "config": ConfigRecord({**dict(config), **self.client_config()})})
+            record = record_for(msg.metadata.dst_node_id)
+            if self._refresh is not None:  # the round's refresh travels with the adapter
+                record = to_array_record({**from_array_record(record), **{REFRESH_PREFIX + k: v for k, v in self._refresh[1].items()}})
+            content = RecordDict({"arrays": record, "config": ConfigRecord({**dict(config), **self.client_config()})})
             out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=msg.metadata.dst_node_id))
         return out
 
@@ -125,6 +154,7 @@ def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
             distill_data=config.emulator_distill_data,
             distill_objective=config.emulator_distill_objective,
             device=config.device,
+            fill=config.emulator_fill,
         )
         public_key = load_public_key(out / "keys" / "public_key.pem")
         manifest = verify_package(package, public_key)
@@ -142,7 +172,11 @@ def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
     initial = get_offsite_arrays(plug_in, layer_map, config.offsite_train)
     plug_in.to(resolve_device(config.device))  # after the initial arrays: the same on every device; fp32 (dtype is the LoRA backbone's)
     summary.update(emulator_bytes=manifest.emulator_bytes, backbone_bytes=manifest.backbone_bytes, layer_map=layer_map.to_dict())
-    return OffsiteTrack(package, public_key_pem(public_key).decode(), layer_map, config.offsite_train, plug_in, tokenizer, initial, summary, public_key, reference)
+    signing_key = None
+    if config.emulator_align_steps > 0:  # the refreshes are signed by the package's key
+        keys = package.parent / "keys" if config.emulator_package else out / "keys"
+        signing_key = load_signing_key(keys / "signing_key.pem")
+    return OffsiteTrack(package, public_key_pem(public_key).decode(), layer_map, config.offsite_train, plug_in, tokenizer, initial, summary, public_key, reference, signing_key)
 
 
 def offsite_wanted(config: FedsiteConfig, planner: object | None) -> bool:

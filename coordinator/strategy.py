@@ -99,6 +99,7 @@ class FedsiteStrategy(FedAvg):
         self.offsite = offsite
         self.offsite_aggregator = offsite_aggregator or Aggregator(self.aggregator.rule)
         self._offsite_global: dict[str, np.ndarray] = {}
+        self._align_batches: list | None = None  # the coordinator's public alignment set (emulator-align-steps)
         self._kinds: dict[int, str] = {}  # node id -> the kind of package it was sent this round
         self._emulator_nodes: set[int] = set()  # never sent the LoRA track, not even to evaluate
         # who trains (coordinator/selection.py) and what their rounds cost (coordinator/energy.py)
@@ -146,6 +147,7 @@ class FedsiteStrategy(FedAvg):
         for node, reason in refused:  # the node is named by its node id
             self.recorder.record_client({"round": server_round, "phase": "query", "node_id": node, "client_id": node, "status": "rejected", "reason": reason})
         if self.offsite is not None:
+            self._align_offsite(server_round, messages)
             messages = self.offsite.route(messages, self._offsite_records())
         self._kinds = {m.metadata.dst_node_id: str(m.content["config"].get("package-kind", KIND_LORA)) for m in messages}
         self._emulator_nodes |= {node for node, kind in self._kinds.items() if kind == KIND_EMULATOR}
@@ -313,6 +315,18 @@ class FedsiteStrategy(FedAvg):
             self._errors_logged.add(name)
             log.exception("internal error reading a reply (%s); it is rejected and the round goes on", name)
         return f"internal error reading reply: {name}"
+
+    def _align_offsite(self, server_round: int, messages: list[Message]) -> None:
+        """FedBiOT's per-round alignment of the emulator, if asked and an offsite client trains."""
+        config = self.recorder.config
+        if getattr(config, "emulator_align_steps", 0) <= 0 or not any(m.content["config"].get("package-kind") == KIND_EMULATOR for m in messages):
+            return
+        if self._align_batches is None:
+            from emulator.cli import distillation_batches
+
+            self._align_batches = distillation_batches(self.offsite.tokenizer, config.emulator_distill_data)
+        nbytes = self.offsite.align(server_round, self._offsite_global, config, self._align_batches)
+        self.recorder.record(emulator_refresh_bytes=nbytes)
 
     def _offsite_records(self) -> Callable[[int], ArrayRecord]:
         """node -> the offsite arrays it trains: the track's global at its package's LoRA rank

@@ -6,11 +6,17 @@ final norm and lm_head, the 2k adapter blocks and only the kept middle blocks, r
 everything else frozen. Adapter weights travel as named arrays keyed by ORIGINAL block
 index (`model.layers.29.mlp.down_proj.weight`), so the coordinator can aggregate them and
 load them into the full model without knowing emulator positions.
+
+Fill "share" (CRaSh) keeps the backbone's depth: the stack gets all L slots, a dropped slot
+running a distinct module object that shares its source block's parameters (`expand_shared`),
+with its own `layer_idx` (Llama's KV cache is indexed by it, so one module in two slots would
+break `generate()`). Adapter positions then equal original indices, as in the full model.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Mapping
 
 import numpy as np
@@ -48,9 +54,7 @@ def build_emulator(model: PreTrainedModel, layer_map: LayerMap, *, quantize: str
     emulator = copy.deepcopy(model, {id(layers): nn.ModuleList()})  # everything but the blocks
     kept = [copy.deepcopy(layers[i]) for i in layer_map.emulator_layers()]
     for position, layer in enumerate(kept):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = position
+        _set_layer_idx(layer, position)
     emulator.model.layers = nn.ModuleList(kept)
     config = emulator.config
     config.num_hidden_layers = len(kept)
@@ -58,10 +62,65 @@ def build_emulator(model: PreTrainedModel, layer_map: LayerMap, *, quantize: str
         config.layer_types = [config.layer_types[i] for i in layer_map.emulator_layers()]
     config.emulator_quantization = ""
     config.emulator_distilled = False
+    if layer_map.fill == "share":
+        expand_shared(emulator, layer_map)
     freeze_non_adapter(emulator, layer_map)
     if canonical(quantize):
         quantize_middle(emulator, layer_map, quantize)
     return emulator.eval()
+
+
+def _set_layer_idx(layer: nn.Module, position: int) -> None:
+    for module in layer.modules():
+        if hasattr(module, "layer_idx"):
+            module.layer_idx = position
+
+
+def _alias(layer: nn.Module, config: object) -> nn.Module:
+    """A new module tree running `layer`'s own parameters and buffers (nothing is copied but the modules)."""
+    memo = {id(t): t for t in itertools.chain(layer.parameters(), layer.buffers())}
+    memo[id(config)] = config
+    return copy.deepcopy(layer, memo)
+
+
+def expand_shared(emulator: PreTrainedModel, layer_map: LayerMap) -> None:
+    """Turn a compact emulator (one block per `emulator_layers()`) into the fill-"share" stack, in place.
+
+    Slot i runs block `layer_map.slots[i]`: its own module if the block is kept there, else a
+    distinct module object sharing the block's parameters, every module with `layer_idx` = slot.
+    """
+    if layer_map.fill != "share":
+        raise ValueError("emulator: expand_shared needs a layer map with fill 'share'")
+    layers, stored = decoder_layers(emulator), layer_map.emulator_layers()
+    if len(layers) != len(stored):
+        raise ValueError(f"emulator: a compact emulator has {len(stored)} blocks, this one {len(layers)}")
+    home = dict(zip(stored, layers))
+    config = emulator.config
+    stack = [home[source] if slot == source else _alias(home[source], config) for slot, source in enumerate(layer_map.slots)]
+    for slot, layer in enumerate(stack):
+        _set_layer_idx(layer, slot)
+    emulator.model.layers = nn.ModuleList(stack)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[stored.index(source)] for source in layer_map.slots]
+    config.num_hidden_layers = len(stack)
+
+
+def compact_view(emulator: PreTrainedModel, layer_map: LayerMap) -> PreTrainedModel:
+    """A fill-"share" emulator as the package stores it: each kept block once, in `emulator_layers()`
+    order, config of the compact stack. Shares every tensor with `emulator`; for writing only."""
+    if layer_map.fill != "share":
+        return emulator
+    layers = decoder_layers(emulator)
+    if len(layers) != layer_map.num_layers:
+        raise ValueError(f"emulator: a shared emulator has {layer_map.num_layers} slots, this one {len(layers)}")
+    memo = {id(t): t for t in itertools.chain(emulator.parameters(), emulator.buffers())}
+    memo[id(layers)] = nn.ModuleList([layers[i] for i in layer_map.emulator_layers()])
+    view = copy.deepcopy(emulator, memo)
+    config = view.config
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layer_map.emulator_layers()]
+    config.num_hidden_layers = len(layer_map.emulator_layers())
+    return view
 
 
 def freeze_non_adapter(emulator: PreTrainedModel, layer_map: LayerMap) -> None:
@@ -130,7 +189,7 @@ def adapter_positions(model: PreTrainedModel, layer_map: LayerMap) -> dict[int, 
     if n == layer_map.num_layers:
         return {i: i for i in layer_map.adapter_layers()}
     if n == len(layer_map.emulator_layers()):
-        return {i: layer_map.emulator_index()[i] for i in layer_map.adapter_layers()}
+        return {i: layer_map.compact().emulator_index()[i] for i in layer_map.adapter_layers()}
     raise ValueError(f"emulator: model has {n} blocks, layer map expects {layer_map.num_layers} or {len(layer_map.emulator_layers())}")
 
 

@@ -55,11 +55,12 @@ def build_command(
     distill_data: str = "",
     distill_objective: str = DEFAULT_DISTILL_OBJECTIVE,
     device: str = "auto",
+    fill: str = "drop",
 ) -> dict[str, Any]:
     """`fedsite emulator build`: `build_package`, then print the summary."""
     summary = build_package(
         model_spec, out, adapter_layers, stride, quantize, key_path,
-        distill_steps=distill_steps, distill_data=distill_data, distill_objective=distill_objective, device=device,
+        distill_steps=distill_steps, distill_data=distill_data, distill_objective=distill_objective, device=device, fill=fill,
     )
     print(_describe(summary))
     return summary
@@ -77,6 +78,7 @@ def build_package(
     distill_data: str = "",
     distill_objective: str = DEFAULT_DISTILL_OBJECTIVE,
     device: str = "auto",
+    fill: str = "drop",
 ) -> dict[str, Any]:
     """Build, sign and write the emulator package `out` for backbone `model_spec`; return a summary.
 
@@ -84,6 +86,7 @@ def build_package(
     (a JSONL file or dataset folder the coordinator may use) or, without it, on examples of
     the built-in task families drawn from their own seed (never a client's data), on `device`
     (finetune/device.py); the package is written from the CPU, in fp32, whatever the device.
+    `fill` "share" keeps the backbone's depth, dropped slots running their nearest kept block.
     """
     from finetune.device import resolve_device
 
@@ -95,7 +98,7 @@ def build_package(
     quantize = canonical(quantize)
     model, tokenizer = load_backbone(model_spec)
     num_layers = model.config.num_hidden_layers
-    layer_map = make_layer_map(num_layers, adapter_layers or default_adapter_layers(num_layers), stride)
+    layer_map = make_layer_map(num_layers, adapter_layers or default_adapter_layers(num_layers), stride, fill)
     emulator = build_emulator(model, layer_map)
     if distill_steps > 0:
         batches = distillation_batches(tokenizer, distill_data)
@@ -128,6 +131,7 @@ def build_package(
         "backbone_id": manifest.backbone_id,
         "layer_map": layer_map.to_dict(),
         "dropped": list(layer_map.dropped()),
+        "fill": layer_map.fill,
         "quantization": manifest.quantization or "none",
         "distilled": manifest.distilled,
         "emulator_bytes": manifest.emulator_bytes,
@@ -159,7 +163,7 @@ def verify_command(directory: str, public_key_path: str | None = None) -> int:
         return 1
     print(
         f"ok: {package} — {manifest.backbone_id}, blocks {len(manifest.bottom) + len(manifest.middle_kept) + len(manifest.top)}"
-        f"/{manifest.num_layers}, {len(manifest.files)} files, signer {manifest.signer_key_id[:16]}"
+        f"/{manifest.num_layers}{', depth kept by sharing' if manifest.fill == 'share' else ''}, {len(manifest.files)} files, signer {manifest.signer_key_id[:16]}"
     )
     return 0
 
@@ -190,7 +194,8 @@ def _describe(s: dict[str, Any]) -> str:
         [
             f"emulator package: {s['package']}",
             f"  backbone   {s['backbone_id']}: {lm['num_layers']} blocks, {s['backbone_bytes'] / MB:.2f} MB",
-            f"  layer map  adapters {lm['bottom']} + {lm['top']}, middle kept {lm['middle_kept']}, dropped {len(s['dropped'])}",
+            f"  layer map  adapters {lm['bottom']} + {lm['top']}, middle kept {lm['middle_kept']}, dropped {len(s['dropped'])}"
+            + (f" (slots refilled by sharing: {lm['slots']})" if s["fill"] == "share" else ""),
             f"  emulator   {s['emulator_bytes'] / MB:.2f} MB ({s['ratio']:.1%} of the backbone), "
             f"quantization {s['quantization']}, distilled {s['distilled']}",
             f"  signed by  {s['signing_key']} (key id {s['key_id'][:16]}{', new' if s['signing_key_created'] else ''})",

@@ -100,22 +100,27 @@ def distill_middle(
     lr: float = 3e-4,
     objective: str = DEFAULT_DISTILL_OBJECTIVE,
     on_step: Callable[[int, float], None] | None = None,
+    params: Sequence[torch.nn.Parameter] | None = None,
 ) -> list[float]:
     """Train the kept middle blocks toward `full_model` under `objective`, then freeze them again.
 
     Returns the loss of each step. Run before quantizing (the package stores the result).
     Both models must be on one device (the emulator's); batches are moved there step by step.
+    `params` trains these instead (emulator/refresh.py: low-rank factors on a frozen, maybe
+    quantized middle) and leaves every parameter's trainability as it was.
     """
+    refresh = params is not None
     if objective not in DISTILL_OBJECTIVES:
         raise ValueError(f"emulator: distillation objective must be one of {', '.join(DISTILL_OBJECTIVES)}, got {objective!r}")
-    if emulator.config.emulator_quantization:
+    if emulator.config.emulator_quantization and not refresh:
         raise ValueError("emulator: distil before quantizing the middle")
     batches = [b if isinstance(b, Mapping) else {"input_ids": b} for b in batches]
     if not batches or steps < 1:
         raise ValueError("emulator: distillation needs at least one batch and one step")
-    emulator_in, full_in = layer_map.k + len(layer_map.middle_kept), layer_map.top[0]
+    emulator_in, full_in = layer_map.emulator_index()[layer_map.top[0]], layer_map.top[0]
     layers = decoder_layers(emulator)
-    params = [p for position in layer_map.middle_positions() for p in layers[position].parameters()]
+    trainable = {p: p.requires_grad for p in emulator.parameters()}
+    params = list(params) if refresh else [p for position in layer_map.middle_positions() for p in layers[position].parameters()]
     device = model_device(emulator)
     if model_device(full_model) != device:
         raise ValueError(f"emulator: distillation needs both models on one device (emulator on {device}, backbone on {model_device(full_model)})")
@@ -155,7 +160,11 @@ def distill_middle(
         losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step + 1, losses[-1])
-    freeze_non_adapter(emulator, layer_map)
     emulator.train(was_training)
+    if refresh:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+        return losses
+    freeze_non_adapter(emulator, layer_map)
     emulator.config.emulator_distilled = True
     return losses

@@ -7,6 +7,12 @@ of the middle blocks k .. L-k-1 the emulator keeps the first one and every n-th 
 i.e. original indices k, k+n, k+2n, ... < L-k (`range(k, L - k, n)`). Stride 1 keeps the whole
 middle (the emulator then equals the backbone); the last middle block is kept only when
 (L-2k-1) is a multiple of n.
+
+Fill: with "drop" (the paper's) the dropped blocks are simply gone and the emulator is
+shallower. With "share" (CRaSh, Zhang et al. 2023) the emulator keeps the backbone's depth:
+every dropped slot runs a copy of its nearest kept middle block (ties go to the earlier
+one), sharing that block's weights. `slots` then lists, for each of the L slots, the original
+index of the block it runs; the package still stores each kept block once.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from finetune.config import EMULATOR_FILLS as FILLS
 
 
 @dataclass(frozen=True)
@@ -24,10 +32,13 @@ class LayerMap:
     bottom: tuple[int, ...]
     middle_kept: tuple[int, ...]
     top: tuple[int, ...]
+    fill: str = "drop"
+    slots: tuple[int, ...] = ()  # fill "share": source block of each of the num_layers slots
 
     def __post_init__(self) -> None:
-        for name in ("bottom", "middle_kept", "top"):
+        for name in ("bottom", "middle_kept", "top", "slots"):
             object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
+        object.__setattr__(self, "fill", self.fill or "drop")
         L, k = self.num_layers, len(self.bottom)
         if k < 1 or len(self.top) != k:
             raise ValueError(f"layer map: bottom and top must hold the same k >= 1 blocks, got {k} and {len(self.top)}")
@@ -40,15 +51,43 @@ class LayerMap:
         middle = self.middle_kept
         if not middle or list(middle) != sorted(set(middle)) or middle[0] < k or middle[-1] >= L - k:
             raise ValueError(f"layer map: middle_kept must be increasing, non-empty and within [{k}, {L - k}), got {middle}")
+        if self.fill not in FILLS:
+            raise ValueError(f"layer map: fill must be one of {', '.join(FILLS)}, got {self.fill!r}")
+        if self.fill == "drop" and self.slots:
+            raise ValueError("layer map: slots are only for fill 'share'")
+        if self.fill == "share":
+            self._check_slots()
 
+    def _check_slots(self) -> None:
+        """Every slot runs a kept block; adapter and kept middle blocks run in their own slot;
+        a dropped slot runs a kept middle block (never an adapter: those train)."""
+        L, slots, kept = self.num_layers, self.slots, set(self.middle_kept)
+        if len(slots) != L:
+            raise ValueError(f"layer map: fill 'share' needs one slot per block ({L}), got {len(slots)}")
+        for slot, source in enumerate(slots):
+            own = slot in kept or slot in self.bottom or slot in self.top
+            if (own and source != slot) or (not own and source not in kept):
+                want = "itself" if own else f"a kept middle block {tuple(sorted(kept))}"
+                raise ValueError(f"layer map: slot {slot} runs block {source}, must run {want}")
     @property
     def k(self) -> int:
         """Adapter blocks at each end."""
         return len(self.bottom)
 
     def emulator_layers(self) -> tuple[int, ...]:
-        """Original indices of the emulator's blocks, in emulator order (position i = block i)."""
+        """Original indices of the blocks the emulator stores (each once), in stored order.
+
+        With fill "drop" this is also the emulator's stack (position i = block i); with "share"
+        the stack has all `num_layers` slots (`stack()`)."""
         return self.bottom + self.middle_kept + self.top
+
+    def stack(self) -> tuple[int, ...]:
+        """Original index of the block at each position of the emulator's stack, as it runs."""
+        return self.slots if self.fill == "share" else self.emulator_layers()
+
+    def compact(self) -> LayerMap:
+        """The same kept blocks with fill "drop": the layout the package stores."""
+        return LayerMap(self.num_layers, self.bottom, self.middle_kept, self.top)
 
     def adapter_layers(self) -> tuple[int, ...]:
         """Original indices of the trainable blocks (bottom then top)."""
@@ -60,31 +99,45 @@ class LayerMap:
         return tuple(i for i in range(self.k, self.num_layers - self.k) if i not in kept)
 
     def emulator_index(self) -> dict[int, int]:
-        """Original index -> position in the emulator, for every kept block."""
+        """Original index -> position in the emulator, for every kept block (its own slot when shared)."""
+        if self.fill == "share":
+            return {orig: orig for orig in self.emulator_layers()}
         return {orig: pos for pos, orig in enumerate(self.emulator_layers())}
 
     def middle_positions(self) -> tuple[int, ...]:
-        """Emulator positions of the kept middle blocks."""
-        return tuple(range(self.k, self.k + len(self.middle_kept)))
+        """Emulator positions of the kept middle blocks (the slots that own their weights)."""
+        return tuple(self.emulator_index()[i] for i in self.middle_kept)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "num_layers": self.num_layers,
             "bottom": list(self.bottom),
             "middle_kept": list(self.middle_kept),
             "top": list(self.top),
         }
+        if self.fill == "share":
+            data.update(fill="share", slots=list(self.slots))
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LayerMap:
         missing = [key for key in ("num_layers", "bottom", "middle_kept", "top") if key not in data]
         if missing:
             raise ValueError(f"layer map: missing field '{missing[0]}'")
-        return cls(int(data["num_layers"]), tuple(data["bottom"]), tuple(data["middle_kept"]), tuple(data["top"]))
+        return cls(int(data["num_layers"]), tuple(data["bottom"]), tuple(data["middle_kept"]), tuple(data["top"]),
+                   str(data.get("fill", "drop")), tuple(data.get("slots", ())))
 
 
-def make_layer_map(num_layers: int, adapter_layers: int, stride: int) -> LayerMap:
-    """k = `adapter_layers` trainable blocks at each end; keep middle blocks `range(k, L-k, stride)`."""
+def nearest_slots(num_layers: int, adapter_layers: int, middle_kept: tuple[int, ...]) -> tuple[int, ...]:
+    """Fill "share": each slot runs itself if kept, else the nearest kept middle block (ties: the earlier)."""
+    L, k = num_layers, adapter_layers
+    kept = set(middle_kept) | set(range(k)) | set(range(L - k, L))
+    return tuple(i if i in kept else min(middle_kept, key=lambda m: (abs(m - i), m)) for i in range(L))
+
+
+def make_layer_map(num_layers: int, adapter_layers: int, stride: int, fill: str = "drop") -> LayerMap:
+    """k = `adapter_layers` trainable blocks at each end; keep middle blocks `range(k, L-k, stride)`;
+    with `fill` "share" every dropped slot runs its nearest kept middle block."""
     L, k = int(num_layers), int(adapter_layers)
     if k < 1:
         raise ValueError(f"layer map: adapter_layers must be >= 1, got {k}")
@@ -92,4 +145,8 @@ def make_layer_map(num_layers: int, adapter_layers: int, stride: int) -> LayerMa
         raise ValueError(f"layer map: 2*adapter_layers must be < num_layers ({2 * k} >= {L})")
     if stride < 1:
         raise ValueError(f"layer map: stride must be >= 1, got {stride}")
-    return LayerMap(L, tuple(range(k)), tuple(range(k, L - k, stride)), tuple(range(L - k, L)))
+    if fill not in FILLS:
+        raise ValueError(f"layer map: fill must be one of {', '.join(FILLS)}, got {fill!r}")
+    middle = tuple(range(k, L - k, stride))
+    slots = nearest_slots(L, k, middle) if fill == "share" else ()
+    return LayerMap(L, tuple(range(k)), middle, tuple(range(L - k, L)), fill, slots)

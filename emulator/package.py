@@ -9,6 +9,10 @@ Layout of a package folder:
     manifest.sig           Ed25519 signature (64 raw bytes) over the exact bytes of manifest.pb
     public_key.pem         convenience copy of the signer's key (not trusted: pin it out of band)
 
+A fill-"share" emulator (emulator/layers.py) is stored compact, each kept block once, exactly
+as the "drop" emulator with the same kept blocks; the signed manifest adds the fill and the
+slot map, and `load_package` rebuilds the full-depth stack from them.
+
 `verify_package` checks the signature first, then every listed file's size and sha256, and
 that nothing else is in the folder; `load_package` verifies before it loads anything.
 """
@@ -30,7 +34,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from emulator.build import decoder_layers, freeze_non_adapter, middle_linear_weights, unique_parameters
+from emulator.build import compact_view, decoder_layers, expand_shared, freeze_non_adapter, middle_linear_weights, unique_parameters
 from emulator.keys import (  # noqa: F401 - key helpers re-exported as part of the package API
     PackageError,
     generate_signing_key,
@@ -72,9 +76,11 @@ def write_package(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        config = emulator_model.config
+        stored = compact_view(emulator_model, layer_map)  # fill "share": each kept block once
+        compact = layer_map.compact()
+        config = stored.config
         method = getattr(config, "emulator_quantization", "") or ""
-        save_file(_weights_to_store(emulator_model, layer_map, method), str(tmp / WEIGHTS), metadata={"format": "pt", "quantization": method})
+        save_file(_weights_to_store(stored, compact, method), str(tmp / WEIGHTS), metadata={"format": "pt", "quantization": method})
         config_dict = config.to_dict()
         config_dict.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
@@ -84,7 +90,7 @@ def write_package(
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         params, _ = unique_parameters(emulator_model)
         adapter_params = sum(
-            p.numel() for i in layer_map.adapter_layers() for p in decoder_layers(emulator_model)[layer_map.emulator_index()[i]].parameters()
+            p.numel() for i in compact.adapter_layers() for p in decoder_layers(stored)[compact.emulator_index()[i]].parameters()
         )
         manifest = manifest_pb2.EmulatorManifest(
             format_version=FORMAT_VERSION,
@@ -105,6 +111,8 @@ def write_package(
             backbone_bytes=int(backbone_bytes),
             signer_key_id=key_id(signing_key.public_key()),
             weights_file=WEIGHTS,
+            fill=layer_map.fill,
+            slots=layer_map.slots,
         )
         data = manifest.SerializeToString(deterministic=True)
         (tmp / MANIFEST).write_bytes(data)
@@ -217,7 +225,8 @@ def _bad_signature_reason(data: bytes, key: Ed25519PublicKey) -> str:
 
 
 def manifest_layer_map(manifest: manifest_pb2.EmulatorManifest) -> LayerMap:
-    return LayerMap(manifest.num_layers, tuple(manifest.bottom), tuple(manifest.middle_kept), tuple(manifest.top))
+    fields = (manifest.num_layers, tuple(manifest.bottom), tuple(manifest.middle_kept), tuple(manifest.top))
+    return LayerMap(*fields, manifest.fill or "drop", tuple(manifest.slots))
 
 
 def load_package(
@@ -232,6 +241,7 @@ def load_package(
     if hashlib.sha256(data).hexdigest() != entry.sha256:  # re-check the bytes actually loaded
         raise PackageError(f"{entry.name}: changed after verification")
     config = AutoConfig.from_pretrained(directory)
+    compact = layer_map.compact()  # what the weights file holds, whatever the fill
     if config.num_hidden_layers != len(layer_map.emulator_layers()):
         raise PackageError(f"config.json: {config.num_hidden_layers} blocks, manifest lists {len(layer_map.emulator_layers())}")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -239,7 +249,7 @@ def load_package(
     method = manifest.quantization
     state = model.state_dict()
     if method:
-        for name in middle_linear_weights(model, layer_map):
+        for name in middle_linear_weights(model, compact):
             if f"{name}.q" not in stored:
                 raise PackageError(f"{entry.name}: quantized weight '{name}' is missing")
             parts = {"q": stored.pop(f"{name}.q"), "absmax": stored.pop(f"{name}.absmax")}
@@ -253,6 +263,8 @@ def load_package(
         if tuple(tensor.shape) != tuple(state[name].shape):
             raise PackageError(f"{entry.name}: '{name}' has shape {tuple(tensor.shape)}, config expects {tuple(state[name].shape)}")
     model.load_state_dict(stored, strict=False)
+    if layer_map.fill == "share":
+        expand_shared(model, layer_map)
     freeze_non_adapter(model, layer_map)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token is None:

@@ -31,6 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dp": ("none", "local", "client"),
     "quantize": ("none", "nf4", "int8"),
     "emulator-quantize": ("none", "int8", "nf4"),
+    "emulator-fill": ("drop", "share"),  # what an emulator does with the middle blocks it drops (emulator/layers.py)
     "emulator-distill-objective": DISTILL_OBJECTIVES,
     "offsite-train": ("lora", "blocks"),
     "dtype": DTYPE_CHOICES,

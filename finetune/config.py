@@ -26,6 +26,8 @@ ALIASES = {"rounds": "num-server-rounds"}
 MODULE_SELECTIONS = CHOICES["module-selection"]
 KR_SCORES = CHOICES["kr-score"]
 KR_UNSUPPORTED_RULES = ("hetlora", "flora", "fedex-lora")  # per-client ranks or base-weight folds of every module
+# what an emulator does with the middle blocks it drops (emulator/layers.py)
+EMULATOR_FILLS = CHOICES["emulator-fill"]
 
 
 class ConfigError(ValueError):
@@ -117,6 +119,7 @@ class FedsiteConfig:
     emulator_package: str = ""  # a package from `fedsite emulator build` ("" = build one into <out>/emulator)
     emulator_adapter_layers: int = 0  # trainable blocks kept at each end (0 = 2, or 1 below 8 blocks)
     emulator_stride: int = 2  # keep every n-th middle block
+    emulator_fill: str = "drop"  # dropped middle blocks: "drop" (shallower) or "share" (depth kept, nearest kept block reused)
     emulator_quantize: str = "none"  # storage of the emulator's frozen middle: none, int8 or nf4
     emulator_distill_steps: int = 0  # distillation steps of the kept middle toward the full model
     emulator_distill_objective: str = DEFAULT_DISTILL_OBJECTIVE  # logits (KL), hidden (MSE into the top adapter) or both
@@ -126,6 +129,9 @@ class FedsiteConfig:
     # little; on all seven it transferred best of what was tried on SmolLM2 and uploads ~22x less than blocks)
     offsite_lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     offsite_lr: float = 0.0  # learning rate of offsite clients (0 = `lr` for LoRA, 1e-4 for whole blocks)
+    emulator_align_steps: int = 0  # per-round alignment steps of the emulator at the coordinator (FedBiOT; 0 = off), shipped as a signed low-rank refresh
+    emulator_align_rank: int = 4  # rank of that refresh's LoRA factors on the frozen middle
+    offsite_proximal_mu: float = 0.0  # offsite clients add lambda * ||adapter - round-start adapter||^2 (FedBiOT: 1; 0 = off)
     artifact_url: str = ""  # HOST:PORT of the coordinator's artifact service: emulators are published to <out>/artifacts and fetched by reference
     # evaluation
     eval_examples: int = 60
@@ -161,6 +167,14 @@ class FedsiteConfig:
         if offsite_mode is None:
             return self.lr
         return self.offsite_lr or (1e-4 if offsite_mode == "blocks" else self.lr)
+
+    def client_proximal_mu(self, offsite_mode: str | None = None) -> float:
+        """The mu of a client's proximal term mu/2 ||w - w_start||^2 (finetune/train.py): FedProx's
+        `proximal-mu` under fedprox; offsite clients with `offsite-proximal-mu` = lambda > 0 get
+        mu = 2 lambda, i.e. FedBiOT's lambda ||adapter - round-start adapter||^2, whatever the rule."""
+        if offsite_mode is not None and self.offsite_proximal_mu > 0:
+            return 2.0 * self.offsite_proximal_mu
+        return self.proximal_mu if self.aggregation == "fedprox" else 0.0
 
     def to_flat(self) -> dict[str, Any]:
         """Kebab-case keys and plain values, as Flower's run config and ConfigRecord want them."""
@@ -217,10 +231,14 @@ class FedsiteConfig:
             ("emulator-share", 0.0 <= self.emulator_share <= 1.0, "in [0, 1]"),
             ("emulator-adapter-layers", self.emulator_adapter_layers >= 0, "non-negative (0 = default)"),
             ("emulator-stride", self.emulator_stride >= 1, "at least 1"),
+            ("emulator-fill", self.emulator_fill in EMULATOR_FILLS, one_of(EMULATOR_FILLS)),
             ("emulator-quantize", self.emulator_quantize in CHOICES["emulator-quantize"], one_of(CHOICES["emulator-quantize"])),
             ("emulator-distill-steps", self.emulator_distill_steps >= 0, "non-negative"),
             ("offsite-train", self.offsite_train in CHOICES["offsite-train"], one_of(CHOICES["offsite-train"])),
             ("offsite-lr", self.offsite_lr >= 0, "non-negative (0 = default)"),
+            ("offsite-proximal-mu", self.offsite_proximal_mu >= 0, "non-negative (0 = off)"),
+            ("emulator-align-steps", self.emulator_align_steps >= 0, "non-negative (0 = off)"),
+            ("emulator-align-rank", self.emulator_align_rank >= 1, "at least 1"),
             ("offsite-lora-targets", bool(module_names(self.offsite_lora_targets)), "at least one module name"),
             ("emulator-distill-objective", self.emulator_distill_objective in DISTILL_OBJECTIVES, one_of(DISTILL_OBJECTIVES)),
             ("aggregation", self.dp != "client" or self.aggregation == "fedavg", "fedavg with dp 'client' (DP-FedAvg)"),

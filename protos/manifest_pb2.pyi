@@ -17,7 +17,7 @@ class FileEntry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class EmulatorManifest(_message.Message):
-    __slots__ = ("format_version", "backbone_id", "num_layers", "bottom", "middle_kept", "top", "quantization", "distilled", "files", "model_type", "dtype", "emulator_params", "adapter_params", "emulator_bytes", "backbone_params", "backbone_bytes", "signer_key_id", "weights_file")
+    __slots__ = ("format_version", "backbone_id", "num_layers", "bottom", "middle_kept", "top", "quantization", "distilled", "files", "model_type", "dtype", "emulator_params", "adapter_params", "emulator_bytes", "backbone_params", "backbone_bytes", "signer_key_id", "weights_file", "fill", "slots")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,8 @@ class EmulatorManifest(_message.Message):
     BACKBONE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SIGNER_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FILE_FIELD_NUMBER: _ClassVar[int]
+    FILL_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
     format_version: str
     backbone_id: str
     num_layers: int
@@ -54,4 +56,6 @@ class EmulatorManifest(_message.Message):
     backbone_bytes: int
     signer_key_id: str
     weights_file: str
-    def __init__(self, format_version: _Optional[str] = ..., backbone_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., bottom: _Optional[_Iterable[int]] = ..., middle_kept: _Optional[_Iterable[int]] = ..., top: _Optional[_Iterable[int]] = ..., quantization: _Optional[str] = ..., distilled: _Optional[bool] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., emulator_params: _Optional[int] = ..., adapter_params: _Optional[int] = ..., emulator_bytes: _Optional[int] = ..., backbone_params: _Optional[int] = ..., backbone_bytes: _Optional[int] = ..., signer_key_id: _Optional[str] = ..., weights_file: _Optional[str] = ...) -> None: ...
+    fill: str
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, format_version: _Optional[str] = ..., backbone_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., bottom: _Optional[_Iterable[int]] = ..., middle_kept: _Optional[_Iterable[int]] = ..., top: _Optional[_Iterable[int]] = ..., quantization: _Optional[str] = ..., distilled: _Optional[bool] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., model_type: _Optional[str] = ..., dtype: _Optional[str] = ..., emulator_params: _Optional[int] = ..., adapter_params: _Optional[int] = ..., emulator_bytes: _Optional[int] = ..., backbone_params: _Optional[int] = ..., backbone_bytes: _Optional[int] = ..., signer_key_id: _Optional[str] = ..., weights_file: _Optional[str] = ..., fill: _Optional[str] = ..., slots: _Optional[_Iterable[int]] = ...) -> None: ...

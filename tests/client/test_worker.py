@@ -34,8 +34,6 @@ def files():
         files = worker_files(Path(folder) / "worker")
         yield files
         stop_worker_at(files)
-        if files.log.exists():
-            Path("/tmp/fw/last-worker.log").write_text(files.log.read_text())
     if before is None:
         os.environ.pop("OMP_NUM_THREADS")
     else:

@@ -174,3 +174,69 @@ def test_emulator_clients_of_a_smaller_rank_train_and_return_that_rank(track, tm
     assert offsite[a_key].shape == t.initial[a_key].shape  # back at the track's rank 4
     np.testing.assert_allclose(offsite[a_key][:2], t.initial[a_key][:2] + 1.0, rtol=1e-6)
     np.testing.assert_array_equal(offsite[a_key][2:], 0.0)  # only zero-padded directions came back
+
+
+def test_share_fill_run_ships_a_full_depth_emulator_of_drop_bytes(tmp_path):
+    from emulator.build import decoder_layers
+
+    config = FedsiteConfig(model="tiny", out=str(tmp_path / "run"), emulator_share=0.5, lora_rank=4, emulator_fill="share").validate()
+    t = prepare_offsite(config)
+    assert t.layer_map.fill == "share" and t.layer_map.slots == (0, 1, 1, 3)
+    drop = prepare_offsite(FedsiteConfig(model="tiny", out=str(tmp_path / "drop"), emulator_share=0.5, lora_rank=4))
+    assert t.summary["emulator_bytes"] == drop.summary["emulator_bytes"]
+    spec = OffsiteSpec.from_config(t.client_config())
+    emulator, _, layer_map = offsite_model(spec, config.offsite_lora_settings(), config.seed)
+    assert layer_map == t.layer_map and len(decoder_layers(emulator.get_base_model())) == 4
+    set_offsite_arrays(emulator, t.initial, layer_map, spec.mode)
+    with torch.no_grad():
+        for p in emulator.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    trained = get_offsite_arrays(emulator, layer_map, spec.mode)
+    assert set(trained) == set(t.initial)  # keyed by original blocks 0 and 3, as with drop
+    assert all(np.array_equal(get_offsite_arrays(t.load(trained), t.layer_map, t.mode)[k], v) for k, v in trained.items())
+
+
+def test_per_round_alignment_ships_a_signed_refresh_that_clients_apply(tmp_path, monkeypatch):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+    from client.offsite import apply_round_refresh, split_refresh
+    from emulator.cli import distillation_batches
+    from protos.tensors import from_array_record
+
+    config = FedsiteConfig(model="tiny", out=str(tmp_path / "run"), emulator_share=1.0, lora_rank=4, emulator_fill="share",
+                           emulator_quantize="int8", emulator_align_steps=3, emulator_align_rank=2).validate()
+    t = prepare_offsite(config)
+    assert "emulator-refresh-signature" not in t.client_config()  # nothing to refresh before the first alignment
+    nbytes = t.align(1, t.initial, config, distillation_batches(t.tokenizer)[:2])
+    values = t.client_config()
+    assert values["emulator-refresh-round"] == "1" and len(bytes.fromhex(values["emulator-refresh-signature"])) == 64
+    msg = Message(content=RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"package-kind": "emulator"})}), message_type=MessageType.TRAIN, dst_node_id=5)
+    routed = t.route([msg], lambda node: ArrayRecord())[0]
+    adapter, refresh = split_refresh(from_array_record(routed.content["arrays"]))
+    assert adapter == {} and sum(v.nbytes for v in refresh.values()) == nbytes > 0
+    spec = OffsiteSpec.from_config(dict(routed.content["config"]))
+    emulator, _, layer_map = offsite_model(spec, config.offsite_lora_settings(), config.seed)
+    set_offsite_arrays(emulator, t.initial, layer_map, spec.mode)
+    apply_round_refresh(emulator, layer_map, spec, refresh)
+    batch = dict(t.tokenizer(["a b c", "hello"], return_tensors="pt", padding=True))
+    coordinator_side = t.emulator(t.initial, config.offsite_lora_settings(), config.seed)
+    with torch.no_grad():
+        assert torch.equal(emulator(**batch).logits, coordinator_side(**batch).logits)  # applied exactly
+    name = next(iter(refresh))
+    with pytest.raises(PackageError, match="bad signature"):
+        apply_round_refresh(emulator, layer_map, spec, {**refresh, name: refresh[name] * 2})
+    with pytest.raises(PackageError, match="without its signature"):
+        apply_round_refresh(emulator, layer_map, OffsiteSpec(spec.package, spec.public_key_pem, spec.mode), refresh)
+    with pytest.raises(PackageError, match="not hex"):
+        apply_round_refresh(emulator, layer_map, OffsiteSpec(spec.package, spec.public_key_pem, spec.mode, "zz", 1), refresh)
+    t.align(2, t.initial, config, distillation_batches(t.tokenizer)[:2])
+    newer = OffsiteSpec.from_config(t.client_config())
+    apply_round_refresh(emulator, layer_map, newer, split_refresh(from_array_record(t.route([msg], lambda node: ArrayRecord())[0].content["arrays"]))[1])
+    with pytest.raises(PackageError, match="older than the one applied"):
+        apply_round_refresh(emulator, layer_map, spec, refresh)  # a replay of round 1's

@@ -175,3 +175,67 @@ def test_build_rejects_wrong_layer_map_and_peft(tiny8):
         build_emulator(tiny8[0], make_layer_map(6, 1, 2))
     with pytest.raises(ValueError, match="PeftModel"):
         build_emulator(attach_lora(tiny8[0], LoraSettings()), make_layer_map(8, 1, 2))
+
+
+def test_share_with_nothing_dropped_equals_the_backbone(tiny8, batch):
+    lm = make_layer_map(8, 2, 1, fill="share")
+    emulator = build_emulator(tiny8[0], lm)
+    torch.testing.assert_close(logits(emulator, batch), logits(tiny8[0], batch), atol=ATOL, rtol=0)
+
+
+def test_share_runs_the_backbone_with_dropped_blocks_replaced_by_their_source(tiny8, batch):
+    full = tiny8[0]
+    lm = make_layer_map(8, 2, 2, fill="share")
+    emulator = build_emulator(full, lm)
+    layers = decoder_layers(emulator)
+    assert len(layers) == 8 and emulator.config.num_hidden_layers == 8
+    assert len({id(layer) for layer in layers}) == 8  # distinct module objects per slot
+    assert len({id(m) for layer in layers for m in layer.modules()}) == 8 * len(list(layers[0].modules()))
+    assert [layer.self_attn.layer_idx for layer in layers] == list(range(8))
+    for slot, source in enumerate(lm.slots):  # a filled slot runs its source's very tensors
+        assert layers[slot].mlp.up_proj.weight is layers[source].mlp.up_proj.weight
+    assert layers[3].mlp.up_proj.weight is not layers[4].mlp.up_proj.weight
+    reference = copy.deepcopy(full)  # the backbone with blocks 3 and 5 overwritten by 2 and 4
+    for slot, source in enumerate(lm.slots):
+        decoder_layers(reference)[slot].load_state_dict(decoder_layers(full)[source].state_dict())
+    torch.testing.assert_close(logits(emulator, batch), logits(reference, batch), atol=ATOL, rtol=0)
+    assert not torch.allclose(logits(emulator, batch), logits(full, batch), atol=1e-3)
+    trainable = {int(n.split(".")[2]) for n, p in emulator.named_parameters() if p.requires_grad}
+    assert trainable == {0, 1, 6, 7}  # adapter blocks sit at their original positions
+
+
+def test_share_generates_with_the_kv_cache(tiny8):
+    model, tokenizer = tiny8
+    emulator = build_emulator(model, make_layer_map(8, 2, 2, fill="share"))
+    ids = tokenizer(["hello there"], return_tensors="pt")
+    cached = emulator.generate(**ids, max_new_tokens=6, do_sample=False, use_cache=True)
+    plain = emulator.generate(**ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
+
+
+def test_one_module_in_two_slots_would_break_the_cache(tiny8):
+    """Why slots get distinct modules: one module (one layer_idx) in two slots corrupts generate()."""
+    model, tokenizer = tiny8
+    lm = make_layer_map(8, 2, 2, fill="share")
+    emulator = build_emulator(model, lm)
+    ids = tokenizer(["hello there"], return_tensors="pt")
+    reference = emulator.generate(**ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    layers = decoder_layers(emulator)
+    emulator.model.layers = torch.nn.ModuleList([layers[source] for source in lm.slots])  # reused modules
+    assert torch.equal(emulator.generate(**ids, max_new_tokens=6, do_sample=False, use_cache=False), reference)
+    assert not torch.equal(emulator.generate(**ids, max_new_tokens=6, do_sample=False, use_cache=True), reference)
+
+
+def test_share_trains_and_plugs_in(tiny8, batch):
+    full = tiny8[0]
+    lm = make_layer_map(8, 2, 2, fill="share")
+    emulator = build_emulator(full, lm)
+    train_step(emulator, batch)
+    plugged = plug_in(full, emulator, lm)
+    for i in range(8):
+        source = decoder_layers(emulator)[i] if i in lm.adapter_layers() else decoder_layers(full)[i]
+        for a, b in zip(decoder_layers(plugged)[i].state_dict().values(), source.state_dict().values()):
+            assert torch.equal(a, b)
+    peft = attach_adapter_lora(build_emulator(full, lm), lm, LoraSettings(rank=4))
+    lora_layers = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in peft.named_modules() if n.endswith("lora_A")}
+    assert lora_layers == {0, 1, 6, 7}

@@ -50,3 +50,25 @@ def test_verify_with_wrong_key_fails(tmp_path, capsys):
 def test_key_inside_the_package_is_refused(tmp_path):
     with pytest.raises(PackageError, match="must not live inside the package"):
         build_command("tiny", str(tmp_path / "pkg"), 1, 2, None, str(tmp_path / "pkg" / "signing_key.pem"))
+
+
+def test_build_share_then_verify(tmp_path, capsys):
+    summary = build_command("tiny", str(tmp_path / "pkg"), 1, 2, None, None, fill="share")
+    assert "slots refilled by sharing" in capsys.readouterr().out
+    assert summary["fill"] == "share" and summary["layer_map"]["slots"] == [0, 1, 1, 3]
+    drop = build_command("tiny", str(tmp_path / "drop"), 1, 2, None, None)
+    assert summary["emulator_bytes"] == drop["emulator_bytes"]
+    capsys.readouterr()
+    assert verify_command(str(tmp_path / "pkg")) == 0
+    assert "depth kept by sharing" in capsys.readouterr().out
+
+
+def test_fedsite_emulator_build_fill_share_contract(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "pkg"
+    build = subprocess.run([sys.executable, "-m", "fedsite.cli", "emulator", "build", "--model", "tiny", "--fill", "share", "--out", str(out)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    verify = subprocess.run([sys.executable, "-m", "fedsite.cli", "emulator", "verify", str(out)], capture_output=True, text=True)
+    assert verify.returncode == 0 and verify.stdout.startswith("ok:"), verify.stderr

@@ -18,7 +18,7 @@ def middle_mse(emulator, full, lm, batches):
     with torch.no_grad():
         total = 0.0
         for b in batches:
-            h = emulator.model(**b, output_hidden_states=True).hidden_states[lm.k + len(lm.middle_kept)]
+            h = emulator.model(**b, output_hidden_states=True).hidden_states[lm.emulator_index()[lm.top[0]]]
             t = full.model(**b, output_hidden_states=True).hidden_states[lm.top[0]]
             total += float(((h - t) ** 2).mean())
     return total / len(batches)
@@ -73,6 +73,23 @@ def test_logits_objectives_bring_the_emulator_output_toward_the_model(tiny8, map
     adapters_after = adapter_state(emulator, map8)
     assert all(np.array_equal(adapters_before[k], adapters_after[k]) for k in adapters_before)
     assert trainable_blocks(emulator) == {"0", "1", "4", "5"}
+
+
+def test_distilling_a_shared_emulator_trains_the_unique_blocks_and_keeps_them_shared(tiny8):
+    from emulator.build import decoder_layers
+    from emulator.layers import make_layer_map
+
+    full, tokenizer = tiny8
+    lm = make_layer_map(8, 2, 2, fill="share")
+    emulator = build_emulator(full, lm)
+    batches = text_batches(tokenizer, TEXTS, batch_size=8, max_length=32)
+    before = middle_mse(emulator, full, lm, batches)
+    distill_middle(emulator, full, lm, batches, steps=12, lr=3e-3, objective="hidden")
+    assert middle_mse(emulator, full, lm, batches) < 0.7 * before
+    layers = decoder_layers(emulator)
+    assert layers[3].mlp.up_proj.weight is layers[2].mlp.up_proj.weight
+    assert not torch.equal(layers[2].mlp.up_proj.weight, decoder_layers(full)[2].mlp.up_proj.weight)
+    assert trainable_blocks(emulator) == {"0", "1", "6", "7"}
 
 
 def test_bad_objective_quantized_or_empty_input_is_refused(tiny8, map8):

@@ -77,3 +77,37 @@ def test_dict_round_trip_and_frozen():
         LayerMap.from_dict({k: v for k, v in data.items() if k != "top"})
     with pytest.raises(dataclasses.FrozenInstanceError):
         lm.num_layers = 3  # type: ignore[misc]
+
+
+def test_share_fills_each_dropped_slot_with_its_nearest_kept_middle_block():
+    lm = make_layer_map(8, 2, 2, fill="share")
+    assert lm.middle_kept == (2, 4) and lm.dropped() == (3, 5)
+    assert lm.slots == (0, 1, 2, 2, 4, 4, 6, 7)  # 3: tie between 2 and 4 goes to the earlier; 5: only 4 is a middle block
+    assert lm.emulator_layers() == (0, 1, 2, 4, 6, 7)  # stored once each
+    assert lm.stack() == lm.slots and lm.compact().stack() == lm.emulator_layers()
+    assert lm.emulator_index() == {0: 0, 1: 1, 2: 2, 4: 4, 6: 6, 7: 7}  # each kept block in its own slot
+    assert lm.middle_positions() == (2, 4)
+    far = make_layer_map(12, 2, 4, fill="share")  # keeps 2, 6; 7 is nearer 6 than top adapter 10, and never an adapter
+    assert far.slots == (0, 1, 2, 2, 2, 6, 6, 6, 6, 6, 10, 11)
+    assert LayerMap.from_dict(lm.to_dict()) == lm and lm.to_dict()["fill"] == "share"
+    assert "fill" not in make_layer_map(8, 2, 2).to_dict()  # drop maps keep their old dict
+    assert make_layer_map(8, 2, 1, fill="share").slots == tuple(range(8))
+
+
+@pytest.mark.parametrize(
+    "slots,needle",
+    [
+        ((0, 1, 2, 2, 4, 4, 6), "one slot per block"),
+        ((0, 1, 2, 3, 4, 4, 6, 7), "slot 3 runs block 3"),  # a dropped block is not in the package
+        ((0, 1, 2, 1, 4, 4, 6, 7), "slot 3 runs block 1"),  # adapters train: never shared
+        ((0, 1, 4, 2, 4, 4, 6, 7), "slot 2 runs block 4, must run itself"),
+        ((0, 0, 2, 2, 4, 4, 6, 7), "slot 1 runs block 0, must run itself"),
+    ],
+)
+def test_invalid_share_slots_are_rejected(slots, needle):
+    with pytest.raises(ValueError, match=needle):
+        LayerMap(8, (0, 1), (2, 4), (6, 7), "share", slots)
+    with pytest.raises(ValueError, match="only for fill 'share'"):
+        LayerMap(8, (0, 1), (2, 4), (6, 7), "drop", (0, 1, 2, 2, 4, 4, 6, 7))
+    with pytest.raises(ValueError, match="fill must be one of"):
+        make_layer_map(8, 2, 2, fill="copy")

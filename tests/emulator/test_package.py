@@ -198,3 +198,67 @@ def test_write_refuses_to_overwrite_a_foreign_folder(tiny8, map8, signing_key, t
     write_package(emulator, tiny8[1], map8, tmp_path / "pkg", signing_key, "tiny", 1)
     write_package(emulator, tiny8[1], map8, tmp_path / "pkg", signing_key, "tiny", 2)  # a package is replaced
     assert verify_package(tmp_path / "pkg", signing_key.public_key()).backbone_bytes == 2
+
+
+@pytest.fixture()
+def shared(tiny8, signing_key, tmp_path):
+    lm = make_layer_map(8, 2, 2, fill="share")
+    emulator = build_emulator(tiny8[0], lm)
+    manifest = write_package(emulator, tiny8[1], lm, tmp_path / "shared", signing_key, "tiny", 1)
+    return emulator, lm, tmp_path / "shared", manifest
+
+
+def test_shared_package_stores_each_unique_block_once(shared, built, signing_key, batch):
+    emulator, lm, folder, manifest = shared
+    with safe_open(str(folder / "emulator.safetensors"), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    _, drop_folder, drop_manifest = built  # the drop emulator with the same kept blocks
+    with safe_open(str(drop_folder / "emulator.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(stored) and all(torch.equal(f.get_tensor(k), v) for k, v in stored.items())
+    assert {int(k.split(".")[2]) for k in stored if k.startswith("model.layers.")} == set(range(6))
+    weights = [v for k, v in stored.items() if k.endswith("up_proj.weight")]
+    assert not any(torch.equal(a, b) for i, a in enumerate(weights) for b in weights[i + 1 :])  # no block twice
+    assert manifest.emulator_bytes == drop_manifest.emulator_bytes  # bytes shrink like drop
+    assert manifest.fill == "share" and list(manifest.slots) == [0, 1, 2, 2, 4, 4, 6, 7]
+    assert manifest.emulator_params == drop_manifest.emulator_params and manifest.adapter_params == drop_manifest.adapter_params
+    loaded, _, layer_map, _ = load_package(folder, signing_key.public_key())
+    assert layer_map == lm and loaded.config.num_hidden_layers == 8
+    layers = decoder_layers(loaded)
+    assert [layer.self_attn.layer_idx for layer in layers] == list(range(8)) and len({id(x) for x in layers}) == 8
+    assert layers[3].mlp.up_proj.weight is layers[2].mlp.up_proj.weight
+    assert torch.equal(logits(loaded, batch), logits(emulator, batch))
+    trainable = {int(n.split(".")[2]) for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable == {0, 1, 6, 7}
+
+
+def test_shared_quantized_package_round_trips(tiny8, signing_key, tmp_path, batch):
+    lm = make_layer_map(8, 2, 2, fill="share")
+    emulator = build_emulator(tiny8[0], lm, quantize="int8")
+    write_package(emulator, tiny8[1], lm, tmp_path / "q", signing_key, "tiny", 1)
+    loaded, _, _, _ = load_package(tmp_path / "q", signing_key.public_key())
+    torch.testing.assert_close(logits(loaded, batch), logits(emulator, batch), atol=1e-5, rtol=0)
+    assert decoder_layers(loaded)[5].mlp.up_proj.weight is decoder_layers(loaded)[4].mlp.up_proj.weight
+
+
+def test_tampered_layer_map_is_refused(shared, signing_key, tmp_path):
+    from protos import manifest_pb2
+
+    _, _, folder, _ = shared
+    manifest = manifest_pb2.EmulatorManifest.FromString((folder / "manifest.pb").read_bytes())
+    manifest.slots[3] = 4  # still a valid-looking map, but not the signed one
+    (folder / "manifest.pb").write_bytes(manifest.SerializeToString(deterministic=True))
+    with pytest.raises(PackageError, match=r"manifest\.sig: bad signature"):
+        verify_package(folder, signing_key.public_key())
+    manifest.slots[3] = 3  # a slot running a dropped block, signed by the coordinator's own key
+    data = manifest.SerializeToString(deterministic=True)
+    (folder / "manifest.pb").write_bytes(data)
+    (folder / "manifest.sig").write_bytes(signing_key.sign(data))
+    with pytest.raises(PackageError, match=r"manifest\.pb: layer map: slot 3 runs block 3") as err:
+        load_package(folder, signing_key.public_key())
+    assert "\n" not in str(err.value)
+    manifest.fill = "drop"  # slots without fill share: inconsistent
+    data = manifest.SerializeToString(deterministic=True)
+    (folder / "manifest.pb").write_bytes(data)
+    (folder / "manifest.sig").write_bytes(signing_key.sign(data))
+    with pytest.raises(PackageError, match="only for fill 'share'"):
+        verify_package(folder, signing_key.public_key())

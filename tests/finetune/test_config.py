@@ -60,6 +60,17 @@ def test_offsite_clients_get_their_own_learning_rate():
         FedsiteConfig(offsite_lr=-1.0).validate()
 
 
+def test_offsite_clients_get_their_own_proximal_term():
+    assert FedsiteConfig().client_proximal_mu() == 0.0 and FedsiteConfig().client_proximal_mu("lora") == 0.0
+    fedprox = FedsiteConfig(aggregation="fedprox", proximal_mu=0.01)
+    assert fedprox.client_proximal_mu() == fedprox.client_proximal_mu("blocks") == 0.01
+    tuned = FedsiteConfig(aggregation="fedprox", proximal_mu=0.01, offsite_proximal_mu=1.0)
+    assert tuned.client_proximal_mu("lora") == 2.0 and tuned.client_proximal_mu() == 0.01  # mu/2 = lambda
+    assert FedsiteConfig(offsite_proximal_mu=0.5).client_proximal_mu("blocks") == 1.0
+    with pytest.raises(ValueError, match="offsite-proximal-mu"):
+        FedsiteConfig(offsite_proximal_mu=-1.0).validate()
+
+
 def test_offsite_lora_has_its_own_targets_and_the_runs_rank():
     config = FedsiteConfig(lora_rank=4, lora_targets="q_proj", offsite_lora_targets="up_proj, down_proj")
     assert config.lora_settings().targets == ("q_proj",)

@@ -90,6 +90,41 @@ def test_proximal_term_keeps_the_update_closer_to_the_start(tiny):
     assert distances[1] < distances[0] * 0.8
 
 
+def test_offsite_proximal_term_is_zero_at_the_round_start_and_pulls_back_to_it(tiny):
+    from emulator.build import build_emulator
+    from emulator.layers import make_layer_map
+    from emulator.offsite import get_offsite_arrays, trainable_model
+    from finetune.backbone import build_tiny_llama
+    from finetune.config import FedsiteConfig
+    from finetune.train import proximal_term
+
+    lam = 1.0
+    mu = FedsiteConfig(offsite_proximal_mu=lam).client_proximal_mu("blocks")
+    layer_map = make_layer_map(4, 1, 2, fill="share")
+    emulator = trainable_model(build_emulator(build_tiny_llama(), layer_map), layer_map, "blocks", LoraSettings())
+    params = [p for p in emulator.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params]
+    assert float(proximal_term(params, anchors, mu)) == 0.0  # at the round start
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.01)
+    term = proximal_term(params, anchors, mu)
+    expected = lam * sum(float(((p - a) ** 2).sum()) for p, a in zip(params, anchors))
+    assert float(term) == pytest.approx(expected, rel=1e-5)  # lambda ||adapter - start||^2
+    term.backward()
+    for p, a in zip(params, anchors):  # a gradient step moves every weight toward the start
+        torch.testing.assert_close(p.grad, 2 * lam * (p.detach() - a))
+        assert float(((p.detach() - 0.1 * p.grad - a) ** 2).sum()) < float(((p.detach() - a) ** 2).sum())
+    start = get_offsite_arrays(emulator, layer_map, "blocks")
+    distances = []
+    for mu_run in (0.0, 2 * 50.0):
+        model = trainable_model(build_emulator(build_tiny_llama(), layer_map), layer_map, "blocks", LoraSettings())
+        train(model, tiny[1], EXAMPLES, TrainSettings(steps=8, batch_size=6, lr=1e-2, proximal_mu=mu_run))
+        end = get_offsite_arrays(model, layer_map, "blocks")
+        distances.append(sum(float(np.sum((end[k] - start[k]) ** 2)) for k in start))
+    assert distances[1] < distances[0] * 0.8
+
+
 class DropsGradient(torch.autograd.Function):
     """Identity forward, no gradient backward: what an op without an autograd formula does
     (bitsandbytes' inference-only 4-bit kernel through torch's autograd fallback)."""

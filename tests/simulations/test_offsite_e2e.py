@@ -51,3 +51,20 @@ def test_plug_in_adapter_is_exported_for_the_full_backbone_and_trained(mixed_run
     assert any(np.abs(v).max() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero
     lora = load_file(str(mixed_run / "adapter" / "adapter_model.safetensors"))
     assert any(np.abs(v).max() > 0 for k, v in lora.items() if "lora_B" in k)
+
+
+def test_shared_emulator_with_per_round_alignment_and_proximal_term(tmp_path_factory):
+    """Depth-kept emulator, a signed refresh every round and the proximal term, through Flower."""
+    out = tmp_path_factory.mktemp("aligned") / "run"
+    config = FedsiteConfig(
+        model="tiny", clients=2, num_server_rounds=2, local_steps=2, lr=0.01, emulator_share=1.0, emulator_fill="share",
+        emulator_quantize="int8", emulator_align_steps=2, emulator_align_rank=2, offsite_proximal_mu=1.0,
+        train_per_task=10, test_per_task=4, eval_examples=8, max_new_tokens=4, out=str(out),
+    )
+    simulate(config)
+    clients = [c for c in read_jsonl(out / "clients.jsonl") if c.get("phase") != "query"]
+    assert {(c["round"], c["status"]) for c in clients} == {(1, "accepted"), (2, "accepted")}  # refresh verified and applied
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [row["emulator_refresh_bytes"] > 0 for row in rows] == [True, True]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["offsite"]["layer_map"]["fill"] == "share"

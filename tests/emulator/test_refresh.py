@@ -1,0 +1,125 @@
+"""Low-rank refreshes of the emulator's middle: signed, applied exactly, refused when tampered."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from emulator.build import build_emulator, decoder_layers
+from emulator.distill import text_batches
+from emulator.keys import PackageError
+from emulator.layers import make_layer_map
+from emulator.package import load_package, write_package
+from emulator.refresh import (
+    align_refresh,
+    apply_refresh,
+    attach_refresh,
+    manifest_digest,
+    refresh_arrays,
+    refresh_bytes,
+    sign_refresh,
+    verify_refresh,
+)
+from tests.emulator.conftest import logits
+
+TEXTS = [f"item {i}: {'abcdefgh'[i % 8] * (i % 5 + 1)} = {i * 7}" for i in range(16)]
+
+
+def random_factors(model, layer_map, seed=0):
+    deltas = attach_refresh(model, layer_map, rank=2)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for delta in deltas.values():
+            delta.B.copy_(torch.randn(delta.B.shape, generator=generator) * 0.05)
+    return refresh_arrays(model)
+
+
+@pytest.fixture(params=["drop", "share"])
+def package(request, tiny8, signing_key, tmp_path):
+    lm = make_layer_map(8, 2, 2, fill=request.param)
+    emulator = build_emulator(tiny8[0], lm, quantize="int8")
+    write_package(emulator, tiny8[1], lm, tmp_path / "pkg", signing_key, "tiny", 1)
+    return lm, tmp_path / "pkg", manifest_digest((tmp_path / "pkg" / "manifest.pb").read_bytes())
+
+
+def test_refresh_round_trips_verifies_and_applies_exactly(package, signing_key, batch):
+    lm, folder, digest = package
+    coordinator, _, _, _ = load_package(folder, signing_key.public_key())
+    before = logits(coordinator, batch)
+    arrays = random_factors(coordinator, lm)
+    assert {k.split(".")[2] for k in arrays} == {str(i) for i in lm.middle_kept}  # original block indices
+    signature = sign_refresh(arrays, 3, digest, signing_key)
+    client, _, _, _ = load_package(folder, signing_key.public_key())  # the emulator a client holds
+    verify_refresh(arrays, 3, digest, signature, signing_key.public_key())
+    apply_refresh(client, lm, arrays)
+    assert torch.equal(logits(client, batch), logits(coordinator, batch))
+    assert not torch.allclose(logits(client, batch), before, atol=1e-4)
+    layers = decoder_layers(client)
+    for slot, source in enumerate(lm.stack()):  # shared slots run the refreshed block too
+        if source in lm.middle_kept:
+            assert torch.equal(layers[slot].mlp.up_proj.weight, layers[lm.emulator_index()[source]].mlp.up_proj.weight)
+    assert all(not p.requires_grad for name, p in client.named_parameters() if "parametrizations" in name)
+    later = random_factors(coordinator, lm, seed=1)  # the next round's refresh replaces this one
+    apply_refresh(client, lm, later)
+    fresh, _, _, _ = load_package(folder, signing_key.public_key())
+    apply_refresh(fresh, lm, later)
+    assert torch.equal(logits(client, batch), logits(fresh, batch))
+    assert refresh_bytes(arrays) < (folder / "emulator.safetensors").stat().st_size / 2
+
+
+def test_tampered_refresh_is_refused(package, signing_key, tiny8):
+    lm, folder, digest = package
+    model, _, _, _ = load_package(folder, signing_key.public_key())
+    arrays = random_factors(model, lm)
+    signature = sign_refresh(arrays, 3, digest, signing_key)
+    key = signing_key.public_key()
+    name = next(iter(arrays))
+    tampered = {**arrays, name: arrays[name] + np.float32(1e-3)}
+    cases = [
+        (tampered, 3, digest, signature, key),
+        ({k: v for k, v in arrays.items() if k != name}, 3, digest, signature, key),
+        (arrays, 4, digest, signature, key),  # replayed in another round
+        (arrays, 3, manifest_digest(b"another package"), signature, key),
+        (arrays, 3, digest, signature, Ed25519PrivateKey.generate().public_key()),
+        (arrays, 3, digest, signature[:-1] + bytes([signature[-1] ^ 1]), key),
+    ]
+    for case in cases:
+        with pytest.raises(PackageError, match="emulator refresh: bad signature") as err:
+            verify_refresh(*case)
+        assert "\n" not in str(err.value)
+    with pytest.raises(PackageError, match="not an Ed25519 signature"):
+        verify_refresh(arrays, 3, digest, signature[:10], key)
+    other = load_package(folder, key)[0]
+    with pytest.raises(ValueError, match="has shape"):
+        apply_refresh(other, lm, {**arrays, name: arrays[name][:1]})
+    with pytest.raises(ValueError, match="not finite"):
+        apply_refresh(other, lm, {**arrays, name: arrays[name] * np.nan})
+    with pytest.raises(ValueError, match="unknown"):
+        apply_refresh(other, lm, {**arrays, "model.layers.3.mlp.up_proj.lora_A": arrays[name]})
+
+
+def test_alignment_trains_only_the_refresh_and_brings_the_quantized_emulator_closer(tiny8):
+    full, tokenizer = tiny8
+    lm = make_layer_map(8, 2, 2, fill="share")
+    emulator = build_emulator(full, lm, quantize="int8")
+    batches = text_batches(tokenizer, TEXTS, batch_size=8, max_length=32)
+    frozen = [(p, p.detach().clone()) for p in emulator.parameters()]
+    trainable = {id(p) for p in emulator.parameters() if p.requires_grad}
+
+    def kl():
+        with torch.no_grad():
+            p, q = torch.log_softmax(logits(full, batches[0]), -1), torch.log_softmax(logits(emulator, batches[0]), -1)
+            return float((p.exp() * (p - q)).sum(-1).mean())
+
+    before = kl()
+    losses = align_refresh(emulator, full, lm, batches, rank=4, steps=15, lr=1e-2)
+    assert losses[-1] < losses[0] and kl() < 0.8 * before
+    assert all(torch.equal(p, copy) for p, copy in frozen)  # the package's weights (int8 middle, adapters) untouched
+    middle = decoder_layers(emulator)[2].mlp.up_proj
+    assert torch.equal(middle.parametrizations.weight.original, frozen[[id(p) for p, _ in frozen].index(id(middle.parametrizations.weight.original))][1])
+    assert not torch.equal(middle.weight, middle.parametrizations.weight.original)  # the refresh is what changed
+    assert {id(p) for p in emulator.parameters() if p.requires_grad} - trainable == set()  # factors frozen again
+    assert {id(p) for p in emulator.parameters() if p.requires_grad} == trainable
+    assert any(np.abs(v).max() > 0 for k, v in refresh_arrays(emulator).items() if k.endswith("lora_B"))
