@@ -49,7 +49,7 @@ ROWS = {
     "kr-25": ("kill-revive 25% active", {"module_selection": "kill-revive", "kr_active_share": 0.25}),
     "kr-50": ("kill-revive 50% active", {"module_selection": "kill-revive", "kr_active_share": 0.5}),
     "adaptive": ("adaptive precision", {"upload_codec": "adaptive"}),
-    "energy-aware": ("energy-aware selection", {"client_selection": "energy-aware"}),
+    "energy-aware": ("energy-aware selection", {"client_selection": "energy-aware", "selection_objective": "energy"}),
 }
 
 
@@ -71,6 +71,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--timing-steps", type=int, default=3, help="steps per timing repeat")
     p.add_argument("--timing-repeats", type=int, default=3)
     p.add_argument("--skip-timing", action="store_true", help="only the federated rows")
+    p.add_argument("--experiment", default="simulations/experiments/energy.toml", help="the fleet every row runs on ([population] and [[profiles]]: power figures, batteries, speeds); '' = identical default clients")
+    p.add_argument("--fairness-rounds", type=int, default=8, help="energy-aware row: every client trains at least once every this many rounds")
     p.add_argument("--out", default="results/bench-resource-aware")
     return p.parse_args()
 
@@ -133,7 +135,8 @@ def row_config(args: argparse.Namespace, changes: dict, folder: Path) -> Fedsite
         model=args.model, clients=args.clients, partitioning="dirichlet", dirichlet_alpha=args.dirichlet_alpha, fraction_train=args.fraction_train,
         min_train_clients=max(1, round(args.fraction_train * args.clients)), num_server_rounds=args.rounds, local_steps=args.local_steps,
         batch_size=args.batch_size, eval_examples=args.eval_examples, max_new_tokens=args.max_new_tokens, lora_targets=args.lora_targets,
-        kr_revive_every=args.kr_revive_every, workers=args.workers, out=str(folder / "run"),
+        kr_revive_every=args.kr_revive_every, workers=args.workers, out=str(folder / "run"), experiment=args.experiment,
+        selection_fairness_rounds=args.fairness_rounds,
     )
     known = {f.name for f in dataclasses.fields(FedsiteConfig)}
     missing = sorted(set(changes) - known)
@@ -168,6 +171,7 @@ def summarize(folder: Path) -> dict:
         "active_share": statistics.mean(shares) if shares else 1.0,
         "lowest_active_layer": statistics.mean(lowest) if lowest else 0.0,
         "rounds": len(rows),
+        "jain_index": next((r["jain_index"] for r in reversed(rows) if isinstance(r.get("jain_index"), (int, float))), None),
     }
 
 
@@ -226,8 +230,8 @@ def main() -> None:
     print(f"\n## The same federated run per row ({args.clients} clients, Dirichlet alpha {args.dirichlet_alpha:g}, {args.fraction_train:g} sampled per round, "
           f"{args.rounds} rounds, {args.local_steps} client steps, batch {args.batch_size}, {args.eval_examples} held-out examples)\n")
     print("Ratios are to plain FedAvg-LoRA" + ("" if plain else " (not run: no ratios)") + "; training seconds are summed over the clients that trained.\n")
-    print("| row | exact match | Δ EM | eval loss | Δ loss | client train s | s/step | vs plain | upload MB | vs plain | energy J | vs plain | gCO2e | vs plain | active share | lowest active block |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| row | exact match | Δ EM | eval loss | Δ loss | client train s | s/step | vs plain | upload MB | vs plain | energy J | vs plain | gCO2e | vs plain | active share | lowest active block | Jain's index |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results.values():
         ref = plain or {}
         per_step = r["train_seconds"] / max(1, r["train_steps"])
@@ -236,7 +240,7 @@ def main() -> None:
         d_loss = f"{r['eval_loss'] - ref['eval_loss']:+.3f}" if ref else "n/a"
         print(f"| {r['label']} | {r['exact_match']:.3f} | {d_em} | {r['eval_loss']:.3f} | {d_loss} | {r['train_seconds']:.1f} | {per_step:.3f} | {ratio(per_step, ref_step)} | "
               f"{r['upload_bytes'] / 1e6:.2f} | {ratio(r['upload_bytes'], ref.get('upload_bytes'))} | {number(r['energy_joules'], '.1f')} | {ratio(r['energy_joules'], ref.get('energy_joules'))} | "
-              f"{number(r['gco2e'], '.4f')} | {ratio(r['gco2e'], ref.get('gco2e'))} | {r['active_share']:.2f} | {r['lowest_active_layer']:.1f} |")
+              f"{number(r['gco2e'], '.4f')} | {ratio(r['gco2e'], ref.get('gco2e'))} | {r['active_share']:.2f} | {r['lowest_active_layer']:.1f} | {number(r.get('jain_index'), '.3f')} |")
 
 
 if __name__ == "__main__":
