@@ -92,11 +92,8 @@ def test_a_refused_supernode_is_restarted_until_out_of_tries(data, monkeypatch, 
     monkeypatch.setattr(edge, "supernode_command", refused)
     monkeypatch.setattr(edge.time, "sleep", lambda seconds: None)
     caplog.set_level("INFO", logger="fedsite.client")
-    edge.log.propagate = True
-    try:
-        code = run_edge(EdgeSettings("h:1", data, insecure=True, max_retries=2))
-    finally:
-        edge.log.propagate = False
+    monkeypatch.setattr(edge.log, "propagate", True)  # restored as it was after the test
+    code = run_edge(EdgeSettings("h:1", data, insecure=True, max_retries=2))
     assert code == 3
     # run_edge builds the command once and starts it three times (the first try and two restarts)
     assert len(starts) == 1
@@ -173,12 +170,9 @@ def test_run_edge_starts_the_worker_beside_the_supernode_and_stops_it_on_exit(da
     seen = tmp_path / "seen.json"
     monkeypatch.setattr(edge, "supernode_command", lambda settings: [sys.executable, "-c", SUPERNODE_THAT_WAITS_FOR_THE_WORKER, str(seen)])
     caplog.set_level("INFO", logger="fedsite.client")
-    edge.log.propagate = True
+    monkeypatch.setattr(edge.log, "propagate", True)  # restored as it was after the test
     with tempfile.TemporaryDirectory(prefix="fse-", dir="/tmp") as home:
-        try:
-            assert run_edge(EdgeSettings("h:1", data, insecure=True, max_retries=0), home=home) == 3
-        finally:
-            edge.log.propagate = False
+        assert run_edge(EdgeSettings("h:1", data, insecure=True, max_retries=0), home=home) == 3
         found = json.loads(seen.read_text())
         assert found["node"]["worker-owner-pid"] == os.getpid() and found["node"]["worker-socket"] == str(Path(home) / "worker" / "worker.sock")
         assert stat.S_IMODE(os.stat(Path(home) / "worker").st_mode) == 0o700

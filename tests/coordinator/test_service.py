@@ -150,7 +150,7 @@ def test_cli_coordinator_without_certificates_is_a_one_line_error(tmp_path, caps
     assert err.startswith("fedsite: error: TLS is on by default") and "\n" not in err
 
 
-def test_clients_that_never_reply_are_dropped_with_a_log_line(tmp_path, caplog):
+def test_clients_that_never_reply_are_dropped_with_a_log_line(tmp_path, caplog, monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
     from tests.coordinator.test_strategy import GLOBAL, full, reply
@@ -160,12 +160,9 @@ def test_clients_that_never_reply_are_dropped_with_a_log_line(tmp_path, caplog):
     strategy = FedsiteStrategy(RunRecorder(tmp_path, FedsiteConfig()), fraction_train=1.0, fraction_evaluate=0.0, min_train_clients=2)
     strategy._global = GLOBAL
     strategy._awaited = {2, 3, 9}  # node 9 was sampled, then killed or slower than round-timeout
-    logging.getLogger("fedsite.coordinator").propagate = True
+    monkeypatch.setattr(logging.getLogger("fedsite.coordinator"), "propagate", True)  # restored as it was after the test
     caplog.set_level("WARNING", logger="fedsite.coordinator")
-    try:
-        arrays, _ = strategy.aggregate_train(1, [reply(2, full(1.0)), reply(3, full(3.0))])
-    finally:
-        logging.getLogger("fedsite.coordinator").propagate = False
+    arrays, _ = strategy.aggregate_train(1, [reply(2, full(1.0)), reply(3, full(3.0))])
     assert arrays is not None
     assert "no reply from 1 sampled client(s) within round-timeout, dropped: [9]" in caplog.text
     row = strategy.recorder.finish_round(1, {"eval_accuracy": 0.0})

@@ -25,7 +25,8 @@ def test_kill_revive_simulation_records_the_selection_and_leaves_killed_modules_
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    baseline, *rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert baseline["round"] == 0 and "active_modules" not in baseline  # the initial evaluation trains nothing
     assert [r["round"] for r in rows] == [1, 2]
     initial = initial_lora_arrays("tiny", FedsiteConfig().lora_settings(), 0)
     modules = modules_of(initial)

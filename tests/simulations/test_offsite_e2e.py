@@ -64,7 +64,8 @@ def test_shared_emulator_with_per_round_alignment_and_proximal_term(tmp_path_fac
     simulate(config)
     clients = [c for c in read_jsonl(out / "clients.jsonl") if c.get("phase") != "query"]
     assert {(c["round"], c["status"]) for c in clients} == {(1, "accepted"), (2, "accepted")}  # refresh verified and applied
-    rows = read_jsonl(out / "metrics.jsonl")
+    baseline, *rows = read_jsonl(out / "metrics.jsonl")
+    assert baseline["round"] == 0  # the initial evaluation; no refresh is sent before round 1
     assert [row["emulator_refresh_bytes"] > 0 for row in rows] == [True, True]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["offsite"]["layer_map"]["fill"] == "share"
