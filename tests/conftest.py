@@ -37,16 +37,16 @@ def tiny():
     return load_backbone("tiny")
 
 
-NETWORK_TESTS = "e2e_network"
+# End-to-end tests that start real processes for minutes each: the network of real coordinator and
+# client processes, `flwr run .` through a managed SuperLink, and a two-node Ray cluster. Each runs
+# when its name is in `-k` (CI runs them in a step of their own), not in the default suite, which
+# stays under 15 minutes on 2 cores.
+SLOW_TESTS = ("e2e_network", "flwr_run_e2e", "ray_cluster")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The network end-to-end test starts real coordinator and client processes (minutes): it runs
-    when asked for (`pytest tests -k e2e_network`, as CI does in its own step), not in the default
-    suite, which stays under 15 minutes on 2 cores."""
-    if NETWORK_TESTS in (config.getoption("keyword") or ""):
-        return
-    skip = pytest.mark.skip(reason="starts real processes for minutes: run it with `pytest tests -k e2e_network`")
+    keyword = config.getoption("keyword") or ""
     for item in items:
-        if NETWORK_TESTS in item.nodeid:
-            item.add_marker(skip)
+        for name in SLOW_TESTS:
+            if name in item.nodeid and name not in keyword:
+                item.add_marker(pytest.mark.skip(reason=f"starts real processes for minutes: run it with `pytest tests -k {name}`"))
