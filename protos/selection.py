@@ -63,7 +63,8 @@ def decode_selection(text: object, known: Sequence[str]) -> list[str]:
         raise SelectionError(f"{ACTIVE_KEY}: expected a non-empty JSON list of module names")
     if len(set(names)) != len(names):
         raise SelectionError(f"{ACTIVE_KEY}: a module is named twice")
-    unknown = [n for n in names if n not in set(known)]
+    allowed = set(known)
+    unknown = [n for n in names if n not in allowed]
     if unknown:
         raise SelectionError(f"{ACTIVE_KEY}: {unknown[0][:120]!r} is not a LoRA module of this adapter ({len(unknown)} unknown)")
     chosen = set(names)
