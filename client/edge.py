@@ -2,8 +2,9 @@
 
 The SuperNode connects to the coordinator's SuperLink over TLS (verified against the
 coordinator's CA), signs its requests with its enrolment key (Flower's SuperNode
-authentication: the coordinator only admits keys it has enrolled), and runs each round's
-ClientApp in a subprocess. Everything the ClientApp needs to know about the device goes into
+authentication: the coordinator only admits keys it has enrolled). Its ClientApp tasks run in
+one long-lived executor on a thread of the SuperNode's process (client/executor.py), which
+forwards each message to the device's warm worker (client/worker.py). Everything the ClientApp needs to know about the device goes into
 the node config: the path of its own data (`data-path`, read by `finetune.sources.client_splits`)
 and its profile (`memory-gb`, `holds-backbone`, `quantized`, `profile`, and `device`, whose
 accelerator the query handler measures and reports) for the coordinator's planner, and what it trusts for artifacts (`root-certificates`, the CA; `artifact-public-key`,
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from client import supernode
 from client.forwarder import OWNER_KEY, SOCKET_KEY, start_worker, stop_worker_at
-from client.private_socket import WorkerFiles, worker_files
+from client.private_socket import WorkerFiles, private_folder, worker_files
 from client.privacy_policy import LEDGER_KEY, DevicePolicy
 from client.supernode import DEFAULT_POLL_SECONDS, check_poll
 from finetune.processes import flower_env, stop_process_tree
@@ -35,6 +36,7 @@ from finetune.processes import flower_env, stop_process_tree
 log = logging.getLogger("fedsite.client")
 
 RESTART_DELAY_MAX = 30.0  # seconds between SuperNode restarts, at most
+EXECUTOR_SECRET = "superexec.secret"  # in the worker's private folder: the executor's key to claim tasks
 
 
 @dataclass
@@ -132,8 +134,10 @@ def node_config(settings: EdgeSettings) -> str:
     return " ".join(f"{key}={_toml_value(value)}" for key, value in values.items())
 
 
-def supernode_command(settings: EdgeSettings) -> list[str]:
-    """Flower's SuperNode, through `client.supernode` so that it polls every `poll_interval`."""
+def supernode_command(settings: EdgeSettings, executor_secret: str | Path | None = None) -> list[str]:
+    """Flower's SuperNode, through `client.supernode` so that it polls every `poll_interval`;
+    with `executor_secret` (a file in the client's private folder) its ClientApp tasks run in
+    the long-lived executor (client/executor.py) instead of a process each."""
     flower_args = ["--superlink", settings.coordinator, "--node-config", node_config(settings), "--port", str(settings.runtime_port)]
     if settings.insecure:
         flower_args.append("--insecure")
@@ -145,7 +149,7 @@ def supernode_command(settings: EdgeSettings) -> list[str]:
         flower_args += ["--max-retries", str(settings.max_retries)]
     if settings.max_wait_time is not None:
         flower_args += ["--max-wait-time", str(settings.max_wait_time)]
-    return supernode.command(settings.poll_interval, flower_args)
+    return supernode.command(settings.poll_interval, flower_args, None if executor_secret is None else str(executor_secret))
 
 
 def client_home(runtime_port: int, home: str | Path | None = None) -> Path:
@@ -207,7 +211,8 @@ def run_edge(settings: EdgeSettings, home: str | Path | None = None) -> int:
     settings.validate()
     flower_home = client_home(settings.runtime_port, home)
     env, files = flower_env(flower_home, settings.threads), worker_files(flower_home / "worker")
-    command = with_worker(supernode_command(settings), files, os.getpid())
+    private_folder(files.folder)
+    command = with_worker(supernode_command(settings, files.folder / EXECUTOR_SECRET), files, os.getpid())
     log.info("[fedsite] edge client: data %s -> coordinator %s (%s)", settings.data, settings.coordinator, "no TLS" if settings.insecure else "TLS")
     proc: subprocess.Popen | None = None
     worker: EdgeWorker | None = None

@@ -1,10 +1,12 @@
 """The per-message side of a deployed client: hand one message to the device's warm worker.
 
-Flower's SuperExec starts a fresh `flwr-clientapp` process for every message. When the node
-config names a worker socket (`worker-socket`, set by `fedsite client`), the ClientApp's
-handler calls `forward`: it connects to the worker (starting it if none runs), sends the
-message, the context and Flower's TaskIdentity, and returns the worker's reply, with the
-context's state updated in place (Flower pushes the context back after the app returns).
+`fedsite client` runs every ClientApp task in one long-lived executor (client/executor.py);
+Flower's own SuperExec (other set-ups) starts a fresh `flwr-clientapp` process for every
+message. Either way, when the node config names a worker socket (`worker-socket`, set by
+`fedsite client`), the ClientApp's handler calls `forward`: it connects to the worker
+(starting it if none runs), sends the message, the context and Flower's TaskIdentity, and
+returns the worker's reply, with the context's state updated in place (Flower pushes the
+context back after the app returns).
 
 Failures are bounded and say what happened in one line, which Flower turns into the error
 reply the coordinator records:
@@ -18,13 +20,16 @@ One line per message on stderr (which ends up in the SuperNode's output) measure
 forwarder's own cost: `[fedsite] forwarder train: started 0.92s before handoff, worker 0.31s
 (handler 0.30s; forwarder imported 0.60s after start)` - from the process's start (as the OS
 says) to the moment it hands the message over, the worker's round trip, the handler's share of
-it, and when this module had been imported (what came before is Flower's own start-up).
+it, and when this module had been imported (what came before is Flower's own start-up). In
+the executor, the start is the moment it claimed the task.
 
 Imports: flwr, numpy (through flwr) and the stdlib only, so that this process stays light.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import signal
@@ -32,7 +37,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from flwr.app import Context, Message
@@ -51,6 +56,7 @@ CONNECT_TIMEOUT = 10.0
 STOP_GRACE = 5.0
 MAX_LOG_BYTES = 8 << 20  # a worker's log above this is moved to worker.log.1 when a worker starts
 IMPORTED = time.time()  # when this module was imported (the measurement line reports it)
+_ACQUIRED: contextvars.ContextVar[float | None] = contextvars.ContextVar("fedsite_task_acquired", default=None)
 
 
 def forward(handler: str, message: Message, context: Context) -> Message:
@@ -83,13 +89,29 @@ def forward(handler: str, message: Message, context: Context) -> Message:
     if answer.message.metadata.reply_to_message_id != message.metadata.message_id:
         raise RuntimeError(f"fedsite worker's reply to {handler} answers another message")
     context.state = answer.context.state  # what the handler (and any mod) left there travels back to Flower
-    started = process_started()
+    task_start = _ACQUIRED.get()
+    if task_start is None:  # a process of its own (Flower's flwr-clientapp): from the process's start
+        started = process_started()
+        where = f"forwarder imported {IMPORTED - started:.2f}s after start"
+    else:  # the device's long-lived executor (client/executor.py): from the task's claim
+        started, where = task_start, "in the executor, from the task's claim"
     print(
         f"[fedsite] forwarder {handler}: started {handoff - started:.2f}s before handoff, worker {round_trip:.2f}s "
-        f"(handler {answer.seconds:.2f}s; forwarder imported {IMPORTED - started:.2f}s after start)",
+        f"(handler {answer.seconds:.2f}s; {where})",
         file=sys.stderr, flush=True,
     )
     return answer.message
+
+
+@contextlib.contextmanager
+def acquired_at(when: float) -> Iterator[None]:
+    """While in it, messages forwarded on this thread count their start from `when` (the moment
+    the device's executor claimed the task) instead of from this process's start."""
+    token = _ACQUIRED.set(when)
+    try:
+        yield
+    finally:
+        _ACQUIRED.reset(token)
 
 
 def request(files: WorkerFiles, kind: str, timeout: float = CONNECT_TIMEOUT) -> dict:

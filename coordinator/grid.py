@@ -4,7 +4,8 @@
 sleeps 3 s between pulls, so every networked round, and every SecAgg+ stage, waits up to 3 s
 after its last reply. `QuickGrid` wraps any Grid and collects replies with `push_messages` /
 `pull_messages` at `interval` instead; everything else is the wrapped grid's. The simulation's
-in-memory grid already polls every 0.1 s and is used as it is.
+in-memory grid already polls every 0.1 s and is used as it is. Deployed, a reply's objects
+are pulled with quick retries too (finetune/processes.py `quick_object_pulls`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from finetune.processes import quick_object_pulls
 from finetune.progress import bar, progress_wanted
 
 POLL_SECONDS = 0.1
@@ -77,4 +79,8 @@ def quick(grid: Grid) -> Grid:
 
     if isinstance(grid, QuickGrid) or (isinstance(grid, InMemoryGrid) and not progress_wanted()):
         return grid
+    if not isinstance(grid, InMemoryGrid):  # deployed: the replies' objects, from the SuperLink
+        from flwr.superlink.grid import http_grid
+
+        quick_object_pulls(http_grid)
     return QuickGrid(grid)

@@ -61,6 +61,13 @@ def test_supernode_command_uses_tls_key_and_reconnects_forever(data, tmp_path):
     assert args["--superlink"] == "10.0.0.5:9092" and args["--root-certificates"] == str(ca) and args["--auth-supernode-private-key"] == str(key)
     assert args["--port"] == "9123"
     assert "--insecure" not in command and "--max-retries" not in command and "--max-wait-time" not in command
+    assert "--executor-secret" not in command  # Flower's own SuperExec unless run_edge names the secret
+
+
+def test_run_edge_runs_the_tasks_in_the_executor_with_a_secret_in_the_workers_folder(data, tmp_path):
+    command = supernode_command(EdgeSettings("h:1", data, insecure=True), tmp_path / "worker" / edge.EXECUTOR_SECRET)
+    at = command.index("--executor-secret")
+    assert command[at + 1] == str(tmp_path / "worker" / "superexec.secret") and at < command.index("--superlink")
 
 
 @pytest.mark.parametrize(
@@ -85,7 +92,7 @@ def test_bad_settings_are_one_line_errors(data, changes, message):
 def test_a_refused_supernode_is_restarted_until_out_of_tries(data, monkeypatch, caplog):
     starts = []
 
-    def refused(settings):
+    def refused(settings, executor_secret=None):
         starts.append(1)
         return [sys.executable, "-c", "import sys; sys.exit(3)"]
 
@@ -168,7 +175,7 @@ sys.exit(3)
 def test_run_edge_starts_the_worker_beside_the_supernode_and_stops_it_on_exit(data, tmp_path, monkeypatch, caplog):
     """A stand-in SuperNode finds the worker through its node config, then exits; run_edge stops the worker."""
     seen = tmp_path / "seen.json"
-    monkeypatch.setattr(edge, "supernode_command", lambda settings: [sys.executable, "-c", SUPERNODE_THAT_WAITS_FOR_THE_WORKER, str(seen)])
+    monkeypatch.setattr(edge, "supernode_command", lambda settings, executor_secret=None: [sys.executable, "-c", SUPERNODE_THAT_WAITS_FOR_THE_WORKER, str(seen)])
     caplog.set_level("INFO", logger="fedsite.client")
     monkeypatch.setattr(edge.log, "propagate", True)  # restored as it was after the test
     with tempfile.TemporaryDirectory(prefix="fse-", dir="/tmp") as home:
