@@ -258,7 +258,7 @@ def decode(payload: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, 
     before anything is allocated, and top-k tensors must be among the expected ones: decoding
     then allocates at most the expected arrays plus what the payload itself carries.
     """
-    arrays = {key: _as_numpy(value, str(key)) for key, value in payload.items()}
+    arrays = {key: _as_numpy(value, str(key)) for key, value in _unpacked(payload).items()}
     from protos.adaptive import decode_adaptive, is_adaptive
 
     if is_adaptive(arrays):  # per-tensor precisions, each group decoded by its codec (below)
@@ -291,7 +291,17 @@ def decode(payload: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, 
 
 def encoded_nbytes(payload: Mapping[str, np.ndarray]) -> int:
     """Bytes on the wire: every array of the payload, header and shapes included."""
-    return int(sum(_as_numpy(value).nbytes for value in payload.values()))
+    return int(sum(_as_numpy(value).nbytes for value in _unpacked(payload).values()))
+
+
+def _unpacked(payload: Mapping) -> Mapping:
+    """A payload given as an ArrayRecord (packed or not, see protos.tensors) as its named arrays."""
+    if not isinstance(payload, ArrayRecord):
+        return payload
+    try:
+        return from_array_record(payload)
+    except TensorError as err:
+        raise CodecError(str(err)) from None
 
 
 def _dense_bound(codec: str, flat: np.ndarray) -> float:

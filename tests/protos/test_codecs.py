@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -17,7 +18,9 @@ from protos.codecs import (
     encoded_nbytes,
     error_bound,
 )
-from protos.tensors import from_array_record, nbytes, to_array_record
+from flwr.app import ArrayRecord
+
+from protos.tensors import PACKED_KEY, from_array_record, nbytes, to_array_record
 
 PREFIX = "base_model.model.model.layers.{}.self_attn.{}_proj.lora_{}.weight"
 
@@ -270,8 +273,17 @@ def test_malformed_shapes_and_headers_are_one_line_codec_errors():
 def test_decoding_a_record_never_np_loads_the_bytes():
     from flwr.app import Array
 
-    record = to_array_record(encode({"w": np.ones(3, np.float32)}, "fp32"))
+    record = to_array_record(encode({"w": np.ones(3, np.float32)}, "fp32"), packed=False)
     record["w::q"] = Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"PK\x03\x04 not an npy")
     with pytest.raises(CodecError, match="'w::q': not a readable .npy buffer") as info:
         decode(record)
     assert "\n" not in str(info.value)
+    # the same inside a packed record (the wire form): the inner buffer is named too
+    payload = encode({"w": np.ones(3, np.float32)}, "fp32")
+    inner = {k: Array(v).data for k, v in payload.items()}
+    inner["w::q"] = b"PK\x03\x04 not an npy"
+    index = json.dumps([[k, len(v)] for k, v in inner.items()]).encode()
+    blob = len(index).to_bytes(8, "little") + index + b"".join(inner.values())
+    packed = ArrayRecord(array_dict={PACKED_KEY: Array(np.frombuffer(blob, np.uint8))})
+    with pytest.raises(CodecError, match="'w::q': not a readable .npy buffer"):
+        decode(packed)

@@ -116,3 +116,71 @@ def test_fortran_order_and_byte_order_are_read_as_numpy_would():
     np.save(buffer, np.asfortranarray(value))
     back = from_array_record(_record(buffer.getvalue()))["w"]
     assert back.dtype == np.dtype(">f4") and np.array_equal(back, value) and back.flags.writeable
+
+
+# ------------------------------------------------------------------ the packed wire form
+
+from protos.tensors import MAX_INDEX_BYTES, PACKED_KEY  # noqa: E402
+
+
+def _packed(index: bytes, body: bytes = b"", length: int | None = None) -> ArrayRecord:
+    blob = (len(index) if length is None else length).to_bytes(8, "little") + index + body
+    return ArrayRecord(array_dict={PACKED_KEY: Array(np.frombuffer(blob, np.uint8))})
+
+
+def test_a_record_travels_as_one_array_and_plain_records_still_read():
+    named = {f"layer{i}.lora_A": np.full((2, 3), i, np.float32) for i in range(40)}
+    packed, plain = to_array_record(named), to_array_record(named, packed=False)
+    assert list(packed.keys()) == [PACKED_KEY] and len(plain) == 40
+    for record in (packed, plain):
+        back = from_array_record(record)
+        assert list(back) == list(named) and all(np.array_equal(back[k], named[k]) for k in named)
+    assert len(to_array_record({})) == 0 and from_array_record(to_array_record({})) == {}
+
+
+@pytest.mark.parametrize(
+    "record, match",
+    [
+        (_packed(b"", length=None), "not JSON"),
+        (_packed(b"[]", length=1 << 40), "index of 1099511627776 bytes"),
+        (_packed(b"{}"), "a dict, expected a list"),
+        (_packed(b'[["w", -1]]'), "not \\[name, length\\]"),
+        (_packed(b'[["", 0]]'), "not \\[name, length\\]"),
+        (_packed(b'[["w", 1.5]]'), "not \\[name, length\\]"),
+        (_packed(b'[["w", true]]'), "not \\[name, length\\]"),
+        (_packed(b'[["w", 0], ["w", 0]]'), "'w' appears twice"),
+        (_packed(b'[["w", 10]]', b"short"), "accounts for 29 bytes but 24"),
+        (_packed(b'[["w", 0]]', b"extra"), "accounts for 18 bytes but 23"),
+        (_packed(b"[" * 100_000), "not JSON"),
+        (_packed(b'[["w", 12]]', b"\x93NUMPY junk!"), "'w': not a readable .npy buffer"),
+    ],
+)
+def test_a_hostile_packed_record_is_a_one_line_error(record, match):
+    with pytest.raises(TensorError, match=match) as info:
+        from_array_record(record)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("data, match", [(_npy_header("<f4", (1 << 40,)), "header declares"), (_npy_header("|O", (1,), b"\0" * 8), "not a plain numeric")])
+def test_a_packed_inner_header_is_checked_before_allocation(data, match):
+    tracemalloc.start()
+    try:
+        with pytest.raises(TensorError, match=match) as info:
+            from_array_record(_packed(f'[["w", {len(data)}]]'.encode(), data))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "'w'" in str(info.value) and peak < 1 << 20
+
+
+def test_a_packed_record_is_alone_uint8_and_within_budget():
+    record = to_array_record({"a": np.ones(100, np.float32), "b": np.ones(100, np.float32)})
+    with pytest.raises(TensorError, match="'b'.*over 799 bytes"):
+        from_array_record(record, max_bytes=799)
+    record["other"] = Array(np.ones(2, np.float32))
+    with pytest.raises(TensorError, match="beside 1 other arrays"):
+        from_array_record(record)
+    wrong = ArrayRecord(array_dict={PACKED_KEY: Array(np.ones(4, np.float32))})
+    with pytest.raises(TensorError, match="expected 1-D uint8"):
+        from_array_record(wrong)
+    assert MAX_INDEX_BYTES >= 1 << 20
