@@ -157,7 +157,10 @@ def run_executor(address: str, secret: bytes, stop: threading.Event, poll: float
                 stop.wait(max(poll, 0.5))
                 continue
             if answer.HasField("task") and answer.token:
-                run_task(address, answer.token, fabs_seen)
+                try:
+                    run_task(address, answer.token, fabs_seen)
+                except Exception as err:  # noqa: BLE001 (e.g. the SuperNode gone mid-task: the loop itself must not end)
+                    log.error("[fedsite] executor: task ended abnormally: %s", err)
                 continue  # another task may be waiting
             stop.wait(poll)
     finally:

@@ -143,3 +143,18 @@ def test_object_pulls_retry_quickly_and_only_flowers_functions_are_patched():
     module.pull_objects = lambda *a, **k: None
     with pytest.raises(RuntimeError, match="differs"):
         quick_object_pulls(module)
+
+
+def test_the_loop_outlives_a_task_that_ends_abnormally(monkeypatch):
+    runtime, ran, stop = FakeRuntime(["t1", "t2"]), [], threading.Event()
+    monkeypatch.setattr(executor.RuntimeHttpClient, "from_server_address", staticmethod(lambda *a, **k: runtime))
+
+    def run_task(address, token, fabs):
+        ran.append(token)
+        if token == "t1":
+            raise ConnectionError("the SuperNode went away mid-task")
+        stop.set()
+
+    monkeypatch.setattr(executor, "run_task", run_task)
+    executor.run_executor("127.0.0.1:9094", b"s" * 32, stop, poll=0.01)
+    assert ran == ["t1", "t2"]
