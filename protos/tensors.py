@@ -120,20 +120,23 @@ def npy_layout(name: str, data: bytes, start: int = 0, end: int | None = None) -
     return dtype, shape, bool(fortran), offset
 
 
-def _packed_index(data: bytes) -> list[tuple[str, int, int]]:
-    """(name, start, end) of each array in a packed record's bytes; raises TensorError."""
-    if len(data) < _INDEX_LENGTH.size:
-        raise TensorError(f"packed arrays: {len(data)} bytes, too short for the index length")
-    (length,) = _INDEX_LENGTH.unpack_from(data)
-    if length > min(MAX_INDEX_BYTES, len(data) - _INDEX_LENGTH.size):
-        raise TensorError(f"packed arrays: index of {length} bytes (at most {MAX_INDEX_BYTES}, and {len(data) - _INDEX_LENGTH.size} present)")
+def _packed_index(data: bytes, base: int = 0) -> list[tuple[str, int, int]]:
+    """(name, start, end) in `data` of each array of the packed record held in `data[base:]`
+    (positions in `data` itself, so the packed bytes are never copied); raises TensorError."""
+    present = len(data) - base
+    if present < _INDEX_LENGTH.size:
+        raise TensorError(f"packed arrays: {present} bytes, too short for the index length")
+    (length,) = _INDEX_LENGTH.unpack_from(data, base)
+    if length > min(MAX_INDEX_BYTES, present - _INDEX_LENGTH.size):
+        raise TensorError(f"packed arrays: index of {length} bytes (at most {MAX_INDEX_BYTES}, and {present - _INDEX_LENGTH.size} present)")
+    first = base + _INDEX_LENGTH.size
     try:
-        index = json.loads(data[_INDEX_LENGTH.size : _INDEX_LENGTH.size + length])
+        index = json.loads(data[first : first + length])
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise TensorError(f"packed arrays: the index is not JSON ({type(err).__name__})") from None
     if not isinstance(index, list):
         raise TensorError(f"packed arrays: the index is a {type(index).__name__}, expected a list")
-    spans, seen, at = [], set(), _INDEX_LENGTH.size + length
+    spans, seen, at = [], set(), first + length
     for entry in index:
         ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and entry[0] and type(entry[1]) is int and entry[1] >= 0
         if not ok:
@@ -145,7 +148,7 @@ def _packed_index(data: bytes) -> list[tuple[str, int, int]]:
         spans.append((name, at, at + size))
         at += size
     if at != len(data):
-        raise TensorError(f"packed arrays: the index accounts for {at} bytes but {len(data)} are present")
+        raise TensorError(f"packed arrays: the index accounts for {at - base} bytes but {present} are present")
     return spans
 
 
@@ -164,8 +167,7 @@ def from_array_record(record: ArrayRecord, max_bytes: int | None = None) -> dict
         dtype, shape, _, offset = array_layout(PACKED_KEY, packed)
         if dtype != np.uint8 or len(shape) != 1:
             raise TensorError(f"packed arrays: {dtype} {list(shape)}, expected 1-D uint8")
-        blob = memoryview(packed.data)[offset:].tobytes() if offset else packed.data
-        spans = [(name, blob, start, end) for name, start, end in _packed_index(blob)]
+        spans = [(name, packed.data, start, end) for name, start, end in _packed_index(packed.data, offset)]
     else:
         spans = []
         for name, array in record.items():
