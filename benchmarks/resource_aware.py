@@ -3,12 +3,14 @@
 1. Client step time against where the active LoRA modules sit (same batches, interleaved
    repeats, median): every module, a share in the top blocks, spread over the depth, in the
    bottom blocks. Backward runs only from the loss down to the lowest active module, so the
-   saving follows that module's depth, not the share of modules; the "model" column is the
-   step cost that predicts: (forward + backward over blocks >= the lowest active) / (forward +
-   full backward), backward ~ forward in cost (frozen weights: input gradients only).
+   saving follows that module's depth, not the share of modules; the "FLOPs" column is the
+   counted training FLOPs per token of that placement (finetune/flops.py) against all modules.
 2. The same federated run per row (clients, non-IID Dirichlet split, rounds, client steps,
-   sampling all alike): exact match and loss on the held-out set, client training seconds,
-   upload bytes, energy and gCO2e, each with its ratio to plain FedAvg-LoRA. Rows:
+   sampling all alike): exact match and loss on the held-out set, client training seconds and
+   counted training GFLOPs (finetune/flops.py), upload bytes, energy and gCO2e, each with its
+   ratio to plain FedAvg-LoRA. Compute energy comes from the counted GFLOPs at
+   `--simulated-gflops` (the run option `simulated-gflops`), not from this machine's seconds,
+   so rows run at different machine loads stay comparable. Rows:
    plain FedAvg-LoRA; kill-revive with 25% and 50% of the modules active; adaptive precision
    (`--upload-codec adaptive`); energy-aware client selection (`--client-selection
    energy-aware`). A row whose option this FedsiteConfig does not know is skipped, saying so.
@@ -38,6 +40,7 @@ from client.selection import apply_selection
 from coordinator.module_selection import layer_of
 from finetune.cache import lora_model
 from finetune.config import ConfigError, FedsiteConfig
+from finetune.flops import token_flops
 from finetune.lora import get_lora_arrays, set_lora_arrays, set_trainable_factors
 from finetune.sources import run_splits
 from finetune.train import TrainSettings, train
@@ -73,6 +76,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--skip-timing", action="store_true", help="only the federated rows")
     p.add_argument("--experiment", default="simulations/experiments/energy.toml", help="the fleet every row runs on ([population] and [[profiles]]: power figures, batteries, speeds); '' = identical default clients")
     p.add_argument("--fairness-rounds", type=int, default=8, help="energy-aware row: every client trains at least once every this many rounds")
+    p.add_argument("--simulated-gflops", type=float, default=100.0, help="GFLOP/s of a speed-1 device: compute energy from counted FLOPs (0 = this machine's measured seconds)")
     p.add_argument("--out", default="results/bench-resource-aware")
     return p.parse_args()
 
@@ -94,7 +98,7 @@ def placements(modules: list[str], share: float) -> dict[str, list[str]]:
 
 
 def step_times(args: argparse.Namespace) -> list[tuple[str, float, int, float]]:
-    """(placement, median s/step, lowest active block, modelled cost ratio) on the same batches."""
+    """(placement, median s/step, lowest active block, counted FLOPs ratio to all modules) on the same batches."""
     config = FedsiteConfig(model=args.model, lora_targets=args.lora_targets, device="cpu")
     model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, device="cpu")
     modules = modules_of(get_lora_arrays(model))
@@ -104,10 +108,13 @@ def step_times(args: argparse.Namespace) -> list[tuple[str, float, int, float]]:
     start = get_lora_arrays(model)
     variants = {**placements(modules, 0.25), **{k: v for k, v in placements(modules, 0.5).items() if k != "all modules"}}
 
-    def run(active: list[str]) -> float:
+    flops: dict[str, float] = {}
+
+    def run(active: list[str], name: str = "") -> float:
         set_lora_arrays(model, start)  # every repeat from the same adapter
         apply_selection(model, encode_selection(active))
         try:
+            flops[name] = token_flops(model).total
             result = train(model, tokenizer, examples, settings)
         finally:
             set_trainable_factors(model, "AB")
@@ -118,11 +125,11 @@ def step_times(args: argparse.Namespace) -> list[tuple[str, float, int, float]]:
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.timing_repeats):  # interleaved: machine noise hits every variant alike
         for name, active in variants.items():
-            times[name].append(run(active))
+            times[name].append(run(active, name))
     rows = []
     for name, active in variants.items():
         lowest = min(layer_of(m) or 0 for m in active)
-        rows.append((name, statistics.median(times[name]), lowest, (1 + (depth - lowest) / depth) / 2))
+        rows.append((name, statistics.median(times[name]), lowest, flops[name] / flops["all modules"]))
     return rows
 
 
@@ -136,7 +143,7 @@ def row_config(args: argparse.Namespace, changes: dict, folder: Path) -> Fedsite
         min_train_clients=max(1, round(args.fraction_train * args.clients)), num_server_rounds=args.rounds, local_steps=args.local_steps,
         batch_size=args.batch_size, eval_examples=args.eval_examples, max_new_tokens=args.max_new_tokens, lora_targets=args.lora_targets,
         kr_revive_every=args.kr_revive_every, workers=args.workers, out=str(folder / "run"), experiment=args.experiment,
-        selection_fairness_rounds=args.fairness_rounds,
+        selection_fairness_rounds=args.fairness_rounds, simulated_gflops=args.simulated_gflops,
     )
     known = {f.name for f in dataclasses.fields(FedsiteConfig)}
     missing = sorted(set(changes) - known)
@@ -165,6 +172,7 @@ def summarize(folder: Path) -> dict:
         "eval_loss": rows[-1]["eval_loss"],
         "train_seconds": sum(c.get("train_seconds", 0.0) for c in trained),
         "train_steps": sum(c.get("steps", 0) for c in trained),
+        "train_gflops": sum(c.get("train_gflops", 0.0) for c in trained),
         "upload_bytes": total("upload_bytes") or 0.0,
         "energy_joules": total("energy_joules"),
         "gco2e": total("gco2e"),
@@ -219,7 +227,7 @@ def main() -> None:
     if not args.skip_timing:
         rows = step_times(args)
         print(f"\n## Client step time vs where the active modules sit ({args.model}, LoRA {args.lora_targets}, batch {args.batch_size}; median of {args.timing_repeats} x {args.timing_steps} steps)\n")
-        print("| active modules | s/step | vs all | lowest active block | model |\n|---|---:|---:|---:|---:|")
+        print("| active modules | s/step | vs all | lowest active block | FLOPs vs all |\n|---|---:|---:|---:|---:|")
         reference = rows[0][1]
         for name, seconds, lowest, model in rows:
             print(f"| {name} | {seconds:.3f} | {seconds / reference:.2f}x | {lowest} | {model:.2f}x |")
@@ -227,11 +235,12 @@ def main() -> None:
     if not results:
         return
     plain = results.get("plain")
-    print(f"\n## The same federated run per row ({args.clients} clients, Dirichlet alpha {args.dirichlet_alpha:g}, {args.fraction_train:g} sampled per round, "
+    energy_basis = f"compute energy from counted FLOPs at {args.simulated_gflops:g} GFLOP/s x profile speed" if args.simulated_gflops > 0 else "compute energy from measured seconds"
+    print(f"\n## The same federated run per row ({energy_basis}; {args.clients} clients, Dirichlet alpha {args.dirichlet_alpha:g}, {args.fraction_train:g} sampled per round, "
           f"{args.rounds} rounds, {args.local_steps} client steps, batch {args.batch_size}, {args.eval_examples} held-out examples)\n")
     print("Ratios are to plain FedAvg-LoRA" + ("" if plain else " (not run: no ratios)") + "; training seconds are summed over the clients that trained.\n")
-    print("| row | exact match | Δ EM | eval loss | Δ loss | client train s | s/step | vs plain | upload MB | vs plain | energy J | vs plain | gCO2e | vs plain | active share | lowest active block | Jain's index |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| row | exact match | Δ EM | eval loss | Δ loss | client train s | s/step | vs plain | client GFLOPs | vs plain | upload MB | vs plain | energy J | vs plain | gCO2e | vs plain | active share | lowest active block | Jain's index |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results.values():
         ref = plain or {}
         per_step = r["train_seconds"] / max(1, r["train_steps"])
@@ -239,7 +248,7 @@ def main() -> None:
         d_em = f"{r['exact_match'] - ref['exact_match']:+.3f}" if ref else "n/a"
         d_loss = f"{r['eval_loss'] - ref['eval_loss']:+.3f}" if ref else "n/a"
         print(f"| {r['label']} | {r['exact_match']:.3f} | {d_em} | {r['eval_loss']:.3f} | {d_loss} | {r['train_seconds']:.1f} | {per_step:.3f} | {ratio(per_step, ref_step)} | "
-              f"{r['upload_bytes'] / 1e6:.2f} | {ratio(r['upload_bytes'], ref.get('upload_bytes'))} | {number(r['energy_joules'], '.1f')} | {ratio(r['energy_joules'], ref.get('energy_joules'))} | "
+              f"{number(r.get('train_gflops'), '.0f')} | {ratio(r.get('train_gflops'), ref.get('train_gflops'))} | {r['upload_bytes'] / 1e6:.2f} | {ratio(r['upload_bytes'], ref.get('upload_bytes'))} | {number(r['energy_joules'], '.1f')} | {ratio(r['energy_joules'], ref.get('energy_joules'))} | "
               f"{number(r['gco2e'], '.4f')} | {ratio(r['gco2e'], ref.get('gco2e'))} | {r['active_share']:.2f} | {r['lowest_active_layer']:.1f} | {number(r.get('jain_index'), '.3f')} |")
 
 

@@ -187,6 +187,7 @@ def train_metrics(result: TrainResult, upload_bytes: int, privacy: dict[str, flo
         "train-loss-final": result.final_loss,
         "steps": result.steps,
         "train-seconds": result.seconds,
+        "train-gflops": result.flops / 1e9,
         "upload-bytes": upload_bytes,
         "client-id": client_id(context),
         **privacy,

@@ -5,8 +5,11 @@
     Wh      = joules / 3600
     gCO2e   = joules / 3.6e6 (kWh) x carbon-intensity (gCO2e/kWh)
 
-Compute seconds: a simulated client's measured training seconds divided by its profile's
-`speed` (the same device time `coordinator.planner.simulated_seconds` uses); a deployed
+Compute seconds: a simulated client's training seconds divided by its profile's `speed` (the
+same device time `coordinator.planner.simulated_seconds` uses). Those seconds are measured on
+this machine, so they grow with its load; with `simulated-gflops` G > 0 they are the client's
+counted training GFLOPs (finetune/flops.py, reply metric `train-gflops`) over G instead, the
+same on any machine under any load. A deployed
 client's own measured seconds (its reply's `train-seconds`, checked by the reply schema),
 capped at the round timeout so one client's claim cannot dominate a run's account. MB are
 1e6 bytes, of the encoded upload and of the arrays the client was sent. Figures come from the
@@ -53,10 +56,17 @@ class Energy:
         return {"energy_joules": self.joules, "energy_wh": self.wh, "gco2e": self.gco2e, "compute_joules": self.compute_joules}
 
 
-def compute_seconds(profile: DeviceProfile, train_seconds: float, simulated: bool, cap: float = math.inf) -> float:
-    """Device compute seconds: measured seconds over the profile's speed when simulated, else as
-    measured on the device; never negative, at most `cap`."""
-    seconds = train_seconds / profile.speed if simulated else train_seconds
+def reference_seconds(train_seconds: float, gflops: float = 0.0, simulated_gflops: float = 0.0) -> float:
+    """Seconds of a speed-1 device: the counted GFLOPs over `simulated_gflops` when both are
+    positive, else the measured seconds."""
+    return gflops / simulated_gflops if gflops > 0 and simulated_gflops > 0 else train_seconds
+
+
+def compute_seconds(profile: DeviceProfile, train_seconds: float, simulated: bool, cap: float = math.inf,
+                    gflops: float = 0.0, simulated_gflops: float = 0.0) -> float:
+    """Device compute seconds: a simulated client's reference seconds over the profile's speed,
+    a deployed client's as measured on the device; never negative, at most `cap`."""
+    seconds = reference_seconds(train_seconds, gflops, simulated_gflops) / profile.speed if simulated else train_seconds
     return min(max(0.0, seconds), cap)
 
 

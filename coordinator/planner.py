@@ -33,6 +33,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from aggregation.hetero_rank import pad_to_rank, truncate_to_rank
+from coordinator.energy import compute_seconds
 from coordinator.replies import read_query_answer
 from finetune.base_delta import BASE_PREFIX, BASE_RULES
 from protos.profile import DEFAULT_PROFILE, DeviceProfile
@@ -116,10 +117,12 @@ def training_memory_gb(profile: DeviceProfile) -> float:
     return profile.memory_gb
 
 
-def simulated_seconds(profile: DeviceProfile, train_seconds: float, upload_bytes: float, download_bytes: float) -> float:
-    """Device time of one client's round: transfer at the profile's bandwidth, compute at its speed."""
+def simulated_seconds(profile: DeviceProfile, train_seconds: float, upload_bytes: float, download_bytes: float,
+                      gflops: float = 0.0, simulated_gflops: float = 0.0) -> float:
+    """Device time of one client's round: transfer at the profile's bandwidth, compute at its speed
+    (from counted GFLOPs when `simulated_gflops` > 0: coordinator/energy.py)."""
     link = profile.bandwidth_mbps * 1e6 / 8  # bytes per second
-    return download_bytes / link + train_seconds / profile.speed + upload_bytes / link
+    return download_bytes / link + compute_seconds(profile, train_seconds, True, gflops=gflops, simulated_gflops=simulated_gflops) + upload_bytes / link
 
 
 @dataclass
@@ -271,7 +274,8 @@ class Planner:
         sent = self._sent.get(node)
         if sent is None:
             return None, {}
-        seconds = simulated_seconds(sent.profile, float(metrics.get("train-seconds", 0.0)), float(metrics.get("upload-bytes", 0)), sent.download_bytes)
+        seconds = simulated_seconds(sent.profile, float(metrics.get("train-seconds", 0.0)), float(metrics.get("upload-bytes", 0)), sent.download_bytes,
+                                    float(metrics.get("train-gflops", 0.0)), float(self.run.get("simulated-gflops", 0.0)))
         package = sent.package
         entry = {"profile": package.profile, "package_kind": package.kind, "lora_rank": package.lora_rank, "quantize": package.quantize,
                  "upload_codec": package.upload_codec, "simulated_seconds": seconds}

@@ -96,6 +96,7 @@ TRAIN_METRICS = {
     "train-loss-final": SCALAR,
     "steps": COUNT,
     "train-seconds": SCALAR,
+    "train-gflops": SCALAR,  # counted training GFLOPs (finetune/flops.py); simulated compute time with simulated-gflops
     "upload-bytes": COUNT,
     "secure-weight": SCALAR,
     **DP_METRICS,

@@ -32,6 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from aggregation.user_dp import secure_standard_normal
 from finetune.batches import collate, encode_example
 from finetune.examples import Example
+from finetune.flops import batch_tokens, token_flops
 from finetune.loss import token_losses
 from finetune.train import NoGradient, TrainResult, TrainSettings, check_gradients
 
@@ -240,13 +241,15 @@ def _first_backward(loss: torch.Tensor, named: list[tuple[str, torch.nn.Paramete
 def _dp_steps(
     model: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]], encoded: list[dict], pad_id: int,
     sampler: UniformWithReplacementSampler, optimizer: Any,
-) -> list[float]:
-    """One DP-SGD step per Poisson draw of the sampler; returns the loss of each non-empty batch.
+) -> tuple[list[float], int]:
+    """One DP-SGD step per Poisson draw of the sampler; returns the loss of each non-empty batch
+    and the token positions computed (finetune/flops.py).
 
     The first non-empty batch's gradients are checked before any noise is added (NoGradient).
     """
     params = [p for _, p in named]
     losses: list[float] = []
+    tokens = 0
     for step, indices in enumerate(sampler):
         optimizer.zero_grad(set_to_none=True)
         if not indices:
@@ -254,7 +257,9 @@ def _dp_steps(
             for p in params:
                 p.grad_sample = p.new_zeros((0, *p.shape))
         else:
-            loss = _per_example_mean_loss(model, collate([encoded[i] for i in indices], pad_id))
+            batch = collate([encoded[i] for i in indices], pad_id)
+            tokens += batch_tokens(batch)
+            loss = _per_example_mean_loss(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"train_private: loss became {loss.item()} at step {step + 1}; lower the learning rate")
             if not loss.requires_grad:
@@ -265,7 +270,7 @@ def _dp_steps(
                 _first_backward(loss, named)
             losses.append(loss.item())
         optimizer.step()
-    return losses
+    return losses, tokens
 
 
 def train_private(
@@ -331,7 +336,8 @@ def train_private(
             sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=sampling_rng, steps=steps)
             dp_optimizer.expected_batch_size = sample_rate * n
             dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-            losses = _dp_steps(model, named_params, encoded, tokenizer.pad_token_id, sampler, dp_optimizer)
+            per_token = token_flops(model).total  # before Opacus' hooks come off; they add no parameters
+            losses, tokens = _dp_steps(model, named_params, encoded, tokenizer.pad_token_id, sampler, dp_optimizer)
         finally:
             if hooks is not None:
                 hooks.cleanup()
@@ -350,6 +356,7 @@ def train_private(
         loss=sum(losses) / len(losses) if losses else float("nan"),
         final_loss=sum(tail) / len(tail) if tail else float("nan"),
         seconds=time.perf_counter() - started,
+        flops=per_token * tokens,
     )
     spend = PrivacySpend(
         mechanism=MECHANISM, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.batches import batch_stream, encode_example
 from finetune.examples import Example
+from finetune.flops import batch_tokens, token_flops
 from finetune.loss import answer_loss
 
 
@@ -46,6 +47,7 @@ class TrainResult:
     loss: float  # mean training loss over the steps
     final_loss: float  # mean over the last quarter of steps
     seconds: float
+    flops: float = 0.0  # training FLOPs counted from the linear layers (finetune/flops.py); 0 = not counted
 
 
 class NoGradient(RuntimeError):
@@ -98,9 +100,11 @@ def train(
     anchors = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
     steps = settings.num_steps(len(encoded))
     losses: list[float] = []
+    per_token, tokens = token_flops(model).total, 0
     model.train()
     for step in range(steps):
         batch = next(batches)
+        tokens += batch_tokens(batch)
         loss = answer_loss(model, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"train: loss became {loss.item()} at step {step + 1}; lower the learning rate")
@@ -125,4 +129,5 @@ def train(
         loss=sum(losses) / len(losses),
         final_loss=sum(tail) / len(tail),
         seconds=time.perf_counter() - started,
+        flops=per_token * tokens,
     )

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from coordinator.energy import client_energy, compute_seconds, energy_markdown, jain_index, run_energy, total_fields
+from coordinator.energy import client_energy, compute_seconds, energy_markdown, jain_index, reference_seconds, run_energy, total_fields
 from protos.profile import DeviceProfile
 
 PHONE = DeviceProfile("phone", speed=0.25, train_watts=4.0, joules_per_mb_sent=2.0, joules_per_mb_received=0.5, battery_wh=15.0, carbon_intensity=100.0)
@@ -27,6 +27,15 @@ def test_deployed_seconds_are_taken_as_measured_and_capped():
     assert compute_seconds(PHONE, 3.0, simulated=False) == 3.0
     assert compute_seconds(PHONE, 1e12, simulated=False, cap=3600.0) == 3600.0
     assert compute_seconds(PHONE, -5.0, simulated=True) == 0.0
+
+
+def test_simulated_seconds_from_counted_flops_ignore_the_measured_ones():
+    # 60 GFLOPs at 20 GFLOP/s: 3 s on a speed-1 device, 12 s on the phone (speed 0.25), whatever was measured
+    assert reference_seconds(99.0, gflops=60.0, simulated_gflops=20.0) == 3.0
+    assert compute_seconds(PHONE, 99.0, simulated=True, gflops=60.0, simulated_gflops=20.0) == 12.0
+    assert compute_seconds(PHONE, 3.0, simulated=True, gflops=0.0, simulated_gflops=20.0) == 12.0  # nothing counted: measured
+    assert compute_seconds(PHONE, 3.0, simulated=False, gflops=60.0, simulated_gflops=20.0) == 3.0  # a device's own seconds
+    assert compute_seconds(PHONE, 1.0, simulated=True, cap=5.0, gflops=60.0, simulated_gflops=20.0) == 5.0
 
 
 def test_round_and_run_totals():

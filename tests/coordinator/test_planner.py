@@ -88,6 +88,8 @@ def test_package_from_profile():
 def test_simulated_time_is_transfer_plus_scaled_compute():
     profile = DeviceProfile("p", speed=0.5, bandwidth_mbps=8.0)  # 1 MB/s
     assert simulated_seconds(profile, 2.0, 1e6, 3e6) == pytest.approx(3.0 + 4.0 + 1.0)
+    # counted: 10 GFLOPs at 5 GFLOP/s is 2 s at speed 1, 4 s at 0.5, whatever this machine measured
+    assert simulated_seconds(profile, 9.0, 1e6, 3e6, gflops=10.0, simulated_gflops=5.0) == pytest.approx(3.0 + 4.0 + 1.0)
 
 
 def test_each_client_gets_its_own_package_and_unreachable_ones_nothing():

@@ -103,7 +103,8 @@ def test_state_round_trips():
 
 
 # ------------------------------------------------------------------ through the strategy
-def test_strategy_selects_energy_aware_within_the_bound_and_accounts_energy(tmp_path):
+@pytest.mark.parametrize("simulated_gflops,compute_joules", [(0.0, 20.0), (4.0, 40.0)])
+def test_strategy_selects_energy_aware_within_the_bound_and_accounts_energy(tmp_path, simulated_gflops, compute_joules):
     import json
 
     from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
@@ -118,7 +119,8 @@ def test_strategy_selects_energy_aware_within_the_bound_and_accounts_energy(tmp_
     from tests.coordinator.test_strategy import GLOBAL, QueryGrid, full
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    config = FedsiteConfig(clients=8, fraction_train=0.25, min_train_clients=2, client_selection="energy-aware", selection_fairness_rounds=4)
+    config = FedsiteConfig(clients=8, fraction_train=0.25, min_train_clients=2, client_selection="energy-aware", selection_fairness_rounds=4,
+                            simulated_gflops=simulated_gflops)
     strategy = FedsiteStrategy(RunRecorder(tmp_path, config), fraction_train=0.25, fraction_evaluate=0.0, min_train_clients=2)
     grid = QueryGrid(list(range(10, 18)))
     chosen_by_round = []
@@ -129,7 +131,7 @@ def test_strategy_selects_energy_aware_within_the_bound_and_accounts_energy(tmp_
         replies = []
         for m in messages:
             payload = encode_update(full(1.0), GLOBAL)
-            metrics = MetricRecord({"num-examples": 10, "train-seconds": 2.0, "upload-bytes": 48})
+            metrics = MetricRecord({"num-examples": 10, "train-seconds": 2.0, "train-gflops": 16.0, "upload-bytes": 48})
             replies.append(Message(RecordDict({"arrays": to_array_record(payload), "metrics": metrics}), reply_to=m))
         strategy.aggregate_train(t, replies)
         strategy.recorder.finish_round(t, {"eval_loss": 0.0})
@@ -141,8 +143,9 @@ def test_strategy_selects_energy_aware_within_the_bound_and_accounts_energy(tmp_
     # bytes as they travel: the serialized arrays of the records sent and received
     sent = sum(len(a.data) for a in to_array_record(GLOBAL).values())
     upload = sum(len(a.data) for a in to_array_record(encode_update(full(1.0), GLOBAL)).values())
-    # default profile: 10 W x 2 s + 1 J/MB x upload + 0.5 J/MB x download
-    assert clients[0]["energy_joules"] == pytest.approx(20.0 + upload / 1e6 + 0.5 * sent / 1e6)
+    # default profile: 10 W x (2 s measured, or 16 GFLOPs / 4 GFLOP/s) + 1 J/MB x upload + 0.5 J/MB x download
+    assert clients[0]["compute_joules"] == pytest.approx(compute_joules)
+    assert clients[0]["energy_joules"] == pytest.approx(compute_joules + upload / 1e6 + 0.5 * sent / 1e6)
     assert rows[0]["energy_joules"] == pytest.approx(2 * clients[0]["energy_joules"])
     assert rows[-1]["jain_index"] == pytest.approx(1.0) and rows[-1]["client_selection"] == "energy-aware"
 
