@@ -32,8 +32,10 @@ import dataclasses
 import json
 import logging
 import statistics
+import tomllib
 from pathlib import Path
 
+import tomli_w
 import torch
 
 from client.selection import apply_selection
@@ -76,6 +78,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--skip-timing", action="store_true", help="only the federated rows")
     p.add_argument("--experiment", default="simulations/experiments/energy.toml", help="the fleet every row runs on ([population] and [[profiles]]: power figures, batteries, speeds); '' = identical default clients")
     p.add_argument("--fairness-rounds", type=int, default=8, help="energy-aware row: every client trains at least once every this many rounds")
+    p.add_argument("--fairness-weight", type=float, default=1.5, help="energy-aware row: expected cost x (1 + times selected)^g (0 = pure greedy)")
+    p.add_argument("--battery-wh", type=float, default=15.0, help="battery capacity of the fleet's battery devices (a phone's ~15 Wh; 0 = the experiment's own, sized to drain in tiny-model rounds)")
     p.add_argument("--simulated-gflops", type=float, default=100.0, help="GFLOP/s of a speed-1 device: compute energy from counted FLOPs (0 = this machine's measured seconds)")
     p.add_argument("--out", default="results/bench-resource-aware")
     return p.parse_args()
@@ -142,8 +146,8 @@ def row_config(args: argparse.Namespace, changes: dict, folder: Path) -> Fedsite
         model=args.model, clients=args.clients, partitioning="dirichlet", dirichlet_alpha=args.dirichlet_alpha, fraction_train=args.fraction_train,
         min_train_clients=max(1, round(args.fraction_train * args.clients)), num_server_rounds=args.rounds, local_steps=args.local_steps,
         batch_size=args.batch_size, eval_examples=args.eval_examples, max_new_tokens=args.max_new_tokens, lora_targets=args.lora_targets,
-        kr_revive_every=args.kr_revive_every, workers=args.workers, out=str(folder / "run"), experiment=args.experiment,
-        selection_fairness_rounds=args.fairness_rounds, simulated_gflops=args.simulated_gflops,
+        kr_revive_every=args.kr_revive_every, workers=args.workers, out=str(folder / "run"), experiment=fleet(args, folder),
+        selection_fairness_rounds=args.fairness_rounds, selection_fairness_weight=args.fairness_weight, simulated_gflops=args.simulated_gflops,
     )
     known = {f.name for f in dataclasses.fields(FedsiteConfig)}
     missing = sorted(set(changes) - known)
@@ -153,6 +157,20 @@ def row_config(args: argparse.Namespace, changes: dict, folder: Path) -> Fedsite
         return base.replace(**changes).validate()
     except ConfigError as err:
         return str(err)
+
+
+def fleet(args: argparse.Namespace, folder: Path) -> str:
+    """The experiment file the row runs on: `--experiment`, with `--battery-wh` for its battery devices."""
+    if not args.experiment or args.battery_wh <= 0:
+        return args.experiment
+    values = tomllib.loads(Path(args.experiment).read_text())
+    for profile in values.get("profiles", []):
+        if profile.get("battery-wh", 0) > 0:
+            profile["battery-wh"] = args.battery_wh
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "fleet.toml"
+    path.write_text(tomli_w.dumps(values))
+    return str(path)
 
 
 def summarize(folder: Path) -> dict:
@@ -236,6 +254,7 @@ def main() -> None:
         return
     plain = results.get("plain")
     energy_basis = f"compute energy from counted FLOPs at {args.simulated_gflops:g} GFLOP/s x profile speed" if args.simulated_gflops > 0 else "compute energy from measured seconds"
+    energy_basis += f"; energy-aware row: K={args.fairness_rounds}, g={args.fairness_weight:g}, batteries " + (f"{args.battery_wh:g} Wh" if args.battery_wh > 0 else "as in the experiment")
     print(f"\n## The same federated run per row ({energy_basis}; {args.clients} clients, Dirichlet alpha {args.dirichlet_alpha:g}, {args.fraction_train:g} sampled per round, "
           f"{args.rounds} rounds, {args.local_steps} client steps, batch {args.batch_size}, {args.eval_examples} held-out examples)\n")
     print("Ratios are to plain FedAvg-LoRA" + ("" if plain else " (not run: no ratios)") + "; training seconds are summed over the clients that trained.\n")

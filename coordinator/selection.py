@@ -4,7 +4,11 @@
 connected nodes). `"energy-aware"` picks as many clients, preferring those whose battery is
 above `selection-battery-threshold` (or who have none: mains power), then those whose round is
 expected to emit the least carbon (profile watts / speed and per-MB costs times the grid's
-carbon intensity; `selection-objective = "energy"`: the fewest joules), then those idle longest. The fairness bound overrides preference: every
+carbon intensity; `selection-objective = "energy"`: the fewest joules), then those idle longest.
+With `selection-fairness-weight` g > 0 the expected cost is weighed by (1 + times selected)^g,
+so a cheap client grows dearer each time it trains and, left alone, clients train about
+cost^(-1/g) as often as each other: g = 0 is pure greedy (the cheapest always win), larger g
+spreads participation at the price of some energy. The fairness bound overrides preference: every
 client is selected at least once every K = `selection-fairness-rounds` rounds. Earliest
 deadline first decides how many must be taken now: if d_i is the last round client i may wait
 until, the round takes the fewest earliest-deadline clients such that, for every window j < K,
@@ -80,6 +84,7 @@ class ClientSelection:
     seed: int = 0
     clients: int = 0  # the run's number of clients (Jain's index counts the never selected as 0)
     objective: str = "carbon"  # what energy-aware selection minimises after batteries: "carbon" (gCO2e) or "energy" (joules)
+    fairness_weight: float = 0.0  # g: expected cost x (1 + times selected)^g
     last: dict[int, int] = field(default_factory=dict)  # key -> last round selected (0: never)
     level: dict[int, float] = field(default_factory=dict)  # key -> battery Wh
     counts: dict[int, int] = field(default_factory=dict)  # key -> times selected
@@ -92,6 +97,8 @@ class ClientSelection:
             raise ValueError(f"client-selection {self.mode!r} must be one of {', '.join(SELECTIONS)}")
         if self.fairness_rounds < 1:
             raise ValueError(f"selection-fairness-rounds {self.fairness_rounds} must be at least 1")
+        if not (0.0 <= self.fairness_weight <= 10.0):
+            raise ValueError(f"selection-fairness-weight {self.fairness_weight} must be in [0, 10]")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"selection-objective {self.objective!r} must be one of {', '.join(OBJECTIVES)}")
 
@@ -133,6 +140,7 @@ class ClientSelection:
             fraction = self.battery_fraction(c)
             low = fraction is not None and fraction < self.battery_threshold
             cost = (expected_gco2e if self.objective == "carbon" else expected_joules)(c.profile, self.seconds, update_mb, update_mb)
+            cost *= (1 + self.counts.get(c.key, 0)) ** self.fairness_weight
             return (low, cost, self.last.get(c.key, 0), c.key)
 
         taken = {c.key for c in forced}

@@ -66,6 +66,7 @@ class FedsiteConfig:
     selection_fairness_rounds: int = 5  # energy-aware: every client is selected at least once every this many rounds
     selection_battery_threshold: float = 0.3  # energy-aware: prefer batteries above this fraction of capacity
     selection_objective: str = "carbon"  # energy-aware: then minimise expected gCO2e ("carbon") or joules ("energy")
+    selection_fairness_weight: float = 0.0  # energy-aware: expected cost x (1 + times selected)^this (0 = pure greedy)
     # simulated compute time (energy, stragglers): > 0 = counted training GFLOPs over this many GFLOP/s x the
     # profile's speed, the same under any machine load; 0 = this machine's measured seconds over the speed
     simulated_gflops: float = 0.0
@@ -224,6 +225,7 @@ class FedsiteConfig:
             ("selection-fairness-rounds", self.selection_fairness_rounds >= 1, "at least 1"),
             ("selection-battery-threshold", 0.0 <= self.selection_battery_threshold <= 1.0, "in [0, 1]"),
             ("selection-objective", self.selection_objective in CHOICES["selection-objective"], one_of(CHOICES["selection-objective"])),
+            ("selection-fairness-weight", 0.0 <= self.selection_fairness_weight <= 10.0, "in [0, 10]"),
             ("simulated-gflops", math.isfinite(self.simulated_gflops) and self.simulated_gflops >= 0, "a finite number >= 0 (0 = measured seconds)"),
             ("upload-topk", 0.0 <= self.upload_topk <= 1.0, "in [0, 1]"),
             ("dp", self.dp in CHOICES["dp"], one_of(CHOICES["dp"])),

@@ -155,7 +155,8 @@ def test_config_knobs_are_checked_and_energy_aware_is_refused_with_secure():
 
     assert FedsiteConfig(client_selection="energy-aware", selection_fairness_rounds=3).validate()
     for bad, field in ((dict(client_selection="greedy"), "client-selection"), (dict(selection_fairness_rounds=0), "selection-fairness-rounds"),
-                       (dict(selection_battery_threshold=1.5), "selection-battery-threshold")):
+                       (dict(selection_battery_threshold=1.5), "selection-battery-threshold"), (dict(selection_fairness_weight=-1.0), "selection-fairness-weight"),
+                       (dict(simulated_gflops=float("nan")), "simulated-gflops")):
         with pytest.raises(ConfigError, match=f"^config field '{field}'"):
             FedsiteConfig(**bad).validate()
     with pytest.raises(ConfigError, match="^config field 'client-selection' = 'energy-aware' must be uniform with secure aggregation"):
@@ -167,3 +168,22 @@ def test_energy_objective_prefers_the_fewest_joules():
     frugal_dirty = Candidate(1, 11, DeviceProfile("phone", train_watts=3.0, carbon_intensity=700.0))
     assert ClientSelection("energy-aware", 10, clients=2).choose(1, [hungry_green, frugal_dirty], [10], 0.1) == [10]
     assert ClientSelection("energy-aware", 10, clients=2, objective="energy").choose(1, [hungry_green, frugal_dirty], [10], 0.1) == [11]
+
+
+def test_fairness_weight_spreads_participation_by_cost():
+    # two clients at 1 J and one at 4 J per round (mains power), one slot per round, no binding bound
+    cheap = [Candidate(k, 10 + k, DeviceProfile(f"cheap{k}", train_watts=1.0, joules_per_mb_sent=0.0, joules_per_mb_received=0.0)) for k in range(2)]
+    dear = Candidate(2, 12, DeviceProfile("dear", train_watts=4.0, joules_per_mb_sent=0.0, joules_per_mb_received=0.0))
+
+    def counts(weight: float) -> list[int]:
+        selection = ClientSelection("energy-aware", 100, clients=3, objective="energy", fairness_weight=weight)
+        for t in range(1, 13):
+            selection.choose(t, [*cheap, dear], [10], 0.0)
+        return [selection.counts.get(k, 0) for k in range(3)]
+
+    assert counts(0.0) == [6, 6, 0]  # greedy: the cheap ones alternate (idle longest), the dear one never trains
+    # g = 1: a client's cost x (1 + n) evens out where n is proportional to 1/cost: 4 J x 1 ties 1 J x 4
+    spread = counts(1.0)
+    assert sum(spread) == 12 and spread[2] >= 1 and abs(spread[0] - spread[1]) <= 1 and spread[0] > spread[2]
+    with pytest.raises(ValueError, match="selection-fairness-weight"):
+        ClientSelection("energy-aware", fairness_weight=-0.5)
