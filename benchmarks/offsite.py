@@ -10,6 +10,7 @@ Rows (`--rows`, comma-separated; default all):
   full-lora          federated LoRA on the full backbone (every client holds it): the reference
   drop, share        offsite clients on an emulator whose dropped middle blocks are dropped / shared
   drop+prox, share+prox   the same with the offsite proximal term (`--proximal-mu`, FedBiOT: 1)
+  drop-sim, share-sim     as drop / share, the kept middle blocks chosen by output similarity (CRaSh)
   drop+align, share+align per-round alignment at the coordinator (FedBiOT, `--align-steps`), shipped
                           as a signed low-rank refresh of the middle; share+align+prox adds the proximal term
   cost-drop, cost-share   emulator bytes / backbone bytes, client step time and peak memory
@@ -53,15 +54,17 @@ from finetune.loss import answer_logits
 from finetune.sources import central_eval_set, run_splits
 from finetune.train import TrainSettings, train
 
-FEDERATED = {  # row -> (emulator share, fill, offsite proximal term on, per-round alignment on)
-    "full-lora": (0.0, "drop", False, False),
-    "drop": (1.0, "drop", False, False),
-    "share": (1.0, "share", False, False),
-    "drop+prox": (1.0, "drop", True, False),
-    "share+prox": (1.0, "share", True, False),
-    "drop+align": (1.0, "drop", False, True),
-    "share+align": (1.0, "share", False, True),
-    "share+align+prox": (1.0, "share", True, True),
+FEDERATED = {  # row -> (emulator share, fill, offsite proximal term on, per-round alignment on, kept-block selection)
+    "full-lora": (0.0, "drop", False, False, "stride"),
+    "drop": (1.0, "drop", False, False, "stride"),
+    "share": (1.0, "share", False, False, "stride"),
+    "drop+prox": (1.0, "drop", True, False, "stride"),
+    "share+prox": (1.0, "share", True, False, "stride"),
+    "drop+align": (1.0, "drop", False, True, "stride"),
+    "share+align": (1.0, "share", False, True, "stride"),
+    "share+align+prox": (1.0, "share", True, True, "stride"),
+    "drop-sim": (1.0, "drop", False, False, "similarity"),
+    "share-sim": (1.0, "share", False, False, "similarity"),
 }
 COSTS = {"cost-drop": "drop", "cost-share": "share"}
 ROWS = ("zero-shot", *FEDERATED, *COSTS)
@@ -94,7 +97,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_config(args: argparse.Namespace, row: str, share: float = 1.0, fill: str = "drop", prox: bool = False, align: bool = False) -> FedsiteConfig:
+def run_config(args: argparse.Namespace, row: str, share: float = 1.0, fill: str = "drop", prox: bool = False, align: bool = False, select: str = "stride") -> FedsiteConfig:
     return FedsiteConfig(
         model=args.model,
         clients=args.clients,
@@ -105,6 +108,7 @@ def run_config(args: argparse.Namespace, row: str, share: float = 1.0, fill: str
         emulator_adapter_layers=args.adapter_layers,
         emulator_stride=args.stride,
         emulator_fill=fill,
+        emulator_select=select,
         emulator_quantize=args.quantize,
         emulator_distill_steps=args.distill_steps,
         emulator_distill_data=args.distill_data,
@@ -149,8 +153,8 @@ def federated_row(args: argparse.Namespace, row: str) -> dict:
 
     from simulations.runner import simulate
 
-    share, fill, prox, align = FEDERATED[row]
-    config = run_config(args, row, share, fill, prox, align)
+    share, fill, prox, align, select = FEDERATED[row]
+    config = run_config(args, row, share, fill, prox, align, select)
     run = simulate(config)
     summary = json.loads((run / "summary.json").read_text())
     backbone, tokenizer = load_backbone(config.model)

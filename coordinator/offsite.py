@@ -155,6 +155,7 @@ def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
             distill_objective=config.emulator_distill_objective,
             device=config.device,
             fill=config.emulator_fill,
+            select=config.emulator_select,
         )
         public_key = load_public_key(out / "keys" / "public_key.pem")
         manifest = verify_package(package, public_key)

@@ -35,6 +35,7 @@ from finetune.config import DEFAULT_DISTILL_OBJECTIVE
 
 MB = 1024 * 1024
 DISTILL_SEED = 7919  # the built-in distillation corpus has its own seed, apart from any run's
+SIMILARITY_BATCHES = 4  # batches of 8 distillation examples whose block outputs choose the kept blocks
 log = logging.getLogger("fedsite.emulator")
 
 
@@ -56,11 +57,12 @@ def build_command(
     distill_objective: str = DEFAULT_DISTILL_OBJECTIVE,
     device: str = "auto",
     fill: str = "drop",
+    select: str = "stride",
 ) -> dict[str, Any]:
     """`fedsite emulator build`: `build_package`, then print the summary."""
     summary = build_package(
         model_spec, out, adapter_layers, stride, quantize, key_path,
-        distill_steps=distill_steps, distill_data=distill_data, distill_objective=distill_objective, device=device, fill=fill,
+        distill_steps=distill_steps, distill_data=distill_data, distill_objective=distill_objective, device=device, fill=fill, select=select,
     )
     print(_describe(summary))
     return summary
@@ -79,6 +81,7 @@ def build_package(
     distill_objective: str = DEFAULT_DISTILL_OBJECTIVE,
     device: str = "auto",
     fill: str = "drop",
+    select: str = "stride",
 ) -> dict[str, Any]:
     """Build, sign and write the emulator package `out` for backbone `model_spec`; return a summary.
 
@@ -87,6 +90,8 @@ def build_package(
     the built-in task families drawn from their own seed (never a client's data), on `device`
     (finetune/device.py); the package is written from the CPU, in fp32, whatever the device.
     `fill` "share" keeps the backbone's depth, dropped slots running their nearest kept block.
+    `select` "similarity" keeps as many middle blocks as the stride would, chosen by the
+    similarity of their outputs on the distillation set (emulator/similarity.py, CRaSh).
     """
     from finetune.device import resolve_device
 
@@ -99,6 +104,13 @@ def build_package(
     model, tokenizer = load_backbone(model_spec)
     num_layers = model.config.num_hidden_layers
     layer_map = make_layer_map(num_layers, adapter_layers or default_adapter_layers(num_layers), stride, fill)
+    if select == "similarity":
+        from emulator.similarity import select_by_similarity
+
+        layer_map, _ = select_by_similarity(model, distillation_batches(tokenizer, distill_data)[:SIMILARITY_BATCHES], layer_map)
+        log.info(f"middle blocks kept by similarity: {list(layer_map.middle_kept)}")
+    elif select != "stride":
+        raise ValueError(f"emulator: select must be 'stride' or 'similarity', got {select!r}")
     emulator = build_emulator(model, layer_map)
     if distill_steps > 0:
         batches = distillation_batches(tokenizer, distill_data)
@@ -132,6 +144,7 @@ def build_package(
         "layer_map": layer_map.to_dict(),
         "dropped": list(layer_map.dropped()),
         "fill": layer_map.fill,
+        "select": select,
         "quantization": manifest.quantization or "none",
         "distilled": manifest.distilled,
         "emulator_bytes": manifest.emulator_bytes,
@@ -194,7 +207,8 @@ def _describe(s: dict[str, Any]) -> str:
         [
             f"emulator package: {s['package']}",
             f"  backbone   {s['backbone_id']}: {lm['num_layers']} blocks, {s['backbone_bytes'] / MB:.2f} MB",
-            f"  layer map  adapters {lm['bottom']} + {lm['top']}, middle kept {lm['middle_kept']}, dropped {len(s['dropped'])}"
+            f"  layer map  adapters {lm['bottom']} + {lm['top']}, middle kept {lm['middle_kept']}"
+            + (" (by similarity)" if s.get("select") == "similarity" else "") + f", dropped {len(s['dropped'])}"
             + (f" (slots refilled by sharing: {lm['slots']})" if s["fill"] == "share" else ""),
             f"  emulator   {s['emulator_bytes'] / MB:.2f} MB ({s['ratio']:.1%} of the backbone), "
             f"quantization {s['quantization']}, distilled {s['distilled']}",

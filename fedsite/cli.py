@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from finetune.logs import filter_harmless_warnings, setup_logging
-from finetune.config import DEFAULT_DISTILL_OBJECTIVE, DISTILL_OBJECTIVES, EMULATOR_FILLS, ConfigError
+from finetune.config import DEFAULT_DISTILL_OBJECTIVE, DISTILL_OBJECTIVES, EMULATOR_FILLS, EMULATOR_SELECTS, ConfigError
 from fedsite.options import add_config_options, config_from_args, option_labels
 from fedsite.service_cli import add_service_parsers
 
@@ -52,7 +52,7 @@ def cmd_emulator_build(args: argparse.Namespace) -> int:
     from emulator.cli import build_command
 
     quantize = None if args.quantize == "none" else args.quantize
-    build_command(args.model, args.out, args.adapter_layers, args.stride, quantize, args.key, distill_steps=args.distill_steps, distill_data=args.distill_data, distill_objective=args.distill_objective, device=args.device, fill=args.fill)
+    build_command(args.model, args.out, args.adapter_layers, args.stride, quantize, args.key, distill_steps=args.distill_steps, distill_data=args.distill_data, distill_objective=args.distill_objective, device=args.device, fill=args.fill, select=args.select)
     return 0
 
 
@@ -121,6 +121,7 @@ def add_emulator_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--adapter-layers", type=int, default=None, help="adapter blocks kept at each end (default: 2, or 1 below 8 blocks)")
     build.add_argument("--stride", type=int, default=2, help="keep every n-th middle block (default: 2; 1 keeps all)")
     build.add_argument("--fill", choices=list(EMULATOR_FILLS), default="drop", help="dropped middle blocks: 'drop' them (shallower emulator) or 'share' (keep the depth, each dropped slot runs its nearest kept block; same bytes) (default: drop)")
+    build.add_argument("--select", choices=list(EMULATOR_SELECTS), default="stride", help="which middle blocks to keep: every --stride-th ('stride'), or as many chosen by output similarity on the distillation set, one per run of similar blocks ('similarity', CRaSh) (default: stride)")
     build.add_argument("--quantize", choices=["none", "int8", "nf4", "4bit"], default="none", help="weight quantization of the frozen middle (default: none)")
     build.add_argument("--distill-steps", type=int, default=0, help="distillation steps of the kept middle toward the full model (default: 0)")
     build.add_argument("--distill-objective", choices=DISTILL_OBJECTIVES, default=DEFAULT_DISTILL_OBJECTIVE, help=f"what the distillation matches (default: {DEFAULT_DISTILL_OBJECTIVE})")

@@ -31,7 +31,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dp": ("none", "local", "client"),
     "quantize": ("none", "nf4", "int8"),
     "emulator-quantize": ("none", "int8", "nf4"),
-    "emulator-fill": ("drop", "share"),  # what an emulator does with the middle blocks it drops (emulator/layers.py)
+    "emulator-fill": ("drop", "share"),
+    "emulator-select": ("stride", "similarity"),  # which middle blocks an emulator keeps (emulator/similarity.py)  # what an emulator does with the middle blocks it drops (emulator/layers.py)
     "emulator-distill-objective": DISTILL_OBJECTIVES,
     "offsite-train": ("lora", "blocks"),
     "dtype": DTYPE_CHOICES,

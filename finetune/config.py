@@ -28,6 +28,7 @@ KR_SCORES = CHOICES["kr-score"]
 KR_UNSUPPORTED_RULES = ("hetlora", "flora", "fedex-lora")  # per-client ranks or base-weight folds of every module
 # what an emulator does with the middle blocks it drops (emulator/layers.py)
 EMULATOR_FILLS = CHOICES["emulator-fill"]
+EMULATOR_SELECTS = CHOICES["emulator-select"]
 
 
 class ConfigError(ValueError):
@@ -124,6 +125,7 @@ class FedsiteConfig:
     emulator_adapter_layers: int = 0  # trainable blocks kept at each end (0 = 2, or 1 below 8 blocks)
     emulator_stride: int = 2  # keep every n-th middle block
     emulator_fill: str = "drop"  # dropped middle blocks: "drop" (shallower) or "share" (depth kept, nearest kept block reused)
+    emulator_select: str = "stride"  # kept middle blocks: every n-th ("stride") or one per run of similar blocks ("similarity", CRaSh)
     emulator_quantize: str = "none"  # storage of the emulator's frozen middle: none, int8 or nf4
     emulator_distill_steps: int = 0  # distillation steps of the kept middle toward the full model
     emulator_distill_objective: str = DEFAULT_DISTILL_OBJECTIVE  # logits (KL), hidden (MSE into the top adapter) or both
@@ -238,6 +240,7 @@ class FedsiteConfig:
             ("emulator-adapter-layers", self.emulator_adapter_layers >= 0, "non-negative (0 = default)"),
             ("emulator-stride", self.emulator_stride >= 1, "at least 1"),
             ("emulator-fill", self.emulator_fill in EMULATOR_FILLS, one_of(EMULATOR_FILLS)),
+            ("emulator-select", self.emulator_select in EMULATOR_SELECTS, one_of(EMULATOR_SELECTS)),
             ("emulator-quantize", self.emulator_quantize in CHOICES["emulator-quantize"], one_of(CHOICES["emulator-quantize"])),
             ("emulator-distill-steps", self.emulator_distill_steps >= 0, "non-negative"),
             ("offsite-train", self.offsite_train in CHOICES["offsite-train"], one_of(CHOICES["offsite-train"])),
