@@ -101,19 +101,19 @@ def build_package(
     if key_file == out_dir or out_dir in key_file.parents:
         raise PackageError(f"{key_file}: the signing key must not live inside the package folder {out_dir}")
     quantize = canonical(quantize)
+    if select not in ("stride", "similarity"):
+        raise ValueError(f"emulator: select must be 'stride' or 'similarity', got {select!r}")
     model, tokenizer = load_backbone(model_spec)
     num_layers = model.config.num_hidden_layers
     layer_map = make_layer_map(num_layers, adapter_layers or default_adapter_layers(num_layers), stride, fill)
+    batches = distillation_batches(tokenizer, distill_data) if select == "similarity" or distill_steps > 0 else []
     if select == "similarity":
         from emulator.similarity import select_by_similarity
 
-        layer_map, _ = select_by_similarity(model, distillation_batches(tokenizer, distill_data)[:SIMILARITY_BATCHES], layer_map)
+        layer_map, _ = select_by_similarity(model, batches[:SIMILARITY_BATCHES], layer_map)
         log.info(f"middle blocks kept by similarity: {list(layer_map.middle_kept)}")
-    elif select != "stride":
-        raise ValueError(f"emulator: select must be 'stride' or 'similarity', got {select!r}")
     emulator = build_emulator(model, layer_map)
     if distill_steps > 0:
-        batches = distillation_batches(tokenizer, distill_data)
         progress = max(1, distill_steps // 10)
 
         def report(step: int, loss: float) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from emulator.layers import LayerMap, nearest_slots
+from emulator.layers import LayerMap
 
 
 @torch.no_grad()
@@ -109,7 +109,7 @@ def similarity_layer_map(num_layers: int, adapter_layers: int, count: int, simil
     kept = tuple(middle[m] for _, _, m in runs)
     slots: tuple[int, ...] = ()
     if fill == "share":
-        own = list(nearest_slots(L, k, kept))  # adapters and kept blocks run themselves
+        own = list(range(L))  # adapters run themselves; every middle slot its run's kept block
         for a, b, m in runs:
             for i in range(a, b):
                 own[middle[i]] = middle[m]

@@ -80,6 +80,14 @@ def test_unknown_metric_keys_are_dropped_and_ids_never_read():
     assert read_metrics([1, 2], TRAIN_METRICS)[2] == "metrics are a list, expected a metric record"
 
 
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), 1e13, "many", True])
+def test_counted_gflops_are_checked_like_the_seconds(value):
+    # train-gflops sets a simulated client's compute time and energy: a bad claim is refused, never costed
+    metrics, _, reason = read_metrics({"num-examples": 1, "train-gflops": value}, TRAIN_METRICS)
+    assert reason is not None and reason.startswith("metric train-gflops:") and "train-gflops" not in metrics
+    assert read_metrics({"num-examples": 1, "train-gflops": 12.5}, TRAIN_METRICS)[0]["train-gflops"] == 12.5
+
+
 def test_dp_group_is_all_or_nothing():
     metrics, _, _ = read_metrics({"num-examples": 1, **DP}, TRAIN_METRICS)
     report, reason = read_dp(metrics)
