@@ -11,7 +11,8 @@
    ratio to plain FedAvg-LoRA. Compute energy comes from the counted GFLOPs at
    `--simulated-gflops` (the run option `simulated-gflops`), not from this machine's seconds,
    so rows run at different machine loads stay comparable. Rows:
-   plain FedAvg-LoRA; kill-revive with 25% and 50% of the modules active; adaptive precision
+   plain FedAvg-LoRA; kill-revive with 25% and 50% of the modules active, one selection per round
+   (`kr-25`, `kr-50`) or one per client (`kr-25-client`, `kr-50-client`); adaptive precision
    (`--upload-codec adaptive`); energy-aware client selection (`--client-selection
    energy-aware`). A row whose option this FedsiteConfig does not know is skipped, saying so.
    Energy and carbon come from the metrics rows' `energy_joules` and `gco2e` (per round,
@@ -53,6 +54,8 @@ ROWS = {
     "plain": ("plain FedAvg-LoRA", {}),
     "kr-25": ("kill-revive 25% active", {"module_selection": "kill-revive", "kr_active_share": 0.25}),
     "kr-50": ("kill-revive 50% active", {"module_selection": "kill-revive", "kr_active_share": 0.5}),
+    "kr-25-client": ("kill-revive 25% active, per client", {"module_selection": "kill-revive", "kr_active_share": 0.25, "kr_assign": "per-client"}),
+    "kr-50-client": ("kill-revive 50% active, per client", {"module_selection": "kill-revive", "kr_active_share": 0.5, "kr_assign": "per-client"}),
     "adaptive": ("adaptive precision", {"upload_codec": "adaptive"}),
     "energy-aware": ("energy-aware selection", {"client_selection": "energy-aware", "selection_objective": "energy"}),
 }

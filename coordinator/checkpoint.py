@@ -277,8 +277,9 @@ def _check_meta(meta: dict[str, Any]) -> None:
 
 
 def check_same_config(checkpoint: Checkpoint, config: FedsiteConfig, path: Path) -> None:
-    """Raise a one-line CheckpointError naming the first field that differs."""
-    saved, now = checkpoint.meta["config"], config.to_flat()
+    """Raise a one-line CheckpointError naming the first field that differs. A field the
+    checkpoint lacks (written before the field existed) counts as having its default."""
+    saved, now = {**FedsiteConfig().to_flat(), **checkpoint.meta["config"]}, config.to_flat()
     for key in sorted(set(saved) | set(now)):
         if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):
             raise CheckpointError(

@@ -17,6 +17,13 @@ Selection, deterministic in (seed, round):
   that have been killed longest (ties in seeded order): revived, they are scored afresh and
   stay if their update is now large.
 
+`kr-assign = "per-client"` runs the same rule per client (FedAvg and FedProx, not secure): each
+client has its own scores, from the norm of its own update per module (the modules most
+sensitive to its data), its own revival history, and a seeded order of its own, so while a
+client is new it cycles through modules no other client of the round need share, and every
+round covers far more of the adapter than one shared selection can. `shared` (the default)
+gives every client of a round one selection, as SecAgg+ needs.
+
 Aggregation over a selection (`aggregate_selected`): FedAvg and FedProx average each module over
 the clients that sent it (`aggregation.partial.partial_mean`); other rules (FFA-LoRA, RoLoRA,
 median, trimmed mean, the server optimizers, DP-FedAvg) run on the selected keys alone and are
@@ -34,10 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from aggregation.partial import merge, partial_mean, subset
 from finetune.config import KR_SCORES
-from protos.selection import encode_selection, keys_of, modules_of
+from protos.selection import ACTIVE_KEY, encode_selection, keys_of, modules_of
 
 NamedArrays = Mapping[str, np.ndarray]
 SCORES = KR_SCORES
@@ -60,11 +68,14 @@ def module_scores(old: NamedArrays, new: NamedArrays, modules: Sequence[str], sc
 
 
 def kill_revive(
-    modules: Sequence[str], scores: Mapping[str, float], last_active: Mapping[str, int], count: int, server_round: int, revive_every: int, seed: int
+    modules: Sequence[str], scores: Mapping[str, float], last_active: Mapping[str, int], count: int, server_round: int, revive_every: int, seed: int,
+    client: int | None = None,
 ) -> list[str]:
-    """The `count` modules active in `server_round` (in `modules`' order); see the module docstring."""
+    """The `count` modules active in `server_round` (in `modules`' order); see the module docstring.
+    `client` (per-client selection) gives that client a seeded order of its own."""
     count = max(1, min(count, len(modules)))
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(server_round) & 0xFFFFFFFF])
+    entropy = [int(seed) & 0xFFFFFFFF, int(server_round) & 0xFFFFFFFF] + ([] if client is None else [int(client) & 0xFFFFFFFF])
+    rng = np.random.default_rng(entropy)
     tie = dict(zip(modules, rng.permutation(len(modules)).tolist()))
     unscored = sorted((m for m in modules if m not in scores), key=tie.__getitem__)
     scored = sorted((m for m in modules if m in scores), key=lambda m: (-scores[m], tie[m]))
@@ -86,7 +97,11 @@ def layer_of(module: str) -> int | None:
 
 @dataclass
 class KillRevive:
-    """The coordinator's per-round selection and the scores it is made from (checkpointed)."""
+    """The coordinator's per-round selection and the scores it is made from (checkpointed).
+
+    `assign = "shared"`: one selection per round (`active`, `observe`); "per-client": one per
+    client (`active_for`, `observe_clients`), each from that client's own scores and history.
+    """
 
     modules: list[str]
     share: float = 0.5
@@ -95,46 +110,101 @@ class KillRevive:
     seed: int = 0
     scores: dict[str, float] = field(default_factory=dict)
     last_active: dict[str, int] = field(default_factory=dict)
+    assign: str = "shared"
+    client_scores: dict[int, dict[str, float]] = field(default_factory=dict)
+    client_last_active: dict[int, dict[str, int]] = field(default_factory=dict)
     _round: int = field(default=-1, repr=False)
     _active: list[str] = field(default_factory=list, repr=False)
+    _by_client: dict[int, list[str]] = field(default_factory=dict, repr=False)
+
+    @property
+    def per_client(self) -> bool:
+        return self.assign == "per-client"
 
     @property
     def count(self) -> int:
         return max(1, min(len(self.modules), round(self.share * len(self.modules))))
 
-    def active(self, server_round: int) -> list[str]:
-        """This round's active modules (the same answer for every call within a round)."""
+    def _start(self, server_round: int) -> None:
         if server_round != self._round:
-            self._round = server_round
-            self._active = kill_revive(self.modules, self.scores, self.last_active, self.count, server_round, self.revive_every, self.seed)
+            self._round, self._by_client = server_round, {}
+            self._active = [] if self.per_client else kill_revive(
+                self.modules, self.scores, self.last_active, self.count, server_round, self.revive_every, self.seed)
+
+    def active(self, server_round: int) -> list[str]:
+        """This round's shared active modules (the same answer for every call within a round)."""
+        self._start(server_round)
         return list(self._active)
+
+    def active_for(self, server_round: int, client: int) -> list[str]:
+        """`client`'s active modules this round: the shared ones, or (per-client) its own."""
+        self._start(server_round)
+        if not self.per_client:
+            return list(self._active)
+        if client not in self._by_client:
+            self._by_client[client] = kill_revive(self.modules, self.client_scores.get(client, {}), self.client_last_active.get(client, {}),
+                                                  self.count, server_round, self.revive_every, self.seed, client)
+        return list(self._by_client[client])
 
     @property
     def current(self) -> list[str]:
-        """The active modules of the round last asked for."""
-        return list(self._active)
+        """The active modules of the round last asked for (per-client: every client's, in the adapter's order)."""
+        chosen = set(self._active).union(*self._by_client.values())
+        return [m for m in self.modules if m in chosen]
 
-    def message_value(self, server_round: int) -> str:
-        return encode_selection(self.active(server_round))
+    def current_for(self, client: int) -> list[str]:
+        """What `client` was asked to train in the round last asked for (nothing if it was not asked)."""
+        return list(self._by_client.get(client, [])) if self.per_client else list(self._active)
+
+    def message_value(self, server_round: int, client: int | None = None) -> str:
+        return encode_selection(self.active(server_round) if client is None else self.active_for(server_round, client))
 
     def observe(self, old: NamedArrays, new: NamedArrays) -> None:
-        """Score the round's active modules by their aggregated change."""
+        """Score the round's shared active modules by their aggregated change."""
+        if self.per_client:
+            return
         self.scores.update(module_scores(old, new, self._active, self.score))
         self.last_active.update({m: self._round for m in self._active})
 
+    def observe_clients(self, old: NamedArrays, updates: Mapping[int, NamedArrays]) -> None:
+        """Per-client: score each client's modules by its own update (its trained arrays) from `old`."""
+        if not self.per_client:
+            return
+        for client, update in updates.items():
+            active = self._by_client.get(client, [])
+            self.client_scores.setdefault(client, {}).update(module_scores(old, update, active, self.score))
+            self.client_last_active.setdefault(client, {}).update({m: self._round for m in active})
+
     def record(self) -> dict[str, Any]:
-        """The metrics.jsonl fields of the round."""
-        layers = sorted({layer for layer in map(layer_of, self._active) if layer is not None})
-        return {"module_selection": "kill-revive", "active_modules": list(self._active), "active_share": len(self._active) / len(self.modules),
-                "active_layers": layers, **({"lowest_active_layer": layers[0]} if layers else {})}
+        """The metrics.jsonl fields of the round (per-client: the union, the mean share, and each client's selection)."""
+        current = self.current
+        layers = sorted({layer for layer in map(layer_of, current) if layer is not None})
+        share = (sum(map(len, self._by_client.values())) / len(self._by_client) if self._by_client else 0) if self.per_client else len(current)
+        out = {"module_selection": "kill-revive", "kr_assign": self.assign, "active_modules": current, "active_share": share / len(self.modules),
+               "active_layers": layers, **({"lowest_active_layer": layers[0]} if layers else {})}
+        if self.per_client:
+            lowest = [min(filter(lambda x: x is not None, map(layer_of, a)), default=0) for a in self._by_client.values()]
+            out["active_by_client"] = {str(c): a for c, a in sorted(self._by_client.items())}
+            out["client_lowest_active_layer"] = sum(lowest) / len(lowest) if lowest else 0.0
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scores": dict(self.scores), "last_active": dict(self.last_active)}
+        clients = {str(c): {"scores": dict(s), "last_active": dict(self.client_last_active.get(c, {}))} for c, s in self.client_scores.items()}
+        return {"scores": dict(self.scores), "last_active": dict(self.last_active), **({"clients": clients} if clients else {})}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         known = set(self.modules)
-        self.scores = {str(k): float(v) for k, v in dict(state.get("scores", {})).items() if k in known}
-        self.last_active = {str(k): int(v) for k, v in dict(state.get("last_active", {})).items() if k in known}
+
+        def scores(d: Any) -> dict[str, float]:
+            return {str(k): float(v) for k, v in dict(d or {}).items() if k in known}
+
+        def rounds(d: Any) -> dict[str, int]:
+            return {str(k): int(v) for k, v in dict(d or {}).items() if k in known}
+
+        self.scores, self.last_active = scores(state.get("scores")), rounds(state.get("last_active"))
+        clients = dict(state.get("clients") or {})
+        self.client_scores = {int(c): scores(v.get("scores")) for c, v in clients.items()}
+        self.client_last_active = {int(c): rounds(v.get("last_active")) for c, v in clients.items()}
 
 
 def selection_for(config: Any, arrays: NamedArrays) -> KillRevive | None:
@@ -144,7 +214,8 @@ def selection_for(config: Any, arrays: NamedArrays) -> KillRevive | None:
     modules = modules_of(arrays)
     if not modules:
         raise ValueError("module-selection 'kill-revive': the adapter has no LoRA modules")
-    return KillRevive(modules, config.kr_active_share, config.kr_score, config.kr_revive_every, config.seed)
+    return KillRevive(modules, config.kr_active_share, config.kr_score, config.kr_revive_every, config.seed,
+                      assign=getattr(config, "kr_assign", "shared"))
 
 
 def aggregate_selected(current: NamedArrays, updates: Sequence[NamedArrays], weights: Sequence[float],
@@ -161,3 +232,17 @@ def aggregate_selected(current: NamedArrays, updates: Sequence[NamedArrays], wei
     if any(set(u) != set(keys) for u in updates[1:]):
         raise ValueError("aggregate_selected: the updates carry different modules; only fedavg and fedprox average partial sets per key")
     return merge(current, aggregate(subset(current, keys)))
+
+
+def with_selections(messages: Sequence[Message], selector: KillRevive, server_round: int, client_of: Callable[[int], int]) -> list[Message]:
+    """Per-client selection: each train message (to node n) gets a copy of its content whose config
+    names the modules of client `client_of(n)`; a shared selection leaves `messages` as they are."""
+    if not selector.per_client:
+        return list(messages)
+    out = []
+    for msg in messages:
+        node = msg.metadata.dst_node_id
+        content = RecordDict(dict(msg.content.items()))
+        content["config"] = ConfigRecord({**dict(msg.content["config"]), ACTIVE_KEY: selector.message_value(server_round, client_of(node))})
+        out.append(Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node))
+    return out

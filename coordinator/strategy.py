@@ -27,7 +27,7 @@ from coordinator.client_dp import ClientLevelDP
 from coordinator.directory import QUERY_TIMEOUT, ClientDirectory
 from coordinator.energy import Energy, client_energy, compute_seconds, reference_seconds, total_fields
 from coordinator.ledger import PrivacyLedger
-from coordinator.module_selection import MEAN_RULES, KillRevive, aggregate_selected
+from coordinator.module_selection import MEAN_RULES, KillRevive, aggregate_selected, with_selections
 from coordinator.offsite import KIND_EMULATOR, KIND_LORA, OffsiteTrack, join_tracks, split_tracks
 from coordinator.planner import Planner
 from coordinator.replies import EvalReply, Rejected, read_evaluate_reply, read_train_reply
@@ -130,9 +130,8 @@ class FedsiteStrategy(FedAvg):
         if self.offsite is not None:
             arrays = to_array_record(self._global)  # LoRA clients get the LoRA track only
         config["train-factors"] = train_factors(self.aggregator.rule, server_round)
-        if self.module_selection is not None:  # every client of the round trains and sends the same modules
+        if self.module_selection is not None and not self.module_selection.per_client:  # every client trains and sends the same modules
             config[ACTIVE_KEY] = self.module_selection.message_value(server_round)
-            self.recorder.record(**self.module_selection.record())
         messages = self._select(server_round, list(super().configure_train(server_round, arrays, config, grid)), arrays, grid)
         self._sample_rate = len(messages) / max(1, len(list(grid.get_node_ids())))
         self.recorder.record(sampled=len(messages))
@@ -146,6 +145,9 @@ class FedsiteStrategy(FedAvg):
         self.recorder.record(selected=[self.directory.name(m.metadata.dst_node_id) for m in messages])
         for node, reason in refused:  # the node is named by its node id
             self.recorder.record_client({"round": server_round, "phase": "query", "node_id": node, "client_id": node, "status": "rejected", "reason": reason})
+        if self.module_selection is not None:  # per-client Kill-and-Revive: each client its own modules
+            messages = with_selections(messages, self.module_selection, server_round, self.directory.name)
+            self.recorder.record(**self.module_selection.record())
         if self.offsite is not None:
             self._align_offsite(server_round, messages)
             messages = self.offsite.route(messages, self._offsite_records())
@@ -221,7 +223,7 @@ class FedsiteStrategy(FedAvg):
         track = split_base(track)[0]  # clients return LoRA arrays only, never the base-weight update
         base, row.rank = self.planner.base_for(row.node_id, track) if self.planner else (track, 0)
         if self.module_selection is not None and row.kind == KIND_LORA:  # exactly the round's active modules, no more, no less
-            base = restrict(base, self.module_selection.current)
+            base = restrict(base, self.module_selection.current_for(row.client))
         outcome = read_train_reply(msg, base, max_update_bytes=self.bounds.max_update_bytes or None, max_norm=self.bounds.absolute_norm)
         row.metrics, row.dropped = outcome.metrics, outcome.dropped
         if isinstance(outcome, Rejected):
@@ -297,6 +299,7 @@ class FedsiteStrategy(FedAvg):
         per_key = self.client_dp is None and self.aggregator.rule in MEAN_RULES
         new_global = aggregate_selected(self._global, updates, weights, lambda sub: self._rule(sub, group, server_round), per_key=per_key)
         self.module_selection.observe(self._global, new_global)
+        self.module_selection.observe_clients(self._global, {row.client: row.reply.update for row in group})
         return new_global
 
     def _rule(self, current: dict[str, np.ndarray], group: list[ReplyRow], server_round: int) -> dict[str, np.ndarray]:

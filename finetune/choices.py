@@ -28,6 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "selection-objective": ("carbon", "energy"),
     "module-selection": ("all", "kill-revive"),  # Kill-and-Revive (coordinator/module_selection.py)
     "kr-score": ("update-norm", "update-rms"),
+    "kr-assign": ("shared", "per-client"),  # one selection per round, or one per client from its own updates
     "dp": ("none", "local", "client"),
     "quantize": ("none", "nf4", "int8"),
     "emulator-quantize": ("none", "int8", "nf4"),

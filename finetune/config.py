@@ -25,6 +25,7 @@ ALIASES = {"rounds": "num-server-rounds"}
 # Kill-and-Revive module selection (coordinator/module_selection.py) and its sensitivity scores
 MODULE_SELECTIONS = CHOICES["module-selection"]
 KR_SCORES = CHOICES["kr-score"]
+KR_ASSIGNS = CHOICES["kr-assign"]
 KR_UNSUPPORTED_RULES = ("hetlora", "flora", "fedex-lora")  # per-client ranks or base-weight folds of every module
 # what an emulator does with the middle blocks it drops (emulator/layers.py)
 EMULATOR_FILLS = CHOICES["emulator-fill"]
@@ -101,6 +102,7 @@ class FedsiteConfig:
     kr_active_share: float = 0.5  # share of the LoRA modules active each round
     kr_score: str = "update-norm"  # a module's sensitivity: update-norm | update-rms of its aggregated update
     kr_revive_every: int = 3  # every n-th round half the active slots go to the longest-killed modules; 0 = never
+    kr_assign: str = "shared"  # shared (one selection per round, SecAgg+-safe) | per-client (each client its own, from its own updates)
     # privacy: "none", "local" (DP-SGD on clients, Opacus) or "client" (user-level DP at the coordinator)
     dp: str = "none"
     noise_multiplier: float = 1.0
@@ -270,6 +272,10 @@ class FedsiteConfig:
             ("kr-active-share", 0.0 < self.kr_active_share <= 1.0, "in (0, 1]"),
             ("kr-score", self.kr_score in KR_SCORES, " or ".join(KR_SCORES)),
             ("kr-revive-every", self.kr_revive_every >= 0, "non-negative (0 = never revive)"),
+            ("kr-assign", self.kr_assign in KR_ASSIGNS, " or ".join(KR_ASSIGNS)),
+            ("kr-assign", not kr or self.kr_assign == "shared" or not self.secure, "shared with secure aggregation (masked vectors must line up)"),
+            ("kr-assign", not kr or self.kr_assign == "shared" or (self.aggregation in ("fedavg", "fedprox") and self.dp != "client"),
+             "shared unless aggregation is fedavg or fedprox without client-level DP (only those average each module over the clients that sent it)"),
             ("aggregation", not kr or self.aggregation not in KR_UNSUPPORTED_RULES, f"not {', '.join(KR_UNSUPPORTED_RULES)} with module-selection 'kill-revive'"),
             ("emulator-share", not kr or self.emulator_share == 0.0, "0 with module-selection 'kill-revive' (offsite clients train their own adapter)"),
         ]

@@ -134,3 +134,12 @@ def test_finished_run_removes_its_checkpoint(tmp_path):
     ckpt.save_checkpoint(recorder, 2, current)
     ckpt.remove_checkpoint(tmp_path)
     assert ckpt.load_checkpoint(config) is None
+
+
+def test_a_checkpoint_written_before_a_field_existed_resumes_at_that_fields_default(tmp_path):
+    old = FedsiteConfig().to_flat()
+    del old["kr-assign"]  # an older Fedsite did not know the field
+    saved = ckpt.Checkpoint(1, {}, meta={"config": old})
+    ckpt.check_same_config(saved, FedsiteConfig(), tmp_path / "checkpoint.npz")
+    with pytest.raises(ckpt.CheckpointError, match=r"kr-assign='shared' but this run has kr-assign='per-client'"):
+        ckpt.check_same_config(saved, FedsiteConfig(kr_assign="per-client"), tmp_path / "checkpoint.npz")

@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from coordinator.aggregate import Aggregator
-from coordinator.module_selection import KillRevive, module_scores, selection_for
+from coordinator.module_selection import KillRevive, module_scores, selection_for, with_selections
 from coordinator.results import RunRecorder
 from coordinator.strategy import FedsiteStrategy
 from finetune.config import ConfigError, FedsiteConfig
@@ -136,7 +136,7 @@ def test_replies_with_exactly_the_selected_modules_are_averaged_and_the_rest_lef
         expected = 3.25 if key in keys_of(arrays(), active) else 0.0
         assert np.all(value == np.float32(expected)), key
     assert row["contributors"] == [2, 3]
-    assert strategy.module_selection.record() == {"module_selection": "kill-revive", "active_modules": active, "active_share": 0.25,
+    assert strategy.module_selection.record() == {"module_selection": "kill-revive", "kr_assign": "shared", "active_modules": active, "active_share": 0.25,
                                            "active_layers": sorted({int(m.split(".")[2]) for m in active}), "lowest_active_layer": min(int(m.split(".")[2]) for m in active)}
     reasons = {r["client"]: r["reason"] for r in row["rejected"]}
     assert reasons[4].startswith("unknown key") and reasons[5].startswith("missing key")
@@ -158,3 +158,76 @@ def test_rules_and_server_optimizers_touch_only_the_updated_modules(tmp_path, ru
     assert moved and all("lora_B" in k for k in moved) == (rule == "ffa-lora")
     if rule != "ffa-lora":
         assert set(strategy.aggregator.state.m) == set(selected)  # no moments for killed modules
+
+
+# ---------------------------------------------------------------- per-client selection
+
+
+def test_per_client_selections_are_seeded_per_client_and_cover_more_of_the_adapter():
+    def picks(seed):
+        selector = KillRevive(MODULES, 0.25, seed=seed, assign="per-client")
+        return {c: selector.active_for(1, c) for c in range(4)}
+
+    first = picks(3)
+    assert first == picks(3) and first != picks(4)
+    assert all(len(a) == 2 for a in first.values())
+    assert len({tuple(a) for a in first.values()}) > 1  # clients do not all get the same modules
+    shared = KillRevive(MODULES, 0.25, seed=3)
+    assert len(set().union(*map(set, first.values()))) > len(shared.active(1))
+
+
+def test_per_client_scores_come_from_each_clients_own_update_and_drive_its_next_selection():
+    selector = KillRevive(MODULES, 0.25, revive_every=0, seed=0, assign="per-client")
+    for r in range(1, 5):  # 4 rounds x 2 modules: client 7 tries every module once
+        active = selector.active_for(r, 7)
+        old = arrays()
+        new = {k: v + (SENSITIVITY[k.rsplit(".lora_", 1)[0]] if k.rsplit(".lora_", 1)[0] in active else 0) for k, v in old.items()}
+        selector.observe(old, new)  # a no-op for per-client selection
+        selector.observe_clients(old, {7: {k: new[k] for k in keys_of(new, active)}})
+    assert selector.scores == {} and set(selector.client_scores[7]) == set(MODULES)
+    top = sorted(MODULES, key=SENSITIVITY.__getitem__)[-2:]
+    assert selector.active_for(5, 7) == top
+    assert selector.active_for(5, 8) != top or len(selector.client_scores) == 1  # client 8 is new: its own seeded order
+    assert selector.current_for(7) == top and selector.current_for(99) == []
+    record = selector.record()
+    assert record["kr_assign"] == "per-client" and record["active_by_client"]["7"] == top and record["active_share"] == 0.25
+    again = KillRevive(MODULES, 0.25, revive_every=0, seed=0, assign="per-client")
+    again.load_state_dict(json.loads(json.dumps(selector.state_dict())))
+    assert again.client_scores == selector.client_scores and again.client_last_active == selector.client_last_active
+
+
+def test_with_selections_gives_each_message_its_clients_modules_and_leaves_the_shared_content_alone():
+    selector = KillRevive(MODULES, 0.25, seed=1, assign="per-client")
+    content = RecordDict({"config": ConfigRecord({"lr": 0.1})})
+    messages = [Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN) for node in (11, 12, 13)]
+    out = with_selections(messages, selector, 1, lambda node: node - 10)
+    assert [m.metadata.dst_node_id for m in out] == [11, 12, 13] and "active-modules" not in content["config"]
+    for msg in out:
+        assert msg.content["config"]["lr"] == 0.1
+        assert decode_selection(msg.content["config"]["active-modules"], MODULES) == selector.current_for(msg.metadata.dst_node_id - 10)
+    assert with_selections(messages, KillRevive(MODULES, 0.25), 1, int) == messages
+
+
+def test_per_client_round_averages_each_module_over_the_clients_that_sent_it(tmp_path):
+    config = FedsiteConfig(module_selection="kill-revive", kr_active_share=0.25, kr_assign="per-client")
+    strategy = FedsiteStrategy(RunRecorder(tmp_path, config), Aggregator("fedavg"), fraction_train=1.0, fraction_evaluate=0.0, min_train_clients=2, max_update_norm=0)
+    strategy.module_selection = selection_for(config, arrays())
+    strategy._global = arrays()
+    selections = {node: keys_of(arrays(), strategy.module_selection.active_for(1, node)) for node in (2, 3)}
+    value = {2: 1.0, 3: 4.0}
+    replies = [reply(node, {k: np.full(arrays()[k].shape, value[node], np.float32) for k in keys}, 10) for node, keys in selections.items()]
+    replies.append(reply(4, {k: np.full(arrays()[k].shape, 9.0, np.float32) for k in selections[2]}, 10))  # never asked: rejected
+    out, _ = strategy.aggregate_train(1, replies)
+    out = from_array_record(out)
+    for key in arrays():
+        senders = [node for node, keys in selections.items() if key in keys]
+        expected = np.mean([value[n] for n in senders]) if senders else 0.0
+        assert np.all(out[key] == np.float32(expected)), key
+    assert set(strategy.module_selection.client_scores) == {2, 3}
+
+
+def test_per_client_assignment_is_refused_where_updates_must_line_up():
+    for extra, what in [({"secure": True, "clients": 4}, "shared with secure"), ({"aggregation": "ffa-lora"}, "fedavg or fedprox"), ({"kr_assign": "each"}, "shared or per-client")]:
+        with pytest.raises(ConfigError, match=what):
+            FedsiteConfig(module_selection="kill-revive", kr_assign=extra.pop("kr_assign", "per-client"), **extra).validate()
+    FedsiteConfig(module_selection="kill-revive", kr_assign="per-client", aggregation="fedprox").validate()
