@@ -186,7 +186,8 @@ def summarize(folder: Path) -> dict:
         values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
         return float(sum(values)) if values else None
 
-    lowest = [r["lowest_active_layer"] for r in rows if "lowest_active_layer" in r]
+    # per-client selection: a client's own lowest active block is where its backward stops
+    lowest = [r.get("client_lowest_active_layer", r["lowest_active_layer"]) for r in rows if "lowest_active_layer" in r]
     shares = [r["active_share"] for r in rows if "active_share" in r]
     return {
         "exact_match": rows[-1]["eval_accuracy"],
