@@ -38,10 +38,12 @@ def tiny():
 
 
 # End-to-end tests that start real processes for minutes each: the network of real coordinator and
-# client processes, `flwr run .` through a managed SuperLink, and a two-node Ray cluster. Each runs
+# client processes, `flwr run .` through a managed SuperLink, a two-node Ray cluster, and one
+# Flower simulation per aggregation rule (tests/simulations/test_rules_e2e.py; each rule's
+# arithmetic is unit-tested in tests/aggregation/, FedAvg's simulation in test_simulate_e2e). Each runs
 # when its name is in `-k` (CI runs them in a step of their own), not in the default suite, which
 # stays under 15 minutes on 2 cores.
-SLOW_TESTS = ("e2e_network", "flwr_run_e2e", "ray_cluster")
+SLOW_TESTS = ("e2e_network", "flwr_run_e2e", "ray_cluster", "rules_e2e")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
