@@ -12,7 +12,7 @@
    `--simulated-gflops` (the run option `simulated-gflops`), not from this machine's seconds,
    so rows run at different machine loads stay comparable. Rows:
    plain FedAvg-LoRA; kill-revive with 25% and 50% of the modules active, one selection per round
-   (`kr-25`, `kr-50`) or one per client (`kr-25-client`, `kr-50-client`); adaptive precision
+   (`kr-25`, `kr-50`) or one per client (`kr-25-client`, `kr-35-client`, `kr-50-client`); adaptive precision
    (`--upload-codec adaptive`); energy-aware client selection (`--client-selection
    energy-aware`). A row whose option this FedsiteConfig does not know is skipped, saying so.
    Energy and carbon come from the metrics rows' `energy_joules` and `gco2e` (per round,
@@ -55,6 +55,7 @@ ROWS = {
     "kr-25": ("kill-revive 25% active", {"module_selection": "kill-revive", "kr_active_share": 0.25}),
     "kr-50": ("kill-revive 50% active", {"module_selection": "kill-revive", "kr_active_share": 0.5}),
     "kr-25-client": ("kill-revive 25% active, per client", {"module_selection": "kill-revive", "kr_active_share": 0.25, "kr_assign": "per-client"}),
+    "kr-35-client": ("kill-revive 35% active, per client", {"module_selection": "kill-revive", "kr_active_share": 0.35, "kr_assign": "per-client"}),
     "kr-50-client": ("kill-revive 50% active, per client", {"module_selection": "kill-revive", "kr_active_share": 0.5, "kr_assign": "per-client"}),
     "adaptive": ("adaptive precision", {"upload_codec": "adaptive"}),
     "energy-aware": ("energy-aware selection", {"client_selection": "energy-aware", "selection_objective": "energy"}),
@@ -84,6 +85,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--fairness-weight", type=float, default=1.5, help="energy-aware row: expected cost x (1 + times selected)^g (0 = pure greedy)")
     p.add_argument("--battery-wh", type=float, default=15.0, help="battery capacity of the fleet's battery devices (a phone's ~15 Wh; 0 = the experiment's own, sized to drain in tiny-model rounds)")
     p.add_argument("--simulated-gflops", type=float, default=100.0, help="GFLOP/s of a speed-1 device: compute energy from counted FLOPs (0 = this machine's measured seconds)")
+    p.add_argument("--seed", type=int, default=0, help="run seed of every federated row (data split, sampling, LoRA init, Kill-and-Revive order); another seed gives the rows' noise")
     p.add_argument("--out", default="results/bench-resource-aware")
     return p.parse_args()
 
@@ -151,6 +153,7 @@ def row_config(args: argparse.Namespace, changes: dict, folder: Path) -> Fedsite
         batch_size=args.batch_size, eval_examples=args.eval_examples, max_new_tokens=args.max_new_tokens, lora_targets=args.lora_targets,
         kr_revive_every=args.kr_revive_every, workers=args.workers, out=str(folder / "run"), experiment=fleet(args, folder),
         selection_fairness_rounds=args.fairness_rounds, selection_fairness_weight=args.fairness_weight, simulated_gflops=args.simulated_gflops,
+        seed=args.seed,
     )
     known = {f.name for f in dataclasses.fields(FedsiteConfig)}
     missing = sorted(set(changes) - known)
