@@ -17,6 +17,11 @@ Selection, deterministic in (seed, round):
   that have been killed longest (ties in seeded order): revived, they are scored afresh and
   stay if their update is now large.
 
+`kr-lowest-block = L` keeps every module of blocks 0..L-1 killed (never trained, never revived;
+the share still counts all modules, capped at those left), so each client's backward stops at
+block L: the compute saving the rule alone gives only when its choice happens to avoid the
+bottom blocks.
+
 `kr-assign = "per-client"` runs the same rule per client (FedAvg and FedProx, not secure): each
 client has its own scores, from the norm of its own update per module (the modules most
 sensitive to its data), its own revival history, and a seeded order of its own, so while a
@@ -111,6 +116,7 @@ class KillRevive:
     scores: dict[str, float] = field(default_factory=dict)
     last_active: dict[str, int] = field(default_factory=dict)
     assign: str = "shared"
+    lowest_block: int = 0
     client_scores: dict[int, dict[str, float]] = field(default_factory=dict)
     client_last_active: dict[int, dict[str, int]] = field(default_factory=dict)
     _round: int = field(default=-1, repr=False)
@@ -122,14 +128,19 @@ class KillRevive:
         return self.assign == "per-client"
 
     @property
+    def candidates(self) -> list[str]:
+        """The modules a selection may hold: those in block `lowest_block` or above (or in no block)."""
+        return [m for m in self.modules if (layer_of(m) is None or layer_of(m) >= self.lowest_block)]
+
+    @property
     def count(self) -> int:
-        return max(1, min(len(self.modules), round(self.share * len(self.modules))))
+        return max(1, min(len(self.candidates), round(self.share * len(self.modules))))
 
     def _start(self, server_round: int) -> None:
         if server_round != self._round:
             self._round, self._by_client = server_round, {}
             self._active = [] if self.per_client else kill_revive(
-                self.modules, self.scores, self.last_active, self.count, server_round, self.revive_every, self.seed)
+                self.candidates, self.scores, self.last_active, self.count, server_round, self.revive_every, self.seed)
 
     def active(self, server_round: int) -> list[str]:
         """This round's shared active modules (the same answer for every call within a round)."""
@@ -142,7 +153,7 @@ class KillRevive:
         if not self.per_client:
             return list(self._active)
         if client not in self._by_client:
-            self._by_client[client] = kill_revive(self.modules, self.client_scores.get(client, {}), self.client_last_active.get(client, {}),
+            self._by_client[client] = kill_revive(self.candidates, self.client_scores.get(client, {}), self.client_last_active.get(client, {}),
                                                   self.count, server_round, self.revive_every, self.seed, client)
         return list(self._by_client[client])
 
@@ -180,7 +191,7 @@ class KillRevive:
         current = self.current
         layers = sorted({layer for layer in map(layer_of, current) if layer is not None})
         share = (sum(map(len, self._by_client.values())) / len(self._by_client) if self._by_client else 0) if self.per_client else len(current)
-        out = {"module_selection": "kill-revive", "kr_assign": self.assign, "active_modules": current, "active_share": share / len(self.modules),
+        out = {"module_selection": "kill-revive", "kr_assign": self.assign, "kr_lowest_block": self.lowest_block, "active_modules": current, "active_share": share / len(self.modules),
                "active_layers": layers, **({"lowest_active_layer": layers[0]} if layers else {})}
         if self.per_client:
             lowest = [min(filter(lambda x: x is not None, map(layer_of, a)), default=0) for a in self._by_client.values()]
@@ -214,8 +225,12 @@ def selection_for(config: Any, arrays: NamedArrays) -> KillRevive | None:
     modules = modules_of(arrays)
     if not modules:
         raise ValueError("module-selection 'kill-revive': the adapter has no LoRA modules")
-    return KillRevive(modules, config.kr_active_share, config.kr_score, config.kr_revive_every, config.seed,
-                      assign=getattr(config, "kr_assign", "shared"))
+    selector = KillRevive(modules, config.kr_active_share, config.kr_score, config.kr_revive_every, config.seed,
+                          assign=getattr(config, "kr_assign", "shared"), lowest_block=getattr(config, "kr_lowest_block", 0))
+    if not selector.candidates:
+        depth = 1 + max((layer_of(m) or 0) for m in modules)
+        raise ValueError(f"kr-lowest-block {selector.lowest_block}: the adapter has no LoRA module at or above that block (its blocks are 0-{depth - 1})")
+    return selector
 
 
 def aggregate_selected(current: NamedArrays, updates: Sequence[NamedArrays], weights: Sequence[float],

@@ -59,6 +59,7 @@ FIELD_HELP = {
     "module-selection": "LoRA modules clients train and send: all, or kill-revive (DLoRA: only the most sensitive share, killed ones periodically revived)",
     "kr-active-share": "kill-revive: share of the LoRA modules active each round (e.g. 0.25)",
     "kr-score": "kill-revive: a module's sensitivity, update-norm (L2 norm of its aggregated update) or update-rms (that norm per value)",
+    "kr-lowest-block": "kill-revive: modules in blocks below this one stay killed, so the clients' backward stops there (0 = any block)",
     "kr-revive-every": "kill-revive: every n-th round half the active slots go to the longest-killed modules (0 = never)",
     "kr-assign": "kill-revive: shared (one selection per round, works with --secure) or per-client (each client its own, scored by its own updates; fedavg/fedprox)",
     "selection-fairness-rounds": "energy-aware selection: every client is selected at least once every this many rounds",
@@ -127,7 +128,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                 "emulator-distill-steps", "emulator-distill-objective", "emulator-distill-data", "offsite-train",
                 "offsite-lora-targets", "offsite-lr", "offsite-proximal-mu", "emulator-align-steps", "emulator-align-rank", "artifact-url"),
     "population": ("partitioning", "dirichlet-alpha", "shards-per-client", "partition-size-sigma", "experiment"),
-    "resources and energy": ("module-selection", "kr-active-share", "kr-score", "kr-revive-every", "kr-assign", "client-selection", "selection-fairness-rounds", "selection-battery-threshold", "selection-objective", "selection-fairness-weight", "simulated-gflops"),
+    "resources and energy": ("module-selection", "kr-active-share", "kr-score", "kr-revive-every", "kr-lowest-block", "kr-assign", "client-selection", "selection-fairness-rounds", "selection-battery-threshold", "selection-objective", "selection-fairness-weight", "simulated-gflops"),
     "simulation engine": ("workers", "gpus-per-worker", "ray-address"),
     "output": ("out",),
 }

@@ -102,6 +102,7 @@ class FedsiteConfig:
     kr_active_share: float = 0.5  # share of the LoRA modules active each round
     kr_score: str = "update-norm"  # a module's sensitivity: update-norm | update-rms of its aggregated update
     kr_revive_every: int = 3  # every n-th round half the active slots go to the longest-killed modules; 0 = never
+    kr_lowest_block: int = 0  # modules in blocks below this stay killed (never trained or revived): backward stops there
     kr_assign: str = "shared"  # shared (one selection per round, SecAgg+-safe) | per-client (each client its own, from its own updates)
     # privacy: "none", "local" (DP-SGD on clients, Opacus) or "client" (user-level DP at the coordinator)
     dp: str = "none"
@@ -272,6 +273,7 @@ class FedsiteConfig:
             ("kr-active-share", 0.0 < self.kr_active_share <= 1.0, "in (0, 1]"),
             ("kr-score", self.kr_score in KR_SCORES, " or ".join(KR_SCORES)),
             ("kr-revive-every", self.kr_revive_every >= 0, "non-negative (0 = never revive)"),
+            ("kr-lowest-block", self.kr_lowest_block >= 0, "a non-negative block index"),
             ("kr-assign", self.kr_assign in KR_ASSIGNS, " or ".join(KR_ASSIGNS)),
             ("kr-assign", not kr or self.kr_assign == "shared" or not self.secure, "shared with secure aggregation (masked vectors must line up)"),
             ("kr-assign", not kr or self.kr_assign == "shared" or (self.aggregation in ("fedavg", "fedprox") and self.dp != "client"),

@@ -97,6 +97,30 @@ def test_the_config_refuses_what_cannot_take_partial_updates():
     assert selection_for(FedsiteConfig(), arrays()) is None
 
 
+def test_a_lowest_block_keeps_the_blocks_below_it_killed_through_scoring_and_revival():
+    # blocks 0-1 may not train, however sensitive: SENSITIVITY favours the top, so invert it
+    bottom_heavy = {m: float(len(MODULES) - i) for i, m in enumerate(MODULES)}
+    for assign in ("shared", "per-client"):
+        selector = KillRevive(MODULES, 0.25, revive_every=2, seed=0, assign=assign, lowest_block=2)
+        assert selector.candidates == MODULES[4:] and selector.count == 2
+        for r in range(1, 9):
+            active = selector.active(r) if assign == "shared" else selector.active_for(r, 3)
+            assert active and all(int(m.split(".layers.")[1].split(".")[0]) >= 2 for m in active)
+            old = arrays()
+            new = {k: v + (bottom_heavy[k.rsplit(".lora_", 1)[0]] if k.rsplit(".lora_", 1)[0] in active else 0) for k, v in old.items()}
+            selector.observe(old, new)
+            selector.observe_clients(old, {3: {k: new[k] for k in keys_of(new, active)}})
+        assert selector.record()["lowest_active_layer"] >= 2 and selector.record()["kr_lowest_block"] == 2
+    # the share counts every module but is capped at those left: 75% of 8 = 6, only 4 in blocks 2-3
+    assert KillRevive(MODULES, 0.75, lowest_block=2).count == 4
+    config = FedsiteConfig(module_selection="kill-revive", kr_lowest_block=3)
+    assert selection_for(config, arrays()).active(1) == [m for m in selection_for(config, arrays()).active(1) if ".layers.3." in m]
+    with pytest.raises(ValueError, match="kr-lowest-block 4: the adapter has no LoRA module at or above that block \\(its blocks are 0-3\\)"):
+        selection_for(FedsiteConfig(module_selection="kill-revive", kr_lowest_block=4), arrays())
+    with pytest.raises(ConfigError, match="kr-lowest-block"):
+        FedsiteConfig(module_selection="kill-revive", kr_lowest_block=-1).validate()
+
+
 # ---------------------------------------------------------------- the strategy's round
 
 
@@ -136,7 +160,7 @@ def test_replies_with_exactly_the_selected_modules_are_averaged_and_the_rest_lef
         expected = 3.25 if key in keys_of(arrays(), active) else 0.0
         assert np.all(value == np.float32(expected)), key
     assert row["contributors"] == [2, 3]
-    assert strategy.module_selection.record() == {"module_selection": "kill-revive", "kr_assign": "shared", "active_modules": active, "active_share": 0.25,
+    assert strategy.module_selection.record() == {"module_selection": "kill-revive", "kr_assign": "shared", "kr_lowest_block": 0, "active_modules": active, "active_share": 0.25,
                                            "active_layers": sorted({int(m.split(".")[2]) for m in active}), "lowest_active_layer": min(int(m.split(".")[2]) for m in active)}
     reasons = {r["client"]: r["reason"] for r in row["rejected"]}
     assert reasons[4].startswith("unknown key") and reasons[5].startswith("missing key")
