@@ -40,7 +40,7 @@ import tomli_w
 import torch
 
 from client.selection import apply_selection
-from coordinator.module_selection import layer_of
+from coordinator.module_selection import depth_of, layer_of
 from finetune.cache import lora_model
 from finetune.config import ConfigError, FedsiteConfig
 from finetune.flops import token_flops
@@ -112,7 +112,7 @@ def step_times(args: argparse.Namespace) -> list[tuple[str, float, int, float]]:
     config = FedsiteConfig(model=args.model, lora_targets=args.lora_targets, device="cpu")
     model, tokenizer = lora_model(config.model, config.lora_settings(), config.seed, device="cpu")
     modules = modules_of(get_lora_arrays(model))
-    depth = 1 + max(layer_of(m) or 0 for m in modules)
+    depth = depth_of(modules)
     examples = list(run_splits(config)[0][: 64])
     settings = TrainSettings(steps=args.timing_steps, batch_size=args.batch_size, lr=1e-3)
     start = get_lora_arrays(model)

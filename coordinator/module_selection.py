@@ -100,6 +100,11 @@ def layer_of(module: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def depth_of(modules: Sequence[str]) -> int:
+    """How many blocks `modules` span: one more than the highest block index (modules in no block count as block 0)."""
+    return 1 + max((layer_of(m) or 0) for m in modules)
+
+
 @dataclass
 class KillRevive:
     """The coordinator's per-round selection and the scores it is made from (checkpointed).
@@ -130,7 +135,7 @@ class KillRevive:
     @property
     def candidates(self) -> list[str]:
         """The modules a selection may hold: those in block `lowest_block` or above (or in no block)."""
-        return [m for m in self.modules if (layer_of(m) is None or layer_of(m) >= self.lowest_block)]
+        return [m for m in self.modules if (layer := layer_of(m)) is None or layer >= self.lowest_block]
 
     @property
     def count(self) -> int:
@@ -228,8 +233,7 @@ def selection_for(config: Any, arrays: NamedArrays) -> KillRevive | None:
     selector = KillRevive(modules, config.kr_active_share, config.kr_score, config.kr_revive_every, config.seed,
                           assign=getattr(config, "kr_assign", "shared"), lowest_block=getattr(config, "kr_lowest_block", 0))
     if not selector.candidates:
-        depth = 1 + max((layer_of(m) or 0) for m in modules)
-        raise ValueError(f"kr-lowest-block {selector.lowest_block}: the adapter has no LoRA module at or above that block (its blocks are 0-{depth - 1})")
+        raise ValueError(f"kr-lowest-block {selector.lowest_block}: the adapter has no LoRA module at or above that block (its blocks are 0-{depth_of(modules) - 1})")
     return selector
 
 
