@@ -29,6 +29,13 @@ client is new it cycles through modules no other client of the round need share,
 round covers far more of the adapter than one shared selection can. `shared` (the default)
 gives every client of a round one selection, as SecAgg+ needs.
 
+`kr-prior = "federation"` (per-client only) ranks the modules a client has not scored yet by
+the federation's mean score (over the clients that scored each module, their latest scores)
+instead of trying them in a seeded order: a client that trains only a few times starts from
+the modules the others found sensitive, where without a prior it spends its first turns
+exploring. Its own score replaces the prior once it has one; modules no client has scored
+still come first.
+
 Aggregation over a selection (`aggregate_selected`): FedAvg and FedProx average each module over
 the clients that sent it (`aggregation.partial.partial_mean`); other rules (FFA-LoRA, RoLoRA,
 median, trimmed mean, the server optimizers, DP-FedAvg) run on the selected keys alone and are
@@ -122,6 +129,7 @@ class KillRevive:
     last_active: dict[str, int] = field(default_factory=dict)
     assign: str = "shared"
     lowest_block: int = 0
+    prior: str = "none"
     client_scores: dict[int, dict[str, float]] = field(default_factory=dict)
     client_last_active: dict[int, dict[str, int]] = field(default_factory=dict)
     _round: int = field(default=-1, repr=False)
@@ -158,9 +166,20 @@ class KillRevive:
         if not self.per_client:
             return list(self._active)
         if client not in self._by_client:
-            self._by_client[client] = kill_revive(self.candidates, self.client_scores.get(client, {}), self.client_last_active.get(client, {}),
+            scores = self.client_scores.get(client, {})
+            if self.prior == "federation":
+                scores = {**self.federation_scores(), **scores}
+            self._by_client[client] = kill_revive(self.candidates, scores, self.client_last_active.get(client, {}),
                                                   self.count, server_round, self.revive_every, self.seed, client)
         return list(self._by_client[client])
+
+    def federation_scores(self) -> dict[str, float]:
+        """Per-client: each module's mean score over the clients that have scored it (their latest)."""
+        sums: dict[str, list[float]] = {}
+        for scores in self.client_scores.values():
+            for module, score in scores.items():
+                sums.setdefault(module, []).append(score)
+        return {m: math.fsum(v) / len(v) for m, v in sums.items()}
 
     @property
     def current(self) -> list[str]:
@@ -196,7 +215,8 @@ class KillRevive:
         current = self.current
         layers = sorted({layer for layer in map(layer_of, current) if layer is not None})
         share = (sum(map(len, self._by_client.values())) / len(self._by_client) if self._by_client else 0) if self.per_client else len(current)
-        out = {"module_selection": "kill-revive", "kr_assign": self.assign, "kr_lowest_block": self.lowest_block, "active_modules": current, "active_share": share / len(self.modules),
+        out = {"module_selection": "kill-revive", "kr_assign": self.assign, "kr_lowest_block": self.lowest_block, **({"kr_prior": self.prior} if self.per_client else {}),
+               "active_modules": current, "active_share": share / len(self.modules),
                "active_layers": layers, **({"lowest_active_layer": layers[0]} if layers else {})}
         if self.per_client:
             lowest = [min(filter(lambda x: x is not None, map(layer_of, a)), default=0) for a in self._by_client.values()]
@@ -231,7 +251,8 @@ def selection_for(config: Any, arrays: NamedArrays) -> KillRevive | None:
     if not modules:
         raise ValueError("module-selection 'kill-revive': the adapter has no LoRA modules")
     selector = KillRevive(modules, config.kr_active_share, config.kr_score, config.kr_revive_every, config.seed,
-                          assign=getattr(config, "kr_assign", "shared"), lowest_block=getattr(config, "kr_lowest_block", 0))
+                          assign=getattr(config, "kr_assign", "shared"), lowest_block=getattr(config, "kr_lowest_block", 0),
+                          prior=getattr(config, "kr_prior", "none"))
     if not selector.candidates:
         raise ValueError(f"kr-lowest-block {selector.lowest_block}: the adapter has no LoRA module at or above that block (its blocks are 0-{depth_of(modules) - 1})")
     return selector

@@ -62,6 +62,7 @@ FIELD_HELP = {
     "kr-lowest-block": "kill-revive: modules in blocks below this one stay killed, so the clients' backward stops there (0 = any block)",
     "kr-revive-every": "kill-revive: every n-th round half the active slots go to the longest-killed modules (0 = never)",
     "kr-assign": "kill-revive: shared (one selection per round, works with --secure) or per-client (each client its own, scored by its own updates; fedavg/fedprox)",
+    "kr-prior": "kill-revive per client: none (a client tries the modules it has not scored in a seeded order) or federation (ranks them by the mean score other clients measured)",
     "selection-fairness-rounds": "energy-aware selection: every client is selected at least once every this many rounds",
     "selection-battery-threshold": "energy-aware selection: prefer clients whose battery is above this fraction of its capacity",
     "selection-objective": "energy-aware selection: among charged clients prefer the lowest expected gCO2e (carbon) or joules (energy) per round",
@@ -128,7 +129,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                 "emulator-distill-steps", "emulator-distill-objective", "emulator-distill-data", "offsite-train",
                 "offsite-lora-targets", "offsite-lr", "offsite-proximal-mu", "emulator-align-steps", "emulator-align-rank", "artifact-url"),
     "population": ("partitioning", "dirichlet-alpha", "shards-per-client", "partition-size-sigma", "experiment"),
-    "resources and energy": ("module-selection", "kr-active-share", "kr-score", "kr-revive-every", "kr-lowest-block", "kr-assign", "client-selection", "selection-fairness-rounds", "selection-battery-threshold", "selection-objective", "selection-fairness-weight", "simulated-gflops"),
+    "resources and energy": ("module-selection", "kr-active-share", "kr-score", "kr-revive-every", "kr-lowest-block", "kr-assign", "kr-prior", "client-selection", "selection-fairness-rounds", "selection-battery-threshold", "selection-objective", "selection-fairness-weight", "simulated-gflops"),
     "simulation engine": ("workers", "gpus-per-worker", "ray-address"),
     "output": ("out",),
 }

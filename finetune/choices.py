@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "module-selection": ("all", "kill-revive"),  # Kill-and-Revive (coordinator/module_selection.py)
     "kr-score": ("update-norm", "update-rms"),
     "kr-assign": ("shared", "per-client"),  # one selection per round, or one per client from its own updates
+    "kr-prior": ("none", "federation"),  # per-client: how a client ranks the modules it has not scored yet
     "dp": ("none", "local", "client"),
     "quantize": ("none", "nf4", "int8"),
     "emulator-quantize": ("none", "int8", "nf4"),

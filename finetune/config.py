@@ -26,6 +26,7 @@ ALIASES = {"rounds": "num-server-rounds"}
 MODULE_SELECTIONS = CHOICES["module-selection"]
 KR_SCORES = CHOICES["kr-score"]
 KR_ASSIGNS = CHOICES["kr-assign"]
+KR_PRIORS = CHOICES["kr-prior"]
 KR_UNSUPPORTED_RULES = ("hetlora", "flora", "fedex-lora")  # per-client ranks or base-weight folds of every module
 # what an emulator does with the middle blocks it drops (emulator/layers.py)
 EMULATOR_FILLS = CHOICES["emulator-fill"]
@@ -104,6 +105,7 @@ class FedsiteConfig:
     kr_revive_every: int = 3  # every n-th round half the active slots go to the longest-killed modules; 0 = never
     kr_lowest_block: int = 0  # modules in blocks below this stay killed (never trained or revived): backward stops there
     kr_assign: str = "shared"  # shared (one selection per round, SecAgg+-safe) | per-client (each client its own, from its own updates)
+    kr_prior: str = "none"  # per-client: none (a client tries its unscored modules in a seeded order) | federation (ranks them by the other clients' scores)
     # privacy: "none", "local" (DP-SGD on clients, Opacus) or "client" (user-level DP at the coordinator)
     dp: str = "none"
     noise_multiplier: float = 1.0
@@ -275,6 +277,8 @@ class FedsiteConfig:
             ("kr-revive-every", self.kr_revive_every >= 0, "non-negative (0 = never revive)"),
             ("kr-lowest-block", self.kr_lowest_block >= 0, "a non-negative block index"),
             ("kr-assign", self.kr_assign in KR_ASSIGNS, " or ".join(KR_ASSIGNS)),
+            ("kr-prior", self.kr_prior in KR_PRIORS, " or ".join(KR_PRIORS)),
+            ("kr-prior", self.kr_prior == "none" or self.kr_assign == "per-client", "none unless kr-assign is per-client (a shared selection is scored by the federation already)"),
             ("kr-assign", not kr or self.kr_assign == "shared" or not self.secure, "shared with secure aggregation (masked vectors must line up)"),
             ("kr-assign", not kr or self.kr_assign == "shared" or (self.aggregation in ("fedavg", "fedprox") and self.dp != "client"),
              "shared unless aggregation is fedavg or fedprox without client-level DP (only those average each module over the clients that sent it)"),

@@ -220,6 +220,27 @@ def test_per_client_scores_come_from_each_clients_own_update_and_drive_its_next_
     assert again.client_scores == selector.client_scores and again.client_last_active == selector.client_last_active
 
 
+def test_a_federation_prior_ranks_a_new_clients_modules_by_the_other_clients_scores():
+    selector = KillRevive(MODULES, 0.25, revive_every=0, seed=0, assign="per-client", prior="federation")
+    selector.client_scores = {1: {MODULES[0]: 1.0, MODULES[5]: 6.0, MODULES[6]: 1.0}, 2: {MODULES[5]: 2.0, MODULES[3]: 5.0, MODULES[6]: 9.0}}
+    assert selector.federation_scores() == {MODULES[0]: 1.0, MODULES[5]: 4.0, MODULES[6]: 5.0, MODULES[3]: 5.0}
+    unscored = {MODULES[1], MODULES[2], MODULES[4], MODULES[7]}
+    assert set(selector.active_for(1, 3)) <= unscored  # modules no client has scored come first
+    for m in unscored:
+        selector.client_scores[1][m] = 0.5
+    assert selector.active_for(2, 3) == [MODULES[3], MODULES[6]]  # new client 3: the federation's top two (5.0, 5.0)
+    selector.client_scores[3] = {MODULES[3]: 0.1, MODULES[6]: 0.2}  # its own scores replace the prior for what it trained
+    assert selector.active_for(3, 3) == [MODULES[0], MODULES[5]]  # 3 and 6 fall to its own 0.1 and 0.2; 0 (1.0) and 5 (4.0) lead
+    none = KillRevive(MODULES, 0.25, revive_every=0, seed=0, assign="per-client", client_scores={k: dict(v) for k, v in selector.client_scores.items()})
+    assert set(none.active_for(3, 4)).isdisjoint(none.client_scores.get(4, {}))  # without a prior a new client explores in seeded order
+    assert selector.record()["kr_prior"] == "federation" and "kr_prior" not in KillRevive(MODULES, 0.25).record()
+    assert selection_for(FedsiteConfig(module_selection="kill-revive", kr_assign="per-client", kr_prior="federation"), arrays()).prior == "federation"
+    with pytest.raises(ConfigError, match="kr-prior. = .federation. must be none unless kr-assign is per-client"):
+        FedsiteConfig(module_selection="kill-revive", kr_prior="federation").validate()
+    with pytest.raises(ConfigError, match="kr-prior. = .mean. must be none or federation"):
+        FedsiteConfig(module_selection="kill-revive", kr_assign="per-client", kr_prior="mean").validate()
+
+
 def test_with_selections_gives_each_message_its_clients_modules_and_leaves_the_shared_content_alone():
     selector = KillRevive(MODULES, 0.25, seed=1, assign="per-client")
     content = RecordDict({"config": ConfigRecord({"lr": 0.1})})
