@@ -2,8 +2,9 @@
 
 One file, `OUT/checkpoint.npz`, holds everything a restarted coordinator needs to continue as
 if it had never stopped: the global adapter, the server optimizer's moments, the round number,
-the client-level DP accountant (clip bound, rounds), the sampling RNGs, and the results
-recorded so far (initial evaluation, per-round rows, and the length of every JSONL file in the
+the client-level DP accountant (clip bound, rounds), the sampling RNGs, the strategy's own
+state (`strategy` in the meta; its arrays, such as the offsite track's emulator refresh and
+moments, under `state/`), and the results recorded so far (initial evaluation, per-round rows, and the length of every JSONL file in the
 results folder). It is written owner-only (0600) to a temporary file and renamed with
 `os.replace` (`coordinator.files.write_atomic`), so a kill at any point leaves either the
 previous or the new checkpoint, never half of one. DP noise comes from the OS CSPRNG and has no
@@ -73,6 +74,7 @@ class Checkpoint:
     arrays: dict[str, np.ndarray]
     server_opt: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    state_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # the strategy's own (`FedsiteStrategy.state_arrays`)
 
 
 def checkpoint_path(out: str | Path) -> Path:
@@ -105,11 +107,13 @@ def save_checkpoint(
     aggregator: Aggregator | None = None,
     client_dp: ClientLevelDP | None = None,
     strategy_state: dict[str, Any] | None = None,
+    state_arrays: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Atomically write the state after `server_round` into the recorder's results folder (mode 0600).
 
     `strategy_state` is the strategy's own JSON-able state (`FedsiteStrategy.state_dict`), read
-    back from `Checkpoint.meta["strategy"]`."""
+    back from `Checkpoint.meta["strategy"]`; `state_arrays` its arrays (the offsite track's
+    refresh and moments), read back from `Checkpoint.state_arrays`."""
     out = recorder.out
     meta = {
         "version": VERSION,
@@ -123,6 +127,7 @@ def save_checkpoint(
     payload = {f"global/{k}": np.asarray(v) for k, v in arrays.items()}
     if aggregator is not None and aggregator.state is not None:
         payload.update({f"opt/{k}": v for k, v in server_opt.state_to_arrays(aggregator.state).items()})
+    payload.update({f"state/{k}": np.asarray(v) for k, v in (state_arrays or {}).items()})
     payload["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
 
     def write(file: BinaryIO) -> None:
@@ -217,7 +222,7 @@ def _parse(arrays: dict[str, np.ndarray]) -> Checkpoint:
     if version > VERSION:
         raise _Invalid(f"written by checkpoint version {version}, this Fedsite reads version {VERSION}", newer=True)
     _check_meta(meta)
-    unexpected = sorted(k for k in arrays if not k.startswith(("global/", "opt/")))
+    unexpected = sorted(k for k in arrays if not k.startswith(("global/", "opt/", "state/")))
     if unexpected:
         raise _Invalid(f"not a Fedsite checkpoint (unexpected member {unexpected[0]!r})")
     global_arrays = {k[len("global/") :]: v for k, v in arrays.items() if k.startswith("global/")}
@@ -229,7 +234,8 @@ def _parse(arrays: dict[str, np.ndarray]) -> Checkpoint:
             raise ValueError("server optimizer state: step < 0")
     except (ValueError, TypeError) as err:  # e.g. an unexpected key, or a step that is not one number
         raise _Invalid(f"corrupted ({_first_line(err)})") from None
-    return Checkpoint(meta["round"], global_arrays, opt, meta)
+    state = {k[len("state/") :]: v for k, v in arrays.items() if k.startswith("state/")}
+    return Checkpoint(meta["round"], global_arrays, opt, meta, state)
 
 
 def _is_count(value: object) -> bool:

@@ -10,6 +10,10 @@ With `emulator-align-steps` > 0 the coordinator aligns the emulator toward the b
 every round, the round's adapter plugged into both (FedBiOT), and sends the change to offsite
 clients as a signed low-rank refresh of the frozen middle (emulator/refresh.py) under
 `refresh/` in their arrays, with its signature and round in their config.
+
+A checkpoint keeps the track's state beyond its adapter (`track_state`, `restore_track`): the
+latest refresh, so a resumed run sends it again and warm-starts the next alignment from it, and
+the offsite aggregator's server-optimizer moments.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -28,7 +33,9 @@ from emulator.keys import load_public_key, load_signing_key, public_key_pem
 from emulator.layers import LayerMap
 from emulator.offsite import get_offsite_arrays, set_offsite_arrays, trainable_model
 from emulator.package import MANIFEST, load_package, manifest_layer_map, verify_package
-from emulator.refresh import align_refresh, manifest_digest, refresh_arrays, refresh_bytes, sign_refresh
+from aggregation import server_opt
+from coordinator.aggregate import Aggregator
+from emulator.refresh import align_refresh, apply_refresh, manifest_digest, refresh_arrays, refresh_bytes, sign_refresh
 from finetune.backbone import load_backbone, resolve_model_path
 from finetune.config import FedsiteConfig
 from finetune.device import model_device, resolve_device
@@ -85,10 +92,12 @@ class OffsiteTrack:
         base = emulator.get_base_model() if hasattr(emulator, "get_base_model") else emulator
         full_base = full.get_base_model() if hasattr(full, "get_base_model") else full
         align_refresh(base, full_base, self.layer_map, batches, rank=config.emulator_align_rank, steps=config.emulator_align_steps, objective=config.emulator_distill_objective)
-        factors = refresh_arrays(base)
+        self._set_refresh(server_round, refresh_arrays(base))
+        return refresh_bytes(self._refresh[1])
+
+    def _set_refresh(self, server_round: int, factors: dict[str, np.ndarray]) -> None:
         digest = manifest_digest((self.package / MANIFEST).read_bytes())
         self._refresh = (server_round, factors, sign_refresh(factors, server_round, digest, self.signing_key).hex())
-        return refresh_bytes(factors)
 
     def route(self, messages: list[Message], record_for: Callable[[int], ArrayRecord]) -> list[Message]:
         """Emulator clients' messages carry the offsite arrays (`record_for(node)`, e.g. cut to the
@@ -112,6 +121,9 @@ class OffsiteTrack:
         if self._emulator is None:
             model, _, _, _ = load_package(self.package, self.public_key)
             self._emulator = trainable_model(model, self.layer_map, self.mode, settings, seed).to(model_device(self.plug_in))
+            if self._refresh is not None:  # resumed: the next alignment warm-starts from the checkpoint's refresh
+                base = self._emulator.get_base_model() if hasattr(self._emulator, "get_base_model") else self._emulator
+                apply_refresh(base, self.layer_map, self._refresh[1])
         set_offsite_arrays(self._emulator, arrays, self.layer_map, self.mode)
         return self._emulator
 
@@ -128,6 +140,32 @@ class OffsiteTrack:
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / "adapter_blocks.safetensors"), metadata={"layer_map": str(self.layer_map.to_dict())})
         return folder
+
+
+def track_state(track: OffsiteTrack, aggregator: Aggregator) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """What a checkpoint keeps of the offsite track: (JSON state, arrays), the latest refresh
+    (`refresh/`, its round in the state) and the offsite aggregator's moments (`opt/`)."""
+    state: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    if track._refresh is not None:
+        state["refresh_round"] = track._refresh[0]
+        arrays.update({REFRESH_PREFIX + k: v for k, v in track._refresh[1].items()})
+    if aggregator.state is not None:
+        arrays.update({f"opt/{k}": v for k, v in server_opt.state_to_arrays(aggregator.state).items()})
+    return state, arrays
+
+
+def restore_track(track: OffsiteTrack, aggregator: Aggregator, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    """Put `track_state`'s output back. The refresh is signed again with the package's key (a
+    resumed run may rebuild the package), and applied when the emulator is first loaded."""
+    factors = {k[len(REFRESH_PREFIX) :]: np.asarray(v, np.float32) for k, v in arrays.items() if k.startswith(REFRESH_PREFIX)}
+    if factors:
+        if track.signing_key is None:
+            raise ValueError("checkpoint: it holds an emulator refresh but this run does not align the emulator")
+        track._set_refresh(int(state.get("refresh_round", 0)), factors)
+    opt = {k[len("opt/") :]: v for k, v in arrays.items() if k.startswith("opt/")}
+    if opt:
+        aggregator.state = server_opt.state_from_arrays(opt)
 
 
 def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:

@@ -88,7 +88,7 @@ def run_federation(grid: Grid, config: FedsiteConfig, population: PopulationMode
     start = initial
     if checkpoint is not None:
         restore(checkpoint, recorder, aggregator, strategy.client_dp)
-        strategy.load_state_dict(checkpoint.meta.get("strategy") or {})  # privacy ledger histories, norm references
+        strategy.load_state_dict(checkpoint.meta.get("strategy") or {}, checkpoint.state_arrays)  # privacy ledger, norm references, offsite refresh
         strategy.round_offset, start = checkpoint.round, checkpoint.arrays
 
     def central_evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -99,7 +99,7 @@ def run_federation(grid: Grid, config: FedsiteConfig, population: PopulationMode
         current = from_array_record(arrays)
         metrics = evaluate_round(server_round, current, seconds)
         if server_round:
-            save_checkpoint(recorder, server_round, current, aggregator, strategy.client_dp, strategy.state_dict())
+            save_checkpoint(recorder, server_round, current, aggregator, strategy.client_dp, strategy.state_dict(), strategy.state_arrays())
         return MetricRecord(metrics)
 
     result = strategy.start(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from coordinator.directory import QUERY_TIMEOUT, ClientDirectory
 from coordinator.energy import Energy, client_energy, compute_seconds, reference_seconds, total_fields
 from coordinator.ledger import PrivacyLedger
 from coordinator.module_selection import MEAN_RULES, KillRevive, aggregate_selected, with_selections
-from coordinator.offsite import KIND_EMULATOR, KIND_LORA, OffsiteTrack, join_tracks, split_tracks
+from coordinator.offsite import KIND_EMULATOR, KIND_LORA, OffsiteTrack, join_tracks, restore_track, split_tracks, track_state
 from coordinator.planner import Planner
 from coordinator.replies import EvalReply, Rejected, read_evaluate_reply, read_train_reply
 from coordinator.results import RunRecorder
@@ -113,9 +113,17 @@ class FedsiteStrategy(FedAvg):
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the strategy: the DP ledger's histories and the norm references."""
         modules = {"module_selection": self.module_selection.state_dict()} if self.module_selection is not None else {}
-        return {"ledger": self.ledger.state_dict(), "norm_reference": dict(self._norm_reference), "selection": self.selection.state_dict(), **modules}
+        offsite = {"offsite": track_state(self.offsite, self.offsite_aggregator)[0]} if self.offsite is not None else {}
+        return {"ledger": self.ledger.state_dict(), "norm_reference": dict(self._norm_reference), "selection": self.selection.state_dict(), **modules, **offsite}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The checkpoint's arrays of the strategy: the offsite track's refresh and server-optimizer moments."""
+        return {f"offsite/{k}": v for k, v in track_state(self.offsite, self.offsite_aggregator)[1].items()} if self.offsite is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> None:
+        if self.offsite is not None:
+            restore_track(self.offsite, self.offsite_aggregator, state.get("offsite") or {},
+                          {k[len("offsite/") :]: v for k, v in (arrays or {}).items() if k.startswith("offsite/")})
         self.ledger.load_state_dict(state.get("ledger", {}))
         self._norm_reference = {str(k): float(v) for k, v in state.get("norm_reference", {}).items()}
         self.selection.load_state_dict(state.get("selection", {}))

@@ -240,3 +240,58 @@ def test_per_round_alignment_ships_a_signed_refresh_that_clients_apply(tmp_path,
     apply_round_refresh(emulator, layer_map, newer, split_refresh(from_array_record(t.route([msg], lambda node: ArrayRecord())[0].content["arrays"]))[1])
     with pytest.raises(PackageError, match="older than the one applied"):
         apply_round_refresh(emulator, layer_map, spec, refresh)  # a replay of round 1's
+
+
+def test_a_checkpoint_keeps_the_refresh_and_the_offsite_moments_so_a_resumed_run_goes_on_exactly(tmp_path, monkeypatch):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+    from client.offsite import apply_round_refresh, split_refresh
+    from coordinator.aggregate import Aggregator
+    from coordinator.checkpoint import read_checkpoint, save_checkpoint
+    from coordinator.offsite import restore_track, track_state
+    from coordinator.results import RunRecorder
+    from coordinator.strategy import FedsiteStrategy
+    from emulator.cli import distillation_batches
+    from protos.tensors import from_array_record
+
+    config = FedsiteConfig(model="tiny", out=str(tmp_path / "run"), emulator_share=1.0, lora_rank=4, emulator_fill="share", aggregation="fedadam",
+                           emulator_quantize="int8", emulator_align_steps=3, emulator_align_rank=2).validate()
+    batches = distillation_batches(prepare_offsite(config).tokenizer)[:2]
+    t, aggregator = prepare_offsite(config), Aggregator("fedadam", 0.01)
+    update = {k: v + 0.01 for k, v in t.initial.items()}
+    aggregator(t.initial, [update], [1.0], 1)
+    t.align(1, t.initial, config, batches)
+    state, arrays = track_state(t, aggregator)
+    assert state == {"refresh_round": 1} and any(k.startswith("refresh/") for k in arrays) and any(k.startswith("opt/") for k in arrays)
+    recorder = RunRecorder(config.out, config)
+    strategy = FedsiteStrategy(recorder, Aggregator("fedadam", 0.01), fraction_train=1.0, fraction_evaluate=0.0, min_train_clients=1, offsite=t, offsite_aggregator=aggregator)
+    save_checkpoint(recorder, 1, {"a": np.zeros(2, np.float32)}, strategy_state=strategy.state_dict(), state_arrays=strategy.state_arrays())
+    checkpoint = read_checkpoint(config.out)
+    saved = checkpoint.state_arrays
+    assert set(saved) == {f"offsite/{k}" for k in arrays} and all(np.array_equal(saved[f"offsite/{k}"], v) for k, v in arrays.items())
+
+    resumed, resumed_aggregator = prepare_offsite(config), Aggregator("fedadam", 0.01)  # a restarted coordinator
+    restarted = FedsiteStrategy(recorder, Aggregator("fedadam", 0.01), fraction_train=1.0, fraction_evaluate=0.0, min_train_clients=1,
+                                offsite=resumed, offsite_aggregator=resumed_aggregator)
+    restarted.load_state_dict(checkpoint.meta["strategy"], saved)
+    assert resumed.client_config()["emulator-refresh-round"] == "1"
+    assert all(np.array_equal(a, b) for a, b in zip(resumed_aggregator.state.m.values(), aggregator.state.m.values()))
+    msg = Message(content=RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"package-kind": "emulator"})}), message_type=MessageType.TRAIN, dst_node_id=5)
+    routed = resumed.route([msg], lambda node: ArrayRecord())[0]
+    spec = OffsiteSpec.from_config(dict(routed.content["config"]))
+    emulator, _, layer_map = offsite_model(spec, config.offsite_lora_settings(), config.seed)
+    apply_round_refresh(emulator, layer_map, spec, split_refresh(from_array_record(routed.content["arrays"]))[1])  # re-signed: a client accepts it
+    batch = dict(t.tokenizer(["a b c", "hello"], return_tensors="pt", padding=True))
+    with torch.no_grad():  # the coordinator's emulator resumes from the refresh, so round 2's alignment warm-starts as it would have
+        assert torch.equal(resumed.emulator(t.initial, config.offsite_lora_settings(), config.seed)(**batch).logits,
+                           t.emulator(t.initial, config.offsite_lora_settings(), config.seed)(**batch).logits)
+    t.align(2, t.initial, config, batches)
+    resumed.align(2, resumed.initial, config, batches)
+    assert all(np.allclose(resumed._refresh[1][k], v, atol=1e-6) for k, v in t._refresh[1].items())
+    with pytest.raises(ValueError, match="does not align the emulator"):
+        restore_track(prepare_offsite(FedsiteConfig(model="tiny", out=str(tmp_path / "plain"), emulator_share=1.0, lora_rank=4).validate()), Aggregator("fedavg"), state, arrays)
