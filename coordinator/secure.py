@@ -16,7 +16,10 @@ error of about `clip_range * 2 / quantization_range / mean weight share` per ent
 
 Per round the recorder gets who contributed, who dropped out at which stage and why, bytes
 received in each protocol stage, seconds per stage, and `secure_halted` with the reason when
-too few clients survived to unmask (the global adapter then stays as it was).
+too few clients survived to unmask (the global adapter then stays as it was). Energy and carbon
+are counted per contributor as on the plain path (coordinator/energy.py, the default device
+profile: there is no population on this path), from its reported compute seconds, the bytes it
+sent in every SecAgg+ stage and the adapter it was sent.
 """
 
 from __future__ import annotations
@@ -47,12 +50,14 @@ from aggregation.partial import merge, subset
 from coordinator.aggregate import Aggregator, train_factors
 from coordinator.client_dp import ClientLevelDP
 from coordinator.directory import ClientDirectory
+from coordinator.energy import Energy, client_energy, compute_seconds, total_fields
 from coordinator.ledger import PrivacyLedger
 from coordinator.module_selection import selection_for
 from coordinator.replies import TRAIN_METRICS, Rejected, error_text, read_dp, read_evaluate_metrics, read_metrics, record_fields
 from coordinator.results import RunRecorder
 from coordinator.round_bounds import evaluation_summary, weighted
 from finetune.config import FedsiteConfig
+from protos.profile import DEFAULT_PROFILE
 from protos.selection import ACTIVE_KEY, keys_of
 
 log = logging.getLogger("fedsite.coordinator")
@@ -282,7 +287,7 @@ class SecureStrategy(LegacyFedAvg):
         if self.module_selection is not None:
             self.module_selection.observe(self.current, new)
         self.current = {k: np.asarray(new[k], dtype=self.current[k].dtype) for k in self.keys}
-        examples = []
+        examples, energies = [], []
         for (proxy, res), client in zip(results, contributors):  # each client's own metrics: checked, never trusted
             metrics, _, reason = read_metrics(res.metrics, TRAIN_METRICS)
             dp, dp_reason = read_dp(metrics) if reason is None else (None, None)
@@ -293,6 +298,8 @@ class SecureStrategy(LegacyFedAvg):
             entry.update({"upload_bytes": self.counter.node_bytes.get(proxy.node_id, 0), "status": "accepted"})
             if reason is not None:  # its masked update is in the sum already; its metrics are not used
                 entry["metrics_rejected"] = reason
+            energies.append(self._energy(proxy.node_id, metrics if reason is None else {}))
+            entry.update(energies[-1].fields())
             self.recorder.record_client(entry)
             if dp is not None:  # local DP-SGD composes with masking: same ledger as the plain path
                 self.recorder.record_privacy({**self.ledger.entry(server_round, client, proxy.node_id, dp), "secure": True})
@@ -305,9 +312,20 @@ class SecureStrategy(LegacyFedAvg):
             train_examples=int(sum(w for _, w in examples)),
             secure_masked_bytes=self.counter.stage_bytes.get("collect_masked_vectors", 0),
             aggregation_seconds=time.perf_counter() - started,
+            **total_fields(energies),
         )
         log.info("round %d: unmasked the sum of %d updates (%d dropped out), train loss %s", server_round, len(results), len(rejected), "n/a" if train_loss is None else f"{train_loss:.3f}")
         return ndarrays_to_parameters([self.current[k] for k in self.keys]), {}
+
+    def _energy(self, node: int, metrics: dict) -> Energy:
+        """A contributor's round on the default profile: its (checked) compute seconds, every byte it
+        sent through the SecAgg+ stages, and the global adapter it was sent."""
+        simulated = self.counter.directory.partition_of(node) is not None
+        train_seconds, gflops = float(metrics.get("train-seconds", 0.0)), float(metrics.get("train-gflops", 0.0))
+        sim_gflops = float(self.config.simulated_gflops) if simulated else 0.0
+        seconds = compute_seconds(DEFAULT_PROFILE, train_seconds, simulated, float(self.config.round_timeout), gflops, sim_gflops)
+        download = sum(int(v.nbytes) for v in self.current.values())
+        return client_energy(DEFAULT_PROFILE, seconds, self.counter.node_bytes.get(node, 0), download)
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict] | None:
         seconds = time.perf_counter() - self._started if server_round else None

@@ -183,6 +183,19 @@ def test_local_dp_clients_get_the_same_ledger_lines_as_on_the_plain_path(tmp_pat
     assert all(e["epsilon"] == pytest.approx(recomputed) and e["epsilon_mismatch"] is True and e["secure"] for e in ledger)
 
 
+def test_a_secure_round_counts_each_contributors_energy_as_the_plain_path_does(tmp_path):
+    from protos.profile import DEFAULT_PROFILE
+
+    updates, _, row, _ = federate(tmp_path, 4, drop={3}, metrics={"train-seconds": 2.0})
+    entries = [json.loads(line) for line in (tmp_path / "run" / "clients.jsonl").read_text().splitlines() if '"accepted"' in line]
+    download = sum(v.nbytes for v in updates[0].values()) / 1e6
+    assert [e["client_id"] for e in entries] == [0, 1, 2]
+    for e in entries:  # the default profile: 10 W x 2 s, 1 J per MB sent in all SecAgg+ stages, 0.5 J per MB received
+        expected = DEFAULT_PROFILE.train_watts * 2.0 + DEFAULT_PROFILE.joules_per_mb_sent * e["upload_bytes"] / 1e6 + DEFAULT_PROFILE.joules_per_mb_received * download
+        assert e["compute_joules"] == pytest.approx(20.0) and e["energy_joules"] == pytest.approx(expected)
+    assert row["energy_joules"] == pytest.approx(sum(e["energy_joules"] for e in entries)) and row["gco2e"] > 0
+
+
 def test_share_parameters_read_shares_and_counts():
     assert share_parameters(FedsiteConfig(secure=True, secure_num_shares=1.0, secure_threshold=0.6)) == (1.0, 0.6)
     assert share_parameters(FedsiteConfig(secure=True, secure_num_shares=5.0, secure_threshold=3.0)) == (5, 3)
