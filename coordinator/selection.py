@@ -84,7 +84,7 @@ class ClientSelection:
     seed: int = 0
     clients: int = 0  # the run's number of clients (Jain's index counts the never selected as 0)
     objective: str = "carbon"  # what energy-aware selection minimises after batteries: "carbon" (gCO2e) or "energy" (joules)
-    fairness_weight: float = 0.0  # g: expected cost x (1 + times selected)^g
+    fairness_weight: float = 1.5  # g: expected cost x (1 + times selected)^g (0 = pure greedy)
     last: dict[int, int] = field(default_factory=dict)  # key -> last round selected (0: never)
     level: dict[int, float] = field(default_factory=dict)  # key -> battery Wh
     counts: dict[int, int] = field(default_factory=dict)  # key -> times selected

@@ -105,7 +105,7 @@ class FedsiteStrategy(FedAvg):
         # who trains (coordinator/selection.py) and what their rounds cost (coordinator/energy.py)
         self.selection = ClientSelection(getattr(config, "client_selection", "uniform"), getattr(config, "selection_fairness_rounds", 5),
                                          getattr(config, "selection_battery_threshold", 0.3), getattr(config, "seed", 0), getattr(config, "clients", 0),
-                                         getattr(config, "selection_objective", "carbon"), getattr(config, "selection_fairness_weight", 0.0))
+                                         getattr(config, "selection_objective", "carbon"), getattr(config, "selection_fairness_weight", 1.5))
         self._download_bytes = 0
         self.module_selection: KillRevive | None = None  # Kill-and-Revive: the round's active LoRA modules (None = all)
 

@@ -66,7 +66,7 @@ FIELD_HELP = {
     "selection-fairness-rounds": "energy-aware selection: every client is selected at least once every this many rounds",
     "selection-battery-threshold": "energy-aware selection: prefer clients whose battery is above this fraction of its capacity",
     "selection-objective": "energy-aware selection: among charged clients prefer the lowest expected gCO2e (carbon) or joules (energy) per round",
-    "selection-fairness-weight": "energy-aware selection: weigh a client's expected cost by (1 + times selected)^g, so cheap clients do not take every slot (0 = pure greedy)",
+    "selection-fairness-weight": "energy-aware selection: weigh a client's expected cost by (1 + times selected)^g, so cheap clients do not take every slot (default 1.5; 0 = pure greedy)",
     "simulated-gflops": "simulation: a client's compute time (energy, stragglers) is its counted training GFLOPs over this many GFLOP/s times its profile's speed, the same under any load (0 = measured seconds over the speed)",
     "upload-topk": "send only this fraction of largest-magnitude entries per tensor (0 = dense)",
     "error-feedback": "clients keep what compression dropped and add it to their next update",
