@@ -89,6 +89,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--battery-wh", type=float, default=15.0, help="battery capacity of the fleet's battery devices (a phone's ~15 Wh; 0 = the experiment's own, sized to drain in tiny-model rounds)")
     p.add_argument("--simulated-gflops", type=float, default=100.0, help="GFLOP/s of a speed-1 device: compute energy from counted FLOPs (0 = this machine's measured seconds)")
     p.add_argument("--seed", type=int, default=0, help="run seed of every federated row (data split, sampling, LoRA init, Kill-and-Revive order); another seed gives the rows' noise")
+    p.add_argument("--seeds", default="", help="comma-separated seeds (overrides --seed): every row per seed, seed 0 in --out and seed N in OUT-seedN, "
+                                                "then each row's mean over the seeds with its differences to plain paired by seed")
     p.add_argument("--out", default="results/bench-resource-aware")
     return p.parse_args()
 
@@ -248,10 +250,44 @@ def number(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def seed_folder(out: str, seed: int) -> str:
+    return out if seed == 0 else f"{out}-seed{seed}"
+
+
+def seed_means(per_seed: dict[int, dict[str, dict]]) -> None:
+    """Each row's mean over the seeds it ran with, its differences to plain paired by seed (and their range)."""
+    keys = list(dict.fromkeys(k for results in per_seed.values() for k in results))
+    print(f"\n## Mean over seeds {', '.join(map(str, per_seed))} (differences to plain FedAvg-LoRA paired by seed: mean [min, max])\n")
+    print("| row | seeds | exact match | Δ EM | eval loss | Δ loss | upload vs plain | energy vs plain |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for key in keys:
+        runs = [(results[key], results.get("plain")) for results in per_seed.values() if key in results]
+        paired = [(r, p) for r, p in runs if p is not None]
+
+        def spread(values: list[float]) -> str:
+            return f"{statistics.mean(values):+.3f} [{min(values):+.3f}, {max(values):+.3f}]" if values else "n/a"
+
+        def mean_ratio(field: str) -> str:
+            values = [r[field] / p[field] for r, p in paired if r.get(field) is not None and p.get(field)]
+            return f"{statistics.mean(values):.2f}x" if values else "n/a"
+
+        print(f"| {runs[0][0]['label']} | {len(runs)} | {statistics.mean(r['exact_match'] for r, _ in runs):.3f} | {spread([r['exact_match'] - p['exact_match'] for r, p in paired])} | "
+              f"{statistics.mean(r['eval_loss'] for r, _ in runs):.3f} | {spread([r['eval_loss'] - p['eval_loss'] for r, p in paired])} | {mean_ratio('upload_bytes')} | {mean_ratio('energy_joules')} |")
+
+
 def main() -> None:
     args = parse()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
+    if args.seeds:
+        out = args.out
+        per_seed = {}
+        for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
+            args.seed, args.out = seed, seed_folder(out, seed)
+            print(f"\n# seed {seed} ({args.out})", flush=True)
+            per_seed[seed] = federated(args)
+            table(args, per_seed[seed])
+        seed_means(per_seed)
+        return
     if not args.skip_timing:
         rows = step_times(args)
         print(f"\n## Client step time vs where the active modules sit ({args.model}, LoRA {args.lora_targets}, batch {args.batch_size}; median of {args.timing_repeats} x {args.timing_steps} steps)\n")
@@ -259,7 +295,11 @@ def main() -> None:
         reference = rows[0][1]
         for name, seconds, lowest, model in rows:
             print(f"| {name} | {seconds:.3f} | {seconds / reference:.2f}x | {lowest} | {model:.2f}x |")
-    results = federated(args)
+    table(args, federated(args))
+
+
+def table(args: argparse.Namespace, results: dict[str, dict]) -> None:
+    """The rows of one seed, with ratios to its plain row."""
     if not results:
         return
     plain = results.get("plain")
