@@ -89,7 +89,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--battery-wh", type=float, default=15.0, help="battery capacity of the fleet's battery devices (a phone's ~15 Wh; 0 = the experiment's own, sized to drain in tiny-model rounds)")
     p.add_argument("--simulated-gflops", type=float, default=100.0, help="GFLOP/s of a speed-1 device: compute energy from counted FLOPs (0 = this machine's measured seconds)")
     p.add_argument("--seed", type=int, default=0, help="run seed of every federated row (data split, sampling, LoRA init, Kill-and-Revive order); another seed gives the rows' noise")
-    p.add_argument("--seeds", default="", help="comma-separated seeds (overrides --seed): every row per seed, seed 0 in --out and seed N in OUT-seedN, "
+    p.add_argument("--seeds", default="", help="comma-separated seeds (overrides --seed; federated rows only, no step-time table): every row per seed, seed 0 in --out and seed N in OUT-seedN, "
                                                 "then each row's mean over the seeds with its differences to plain paired by seed")
     p.add_argument("--out", default="results/bench-resource-aware")
     return p.parse_args()

@@ -49,7 +49,12 @@ log = logging.getLogger("fedsite.coordinator")
 CHECKPOINT = "checkpoint.npz"
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = frozenset({"out", "workers", "round-timeout", "num-server-rounds"})
-VERSION = 1  # the newest format this Fedsite reads (and the one it writes)
+VERSION = 2  # the newest format this Fedsite reads (and the one it writes); 2 added the `state/` members
+# The strategy's arrays (`FedsiteStrategy.state_arrays`): the offsite track's emulator refresh and server-optimizer moments.
+STATE_REFRESH, STATE_OPT = "state/offsite/refresh/", "state/offsite/opt/"
+# A field with no effect in both runs may differ (its default changed, say): gate field -> the value that disables it.
+_GATES = {"client-selection": "uniform", "module-selection": "all"}
+_GATED = {"selection-": "client-selection", "kr-": "module-selection"}
 # Errors a damaged zip or npy member can raise while it is read.
 _READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, zlib.error, NotImplementedError)
 
@@ -222,18 +227,27 @@ def _parse(arrays: dict[str, np.ndarray]) -> Checkpoint:
     if version > VERSION:
         raise _Invalid(f"written by checkpoint version {version}, this Fedsite reads version {VERSION}", newer=True)
     _check_meta(meta)
-    unexpected = sorted(k for k in arrays if not k.startswith(("global/", "opt/", "state/")))
+    unexpected = sorted(k for k in arrays if not k.startswith(("global/", "opt/", STATE_REFRESH, STATE_OPT)))
     if unexpected:
         raise _Invalid(f"not a Fedsite checkpoint (unexpected member {unexpected[0]!r})")
     global_arrays = {k[len("global/") :]: v for k, v in arrays.items() if k.startswith("global/")}
     opt = {k[len("opt/") :]: v for k, v in arrays.items() if k.startswith("opt/")}
     if not global_arrays:
         raise _Invalid("corrupted (no global arrays)")
-    try:
-        if opt and server_opt.state_from_arrays(opt).step < 0:
-            raise ValueError("server optimizer state: step < 0")
-    except (ValueError, TypeError) as err:  # e.g. an unexpected key, or a step that is not one number
-        raise _Invalid(f"corrupted ({_first_line(err)})") from None
+    offsite_opt = {k[len(STATE_OPT) :]: v for k, v in arrays.items() if k.startswith(STATE_OPT)}
+    for moments in (opt, offsite_opt):
+        try:
+            if moments and server_opt.state_from_arrays(moments).step < 0:
+                raise ValueError("server optimizer state: step < 0")
+        except (ValueError, TypeError) as err:  # e.g. an unexpected key, or a step that is not one number
+            raise _Invalid(f"corrupted ({_first_line(err)})") from None
+    refresh = {k: v for k, v in arrays.items() if k.startswith(STATE_REFRESH)}
+    for name, value in refresh.items():
+        if value.ndim != 2 or value.dtype.kind != "f" or not np.isfinite(value).all() or not name.endswith((".lora_A", ".lora_B")):
+            raise _Invalid(f"corrupted (emulator refresh member {name!r} is not a finite matrix of LoRA factors)")
+    offsite = (meta.get("strategy") or {}).get("offsite")  # _check_meta: an object or None
+    if refresh and not (isinstance(offsite, dict) and _is_count(offsite.get("refresh_round")) and offsite["refresh_round"] >= 1):
+        raise _Invalid("corrupted (an emulator refresh without the round it was made for)")
     state = {k[len("state/") :]: v for k, v in arrays.items() if k.startswith("state/")}
     return Checkpoint(meta["round"], global_arrays, opt, meta, state)
 
@@ -276,6 +290,12 @@ def _check_meta(meta: dict[str, Any]) -> None:
             raise bad("client_dp.clip_norm", "a number > 0", dp.get("clip_norm"))
         if not _is_count(dp.get("rounds")):
             raise bad("client_dp.rounds", "an integer >= 0", dp.get("rounds"))
+    strategy = meta.get("strategy")
+    if strategy is not None and not isinstance(strategy, dict):
+        raise bad("strategy", "an object or null", strategy)
+    offsite = (strategy or {}).get("offsite")
+    if offsite is not None and not (isinstance(offsite, dict) and (offsite.get("refresh_round") is None or _is_count(offsite["refresh_round"]))):
+        raise bad("strategy.offsite", "an object whose refresh_round is a round number", offsite)
     try:  # the states go into throwaway generators, whose own checks are thorough
         _set_rng_state(meta["rng"], random.Random(), np.random.RandomState())
     except (KeyError, IndexError, TypeError, ValueError, OverflowError):
@@ -286,8 +306,13 @@ def check_same_config(checkpoint: Checkpoint, config: FedsiteConfig, path: Path)
     """Raise a one-line CheckpointError naming the first field that differs. A field the
     checkpoint lacks (written before the field existed) counts as having its default."""
     saved, now = {**FedsiteConfig().to_flat(), **checkpoint.meta["config"]}, config.to_flat()
+
+    def without_effect(key: str) -> bool:  # e.g. selection-fairness-weight when both runs select uniformly
+        gate = next((g for prefix, g in _GATED.items() if key.startswith(prefix)), None)
+        return gate is not None and saved.get(gate) == now.get(gate) == _GATES[gate]
+
     for key in sorted(set(saved) | set(now)):
-        if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):
+        if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key) and not without_effect(key):
             raise CheckpointError(
                 f"checkpoint '{path}' was written with {key}={saved.get(key)!r} but this run has {key}={now.get(key)!r}; "
                 "use another --out or delete the checkpoint to start afresh"

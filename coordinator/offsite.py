@@ -155,17 +155,28 @@ def track_state(track: OffsiteTrack, aggregator: Aggregator) -> tuple[dict[str, 
     return state, arrays
 
 
-def restore_track(track: OffsiteTrack, aggregator: Aggregator, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-    """Put `track_state`'s output back. The refresh is signed again with the package's key (a
-    resumed run may rebuild the package), and applied when the emulator is first loaded."""
+def restore_track(track: OffsiteTrack, aggregator: Aggregator, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray], config: FedsiteConfig) -> None:
+    """Put `track_state`'s output back (a ValueError says what does not fit). The refresh is
+    applied to the emulator, which checks it fits its middle, before it is signed again with the
+    package's key (a resumed run may rebuild the package)."""
     factors = {k[len(REFRESH_PREFIX) :]: np.asarray(v, np.float32) for k, v in arrays.items() if k.startswith(REFRESH_PREFIX)}
     if factors:
         if track.signing_key is None:
-            raise ValueError("checkpoint: it holds an emulator refresh but this run does not align the emulator")
-        track._set_refresh(int(state.get("refresh_round", 0)), factors)
+            raise ValueError("it holds an emulator refresh but this run does not align the emulator")
+        track._emulator, track._refresh = None, (int(state["refresh_round"]), factors, "")
+        try:
+            track.emulator(track.initial, config.offsite_lora_settings(), config.seed)  # applies (and checks) the refresh
+        except ValueError:
+            track._emulator, track._refresh = None, None
+            raise
+        track._set_refresh(int(state["refresh_round"]), factors)
     opt = {k[len("opt/") :]: v for k, v in arrays.items() if k.startswith("opt/")}
     if opt:
-        aggregator.state = server_opt.state_from_arrays(opt)
+        moments = server_opt.state_from_arrays(opt)
+        shapes = {k: np.shape(v) for k, v in track.initial.items()}
+        if any(shapes.get(k) != np.shape(v) for part in (moments.m, moments.v) for k, v in part.items()):
+            raise ValueError("its offsite server-optimizer moments do not match the offsite adapter")
+        aggregator.state = moments
 
 
 def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:

@@ -267,12 +267,14 @@ class SecureStrategy(LegacyFedAvg):
         current = subset(self.current, keys)
         problem = "no client survived to the masked upload" if not results else check_sum(self.arrays(results[0][1].parameters, keys), current)
         self.recorder.record(train_seconds=time.perf_counter() - self._started)  # the SecAgg+ stages up to the unmasked sum
-        if problem:
+        checked = [read_metrics(res.metrics, TRAIN_METRICS) for _, res in results]  # each client's own metrics: checked, never trusted
+        energies = [self._energy(proxy.node_id, metrics if reason is None else {}) for (proxy, _), (metrics, _, reason) in zip(results, checked)]
+        if problem:  # the clients spent the energy all the same
             log.warning("round %d: %s; the global adapter stays as it was", server_round, problem)
             discarded = [{"client": c, "node_id": p.node_id, "stage": "unmask", "reason": f"masked update discarded: {problem}"} for (p, _), c in zip(results, contributors)]
-            for entry in discarded:
-                self.recorder.record_client({"round": server_round, **entry, "status": "rejected"})
-            self.recorder.record(aggregation=self.aggregator.rule, contributors=[], rejected=rejected + discarded, secure_halted=problem)
+            for entry, energy in zip(discarded, energies):
+                self.recorder.record_client({"round": server_round, **entry, "status": "rejected", **energy.fields()})
+            self.recorder.record(aggregation=self.aggregator.rule, contributors=[], rejected=rejected + discarded, secure_halted=problem, **total_fields(energies))
             return None, {}
         factors = train_factors(self.config.aggregation, server_round)
         mean = restore_frozen(self.arrays(results[0][1].parameters, keys), current, factors)
@@ -287,9 +289,8 @@ class SecureStrategy(LegacyFedAvg):
         if self.module_selection is not None:
             self.module_selection.observe(self.current, new)
         self.current = {k: np.asarray(new[k], dtype=self.current[k].dtype) for k in self.keys}
-        examples, energies = [], []
-        for (proxy, res), client in zip(results, contributors):  # each client's own metrics: checked, never trusted
-            metrics, _, reason = read_metrics(res.metrics, TRAIN_METRICS)
+        examples = []
+        for (proxy, res), client, (metrics, _, reason), energy in zip(results, contributors, checked, energies):
             dp, dp_reason = read_dp(metrics) if reason is None else (None, None)
             reason = reason or dp_reason
             weight = min(float(metrics.get("num-examples", 0)), self.config.secure_max_weight, float(self.config.max_client_examples or math.inf))
@@ -298,8 +299,7 @@ class SecureStrategy(LegacyFedAvg):
             entry.update({"upload_bytes": self.counter.node_bytes.get(proxy.node_id, 0), "status": "accepted"})
             if reason is not None:  # its masked update is in the sum already; its metrics are not used
                 entry["metrics_rejected"] = reason
-            energies.append(self._energy(proxy.node_id, metrics if reason is None else {}))
-            entry.update(energies[-1].fields())
+            entry.update(energy.fields())
             self.recorder.record_client(entry)
             if dp is not None:  # local DP-SGD composes with masking: same ledger as the plain path
                 self.recorder.record_privacy({**self.ledger.entry(server_round, client, proxy.node_id, dp), "secure": True})

@@ -19,7 +19,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from coordinator.aggregate import Aggregator
-from coordinator.checkpoint import load_checkpoint, remove_checkpoint, restore, save_checkpoint
+from coordinator.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, remove_checkpoint, restore, save_checkpoint
 from coordinator.client_dp import ClientLevelDP
 from coordinator.directory import assigned_train_examples
 from coordinator.grid import quick
@@ -87,8 +87,11 @@ def run_federation(grid: Grid, config: FedsiteConfig, population: PopulationMode
 
     start = initial
     if checkpoint is not None:
+        try:  # the strategy first: nothing in the results folder changes unless all of it is restored
+            strategy.load_state_dict(checkpoint.meta.get("strategy") or {}, checkpoint.state_arrays)  # privacy ledger, selections, offsite refresh
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise CheckpointError(f"checkpoint '{checkpoint_path(config.out)}': corrupted strategy state ({err}); move it away or use another --out to start afresh") from None
         restore(checkpoint, recorder, aggregator, strategy.client_dp)
-        strategy.load_state_dict(checkpoint.meta.get("strategy") or {}, checkpoint.state_arrays)  # privacy ledger, norm references, offsite refresh
         strategy.round_offset, start = checkpoint.round, checkpoint.arrays
 
     def central_evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -111,7 +111,8 @@ class FedsiteStrategy(FedAvg):
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the strategy: the DP ledger's histories and the norm references."""
+        """What a checkpoint keeps of the strategy (JSON): the DP ledger's histories, the norm references,
+        client and module selection, the offsite track's refresh round (its arrays: `state_arrays`)."""
         modules = {"module_selection": self.module_selection.state_dict()} if self.module_selection is not None else {}
         offsite = {"offsite": track_state(self.offsite, self.offsite_aggregator)[0]} if self.offsite is not None else {}
         return {"ledger": self.ledger.state_dict(), "norm_reference": dict(self._norm_reference), "selection": self.selection.state_dict(), **modules, **offsite}
@@ -123,7 +124,7 @@ class FedsiteStrategy(FedAvg):
     def load_state_dict(self, state: dict[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> None:
         if self.offsite is not None:
             restore_track(self.offsite, self.offsite_aggregator, state.get("offsite") or {},
-                          {k[len("offsite/") :]: v for k, v in (arrays or {}).items() if k.startswith("offsite/")})
+                          {k[len("offsite/") :]: v for k, v in (arrays or {}).items() if k.startswith("offsite/")}, self.recorder.config)
         self.ledger.load_state_dict(state.get("ledger", {}))
         self._norm_reference = {str(k): float(v) for k, v in state.get("norm_reference", {}).items()}
         self.selection.load_state_dict(state.get("selection", {}))

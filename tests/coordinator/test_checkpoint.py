@@ -137,9 +137,25 @@ def test_finished_run_removes_its_checkpoint(tmp_path):
 
 
 def test_a_checkpoint_written_before_a_field_existed_resumes_at_that_fields_default(tmp_path):
-    old = FedsiteConfig().to_flat()
+    old = FedsiteConfig(module_selection="kill-revive").to_flat()
     del old["kr-assign"]  # an older Fedsite did not know the field
     saved = ckpt.Checkpoint(1, {}, meta={"config": old})
-    ckpt.check_same_config(saved, FedsiteConfig(), tmp_path / "checkpoint.npz")
+    ckpt.check_same_config(saved, FedsiteConfig(module_selection="kill-revive"), tmp_path / "checkpoint.npz")
     with pytest.raises(ckpt.CheckpointError, match=r"kr-assign='shared' but this run has kr-assign='per-client'"):
-        ckpt.check_same_config(saved, FedsiteConfig(kr_assign="per-client"), tmp_path / "checkpoint.npz")
+        ckpt.check_same_config(saved, FedsiteConfig(module_selection="kill-revive", kr_assign="per-client"), tmp_path / "checkpoint.npz")
+
+
+def test_a_field_without_effect_in_both_runs_may_differ_on_resume(tmp_path):
+    """selection-fairness-weight's default went from 0 to 1.5: a uniform run written before still resumes."""
+    path = tmp_path / "checkpoint.npz"
+    for selection in ("uniform", "energy-aware"):
+        saved = ckpt.Checkpoint(1, {}, meta={"config": {**FedsiteConfig(client_selection=selection).to_flat(), "selection-fairness-weight": 0.0}})
+        if selection == "uniform":
+            ckpt.check_same_config(saved, FedsiteConfig(), path)
+        else:  # there it changes who trains: refused, naming the field
+            with pytest.raises(ckpt.CheckpointError, match=r"selection-fairness-weight=0.0 but this run has selection-fairness-weight=1.5"):
+                ckpt.check_same_config(saved, FedsiteConfig(client_selection=selection), path)
+    all_modules = ckpt.Checkpoint(1, {}, meta={"config": {**FedsiteConfig().to_flat(), "kr-active-share": 0.25}})
+    ckpt.check_same_config(all_modules, FedsiteConfig(), path)  # kr-* knobs do nothing with module-selection 'all'
+    with pytest.raises(ckpt.CheckpointError, match="kr-active-share=0.25 but this run has kr-active-share=0.5"):
+        ckpt.check_same_config(all_modules, FedsiteConfig(module_selection="kill-revive"), path)

@@ -175,7 +175,7 @@ def test_a_damaged_or_foreign_file_is_one_line_and_nothing_else_changes(tmp_path
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"version": 3}, "written by checkpoint version 3, this Fedsite reads version 1; resume it with that newer Fedsite"),
+        ({"version": 3}, "written by checkpoint version 3, this Fedsite reads version 2; resume it with that newer Fedsite"),
         ({"version": "1"}, "not a Fedsite checkpoint (version '1')"),
         ({"version": True}, "not a Fedsite checkpoint (version True)"),
         ({"round": "two"}, "corrupted ('round' must be an integer >= 0, got 'two')"),
@@ -190,6 +190,9 @@ def test_a_damaged_or_foreign_file_is_one_line_and_nothing_else_changes(tmp_path
         ({"client_dp": {"clip_norm": 0.1, "rounds": 2.5}}, "corrupted ('client_dp.rounds' must be an integer >= 0, got 2.5)"),
         ({"rng": {"python": [3, [1, 2], None]}}, "corrupted ('rng' must be the states of Python's and NumPy's generators"),
         ({"rng__numpy": ["MT19937", [1, 2, 3], 0, 0, 0.0]}, "corrupted ('rng' must be the states"),
+        ({"strategy": [1]}, "corrupted ('strategy' must be an object or null, got [1])"),
+        ({"strategy": {"offsite": 5}}, "corrupted ('strategy.offsite' must be an object whose refresh_round is a round number, got 5)"),
+        ({"strategy": {"offsite": {"refresh_round": "x"}}}, "corrupted ('strategy.offsite' must be an object whose refresh_round is a round number"),
     ],
     ids=lambda value: json.dumps(value)[:40] if isinstance(value, dict) else None,
 )
@@ -201,6 +204,13 @@ def test_a_newer_version_or_a_wrong_type_inside_is_one_line_and_nothing_else_cha
     assert snapshot(tmp_path) == before
 
 
+def test_a_version_1_checkpoint_still_resumes(tmp_path):
+    config, path = saved_run(tmp_path)
+    assert json.loads(bytes(members(path)["meta"]).decode())["version"] == ckpt.VERSION == 2
+    rewrite(path, members(path), version=1)  # written before the strategy's arrays existed
+    assert ckpt.load_checkpoint(config).round == 2
+
+
 def test_wrong_arrays_inside_are_refused(tmp_path):
     config, path = saved_run(tmp_path)
     original = members(path)
@@ -210,6 +220,11 @@ def test_wrong_arrays_inside_are_refused(tmp_path):
         ({**original, "opt/bogus": np.ones(2)}, "corrupted (server optimizer state: unexpected key 'bogus'"),
         ({**original, "opt/step": np.ones(3)}, "corrupted ("),
         ({**original, "global/names": np.array(["a", "b"])}, "not a Fedsite checkpoint (member 'global/names.npy' holds <U1, not numbers)"),
+        ({**original, "state/notes": np.ones(2)}, "not a Fedsite checkpoint (unexpected member 'state/notes')"),
+        ({**original, "state/offsite/opt/bogus": np.ones(2)}, "corrupted (server optimizer state: unexpected key 'bogus'"),
+        ({**original, "state/offsite/refresh/b.0.q.lora_A": np.full((2, 3), np.nan, np.float32)}, "emulator refresh member 'state/offsite/refresh/b.0.q.lora_A' is not a finite matrix"),
+        ({**original, "state/offsite/refresh/b.0.q.lora_A": np.ones(3, np.float32)}, "is not a finite matrix of LoRA factors"),
+        ({**original, "state/offsite/refresh/b.0.q.lora_A": np.ones((2, 3), np.float32)}, "corrupted (an emulator refresh without the round it was made for)"),
     ]:
         rewrite(path, arrays)
         before = snapshot(tmp_path)
@@ -293,6 +308,17 @@ def test_the_run_and_the_cli_stop_before_touching_the_results_folder(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"fedsite: error: checkpoint '{path}': truncated or corrupted (BadZipFile") and "\n" not in err
     assert snapshot(tmp_path) == before
+
+
+def test_a_strategy_state_that_does_not_load_stops_the_run_before_the_results_folder_changes(tmp_path):
+    from coordinator.server_app import run_federation
+
+    config, path = saved_run(tmp_path)
+    rewrite(path, members(path), strategy={"ledger": 5})  # well-formed JSON, but not a ledger's state
+    before = snapshot(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint '.*': corrupted strategy state \(") as err:
+        run_federation(None, config)
+    assert "\n" not in str(err.value) and snapshot(tmp_path) == before  # round 3's lines were not cut
 
 
 def test_an_older_checkpoint_with_noise_rng_state_still_resumes_and_the_state_is_ignored(tmp_path):

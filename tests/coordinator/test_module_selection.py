@@ -8,7 +8,7 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 
 from coordinator.aggregate import Aggregator
-from coordinator.module_selection import KillRevive, module_scores, selection_for, with_selections
+from coordinator.module_selection import KillRevive, kill_revive, module_scores, selection_for, with_selections
 from coordinator.results import RunRecorder
 from coordinator.strategy import FedsiteStrategy
 from finetune.config import ConfigError, FedsiteConfig
@@ -232,7 +232,9 @@ def test_a_federation_prior_ranks_a_new_clients_modules_by_the_other_clients_sco
     selector.client_scores[3] = {MODULES[3]: 0.1, MODULES[6]: 0.2}  # its own scores replace the prior for what it trained
     assert selector.active_for(3, 3) == [MODULES[0], MODULES[5]]  # 3 and 6 fall to its own 0.1 and 0.2; 0 (1.0) and 5 (4.0) lead
     none = KillRevive(MODULES, 0.25, revive_every=0, seed=0, assign="per-client", client_scores={k: dict(v) for k, v in selector.client_scores.items()})
-    assert set(none.active_for(3, 4)).isdisjoint(none.client_scores.get(4, {}))  # without a prior a new client explores in seeded order
+    explored = kill_revive(MODULES, {}, {}, 2, 3, 0, 0, client=4)  # what new client 4 tries in round 3 with nothing scored
+    assert none.active_for(3, 4) == explored  # without a prior the others' scores do not matter to it
+    assert selector.active_for(3, 4) == [MODULES[5], MODULES[6]] != explored  # with one it starts from the federation's top two (4.0 and 3.4 now)
     assert selector.record()["kr_prior"] == "federation" and "kr_prior" not in KillRevive(MODULES, 0.25).record()
     assert selection_for(FedsiteConfig(module_selection="kill-revive", kr_assign="per-client", kr_prior="federation"), arrays()).prior == "federation"
     with pytest.raises(ConfigError, match="kr-prior. = .federation. must be none unless kr-assign is per-client"):

@@ -280,7 +280,9 @@ def test_a_checkpoint_keeps_the_refresh_and_the_offsite_moments_so_a_resumed_run
                                 offsite=resumed, offsite_aggregator=resumed_aggregator)
     restarted.load_state_dict(checkpoint.meta["strategy"], saved)
     assert resumed.client_config()["emulator-refresh-round"] == "1"
-    assert all(np.array_equal(a, b) for a, b in zip(resumed_aggregator.state.m.values(), aggregator.state.m.values()))
+    restored, original = resumed_aggregator.state, aggregator.state
+    assert restored.step == original.step == 1 and set(restored.m) == set(original.m) == set(restored.v)
+    assert all(np.array_equal(restored.m[k], original.m[k]) and np.array_equal(restored.v[k], original.v[k]) for k in original.m)
     msg = Message(content=RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"package-kind": "emulator"})}), message_type=MessageType.TRAIN, dst_node_id=5)
     routed = resumed.route([msg], lambda node: ArrayRecord())[0]
     spec = OffsiteSpec.from_config(dict(routed.content["config"]))
@@ -293,5 +295,13 @@ def test_a_checkpoint_keeps_the_refresh_and_the_offsite_moments_so_a_resumed_run
     t.align(2, t.initial, config, batches)
     resumed.align(2, resumed.initial, config, batches)
     assert all(np.allclose(resumed._refresh[1][k], v, atol=1e-6) for k, v in t._refresh[1].items())
+    plain = FedsiteConfig(model="tiny", out=str(tmp_path / "plain"), emulator_share=1.0, lora_rank=4).validate()
     with pytest.raises(ValueError, match="does not align the emulator"):
-        restore_track(prepare_offsite(FedsiteConfig(model="tiny", out=str(tmp_path / "plain"), emulator_share=1.0, lora_rank=4).validate()), Aggregator("fedavg"), state, arrays)
+        restore_track(prepare_offsite(plain), Aggregator("fedavg"), state, arrays, plain)
+    name = next(k for k in arrays if k.endswith(".lora_A"))
+    for bad, problem in [({**arrays, name: arrays[name][:, :-1]}, "has shape"), ({k: v for k, v in arrays.items() if k != name}, "missing"),
+                         ({**arrays, "opt/m/" + next(iter(t.initial)): np.zeros(3)}, "moments do not match")]:
+        fresh = prepare_offsite(config)
+        with pytest.raises(ValueError, match=problem):  # checked against the emulator's middle before it is signed or sent
+            restore_track(fresh, Aggregator("fedadam", 0.01), state, bad, config)
+        assert "emulator-refresh-signature" not in fresh.client_config() or problem == "moments do not match"
