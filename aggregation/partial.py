@@ -38,6 +38,11 @@ def partial_mean(current: NamedArrays, updates: Sequence[NamedArrays], weights: 
     return out
 
 
+def under(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The arrays whose keys start with `prefix`, the prefix removed (a checkpoint's `opt/...`)."""
+    return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
 def subset(arrays: NamedArrays, keys: Sequence[str]) -> dict[str, np.ndarray]:
     """`arrays` cut to `keys` (in that order)."""
     return {k: arrays[k] for k in keys}

@@ -38,6 +38,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from aggregation import server_opt
+from aggregation.partial import under
 from coordinator.aggregate import Aggregator
 from coordinator.client_dp import ClientLevelDP
 from coordinator.files import write_atomic
@@ -230,11 +231,10 @@ def _parse(arrays: dict[str, np.ndarray]) -> Checkpoint:
     unexpected = sorted(k for k in arrays if not k.startswith(("global/", "opt/", STATE_REFRESH, STATE_OPT)))
     if unexpected:
         raise _Invalid(f"not a Fedsite checkpoint (unexpected member {unexpected[0]!r})")
-    global_arrays = {k[len("global/") :]: v for k, v in arrays.items() if k.startswith("global/")}
-    opt = {k[len("opt/") :]: v for k, v in arrays.items() if k.startswith("opt/")}
+    global_arrays, opt = under(arrays, "global/"), under(arrays, "opt/")
     if not global_arrays:
         raise _Invalid("corrupted (no global arrays)")
-    offsite_opt = {k[len(STATE_OPT) :]: v for k, v in arrays.items() if k.startswith(STATE_OPT)}
+    offsite_opt = under(arrays, STATE_OPT)
     for moments in (opt, offsite_opt):
         try:
             if moments and server_opt.state_from_arrays(moments).step < 0:
@@ -248,7 +248,7 @@ def _parse(arrays: dict[str, np.ndarray]) -> Checkpoint:
     offsite = (meta.get("strategy") or {}).get("offsite")  # _check_meta: an object or None
     if refresh and not (isinstance(offsite, dict) and _is_count(offsite.get("refresh_round")) and offsite["refresh_round"] >= 1):
         raise _Invalid("corrupted (an emulator refresh without the round it was made for)")
-    state = {k[len("state/") :]: v for k, v in arrays.items() if k.startswith("state/")}
+    state = under(arrays, "state/")
     return Checkpoint(meta["round"], global_arrays, opt, meta, state)
 
 

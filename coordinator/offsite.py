@@ -34,6 +34,7 @@ from emulator.layers import LayerMap
 from emulator.offsite import get_offsite_arrays, set_offsite_arrays, trainable_model
 from emulator.package import MANIFEST, load_package, manifest_layer_map, verify_package
 from aggregation import server_opt
+from aggregation.partial import under
 from coordinator.aggregate import Aggregator
 from emulator.refresh import align_refresh, apply_refresh, manifest_digest, refresh_arrays, refresh_bytes, sign_refresh
 from finetune.backbone import load_backbone, resolve_model_path
@@ -51,8 +52,13 @@ KIND_LORA, KIND_EMULATOR = "lora", "emulator"
 def split_tracks(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(LoRA-track arrays, offsite-track arrays without the prefix) of a joint record."""
     lora = {k: v for k, v in arrays.items() if not k.startswith(PREFIX)}
-    offsite = {k[len(PREFIX) :]: v for k, v in arrays.items() if k.startswith(PREFIX)}
+    offsite = under(arrays, PREFIX)
     return lora, offsite
+
+
+def _unwrapped(model: PreTrainedModel) -> PreTrainedModel:
+    """A PEFT model's underlying model (the modules a refresh addresses), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def join_tracks(lora: Mapping[str, np.ndarray], offsite: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -89,9 +95,8 @@ class OffsiteTrack:
         signs the resulting refresh for this round's offsite clients. Returns its bytes."""
         emulator = self.emulator(arrays, config.offsite_lora_settings(), config.seed)
         full = self.load(arrays)
-        base = emulator.get_base_model() if hasattr(emulator, "get_base_model") else emulator
-        full_base = full.get_base_model() if hasattr(full, "get_base_model") else full
-        align_refresh(base, full_base, self.layer_map, batches, rank=config.emulator_align_rank, steps=config.emulator_align_steps, objective=config.emulator_distill_objective)
+        base = _unwrapped(emulator)
+        align_refresh(base, _unwrapped(full), self.layer_map, batches, rank=config.emulator_align_rank, steps=config.emulator_align_steps, objective=config.emulator_distill_objective)
         self._set_refresh(server_round, refresh_arrays(base))
         return refresh_bytes(self._refresh[1])
 
@@ -122,8 +127,7 @@ class OffsiteTrack:
             model, _, _, _ = load_package(self.package, self.public_key)
             self._emulator = trainable_model(model, self.layer_map, self.mode, settings, seed).to(model_device(self.plug_in))
             if self._refresh is not None:  # resumed: the next alignment warm-starts from the checkpoint's refresh
-                base = self._emulator.get_base_model() if hasattr(self._emulator, "get_base_model") else self._emulator
-                apply_refresh(base, self.layer_map, self._refresh[1])
+                apply_refresh(_unwrapped(self._emulator), self.layer_map, self._refresh[1])
         set_offsite_arrays(self._emulator, arrays, self.layer_map, self.mode)
         return self._emulator
 
@@ -159,7 +163,7 @@ def restore_track(track: OffsiteTrack, aggregator: Aggregator, state: Mapping[st
     """Put `track_state`'s output back (a ValueError says what does not fit). The refresh is
     applied to the emulator, which checks it fits its middle, before it is signed again with the
     package's key (a resumed run may rebuild the package)."""
-    factors = {k[len(REFRESH_PREFIX) :]: np.asarray(v, np.float32) for k, v in arrays.items() if k.startswith(REFRESH_PREFIX)}
+    factors = {k: np.asarray(v, np.float32) for k, v in under(arrays, REFRESH_PREFIX).items()}
     if factors:
         if track.signing_key is None:
             raise ValueError("it holds an emulator refresh but this run does not align the emulator")
@@ -170,7 +174,7 @@ def restore_track(track: OffsiteTrack, aggregator: Aggregator, state: Mapping[st
             track._emulator, track._refresh = None, None
             raise
         track._set_refresh(int(state["refresh_round"]), factors)
-    opt = {k[len("opt/") :]: v for k, v in arrays.items() if k.startswith("opt/")}
+    opt = under(arrays, "opt/")
     if opt:
         moments = server_opt.state_from_arrays(opt)
         shapes = {k: np.shape(v) for k, v in track.initial.items()}
