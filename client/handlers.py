@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from client.offsite import DEVICE_NODE, PACKAGE_KEY, PUBLIC_KEY_KEY, REFRESH_ROUND_KEY, REFRESH_SIGNATURE_KEY, OffsiteSpec, apply_round_refresh, offsite_model, offsite_spec, split_refresh
 from client.privacy_policy import DevicePolicy, PolicyRefusal
-from client.selection import apply_selection, selected_update
+from client.selection import apply_selection, grad_norms_metric, probe_groups, selected_update
 from client.state import LedgerError, load_ledger, load_state, save_ledger, save_state
 from emulator.keys import PackageError
 from emulator.offsite import get_offsite_arrays, set_offsite_arrays
@@ -171,7 +171,8 @@ def local_training(
         if config.dp == "local":
             result, privacy = train_locally_private(model, tokenizer, train_examples, settings, config, context)
         else:
-            result = train(model, tokenizer, train_examples, settings)
+            probe = probe_groups(model, factors) if active is not None and offsite is None and config.kr_score == "gradient" else None
+            result = train(model, tokenizer, train_examples, settings, probe=probe)
     finally:
         set_trainable_factors(model, "AB")  # the cached model is shared with the next client
     log.info("client %s round %d: %d steps, loss %.3f, %.1fs on %s", client_label(context), server_round, result.steps, result.final_loss, result.seconds, model_device(model))
@@ -190,6 +191,7 @@ def train_metrics(result: TrainResult, upload_bytes: int, privacy: dict[str, flo
         "train-gflops": result.flops / 1e9,
         "upload-bytes": upload_bytes,
         "client-id": client_id(context),
+        **grad_norms_metric(result.probe_norms),
         **privacy,
     }
 

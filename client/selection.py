@@ -5,6 +5,10 @@ against this adapter's own modules before anything changes; a selection that nam
 adapter lacks, names one twice, or is not a list is refused (the client declines the round).
 The factors of every other module get `requires_grad = False`: the optimizer holds no state for
 them, and autograd records no graph below the lowest active module, so backward stops there.
+
+With `kr-score = "gradient"` the client also measures every module's sensitivity to its data:
+the first step's backward reaches every module's trainable factors (killed ones only for that
+step, never stepped), and the reply's `kr-grad-norms` lists each module's gradient L2 norm.
 """
 
 from __future__ import annotations
@@ -14,7 +18,22 @@ from collections.abc import Mapping
 import torch
 from peft import get_peft_model_state_dict
 
-from protos.selection import decode_selection, module_of, modules_of, restrict
+from protos.selection import GRAD_NORMS_KEY, decode_selection, module_of, modules_of, restrict
+
+
+def probe_groups(model: torch.nn.Module, factors: str = "AB") -> dict[str, list[torch.nn.Parameter]]:
+    """Every LoRA module's trainable factors (of `factors`, as FFA-LoRA trains only B), by module name, sorted."""
+    groups: dict[str, list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        module = module_of(name)
+        if module is not None and ("lora_A" in name and "A" in factors or "lora_B" in name and "B" in factors):
+            groups.setdefault(module, []).append(param)
+    return dict(sorted(groups.items()))
+
+
+def grad_norms_metric(norms: Mapping[str, float]) -> dict[str, list[float]]:
+    """The reply metric of a gradient probe: the norms in sorted module order (nothing without a probe)."""
+    return {GRAD_NORMS_KEY: [float(norms[m]) for m in sorted(norms)]} if norms else {}
 
 
 def apply_selection(model: torch.nn.Module, selection: object) -> list[str] | None:

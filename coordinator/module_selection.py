@@ -6,7 +6,13 @@ of the round gets the same selection (in the train message, `protos.selection`),
 other modules' factors and returns only the selected ones. After aggregation each active
 module is scored by its aggregated update (`kr-score`: "update-norm", the L2 norm of the
 module's change this round, or "update-rms", that norm per value, which does not favour larger
-matrices). A killed module keeps the score it had when it was last active.
+matrices). A killed module keeps the score it had when it was last active. With
+"gradient" the clients score every module, killed ones too: each measures the gradient norm of
+every module's factors at its first step (`client.selection`) and the reply's `kr-grad-norms`
+carries them; a client's vector is normalised to sum 1 (every client has the same say, and no
+client can outweigh the rest by scale), and a shared selection ranks by the round's mean
+vector. As every module is scored afresh each round, nothing needs reviving: `kr-revive-every`
+does not apply.
 
 Selection, deterministic in (seed, round):
 - modules never scored come first (in a seeded order), so the first rounds cycle through the
@@ -79,6 +85,13 @@ def module_scores(old: NamedArrays, new: NamedArrays, modules: Sequence[str], sc
     return out
 
 
+def gradient_scores(modules: Sequence[str], norms: Sequence[float]) -> dict[str, float] | None:
+    """A client's `kr-grad-norms` (one per module, in `sorted(modules)` order) as scores summing
+    to 1, or None when it carries no signal (every norm 0). The reply reader checked the values."""
+    total = math.fsum(norms)
+    return {m: float(v) / total for m, v in zip(sorted(modules), norms)} if total > 0 else None
+
+
 def kill_revive(
     modules: Sequence[str], scores: Mapping[str, float], last_active: Mapping[str, int], count: int, server_round: int, revive_every: int, seed: int,
     client: int | None = None,
@@ -146,6 +159,14 @@ class KillRevive:
         return [m for m in self.modules if (layer := layer_of(m)) is None or layer >= self.lowest_block]
 
     @property
+    def gradient(self) -> bool:
+        return self.score == "gradient"
+
+    @property
+    def _revive_every(self) -> int:
+        return 0 if self.gradient else self.revive_every  # every module is re-scored by every probe
+
+    @property
     def count(self) -> int:
         return max(1, min(len(self.candidates), round(self.share * len(self.modules))))
 
@@ -153,7 +174,7 @@ class KillRevive:
         if server_round != self._round:
             self._round, self._by_client = server_round, {}
             self._active = [] if self.per_client else kill_revive(
-                self.candidates, self.scores, self.last_active, self.count, server_round, self.revive_every, self.seed)
+                self.candidates, self.scores, self.last_active, self.count, server_round, self._revive_every, self.seed)
 
     def active(self, server_round: int) -> list[str]:
         """This round's shared active modules (the same answer for every call within a round)."""
@@ -170,7 +191,7 @@ class KillRevive:
             if self.prior == "federation":
                 scores = {**self.federation_scores(), **scores}
             self._by_client[client] = kill_revive(self.candidates, scores, self.client_last_active.get(client, {}),
-                                                  self.count, server_round, self.revive_every, self.seed, client)
+                                                  self.count, server_round, self._revive_every, self.seed, client)
         return list(self._by_client[client])
 
     def federation_scores(self) -> dict[str, float]:
@@ -194,20 +215,30 @@ class KillRevive:
     def message_value(self, server_round: int, client: int | None = None) -> str:
         return encode_selection(self.active(server_round) if client is None else self.active_for(server_round, client))
 
-    def observe(self, old: NamedArrays, new: NamedArrays) -> None:
-        """Score the round's shared active modules by their aggregated change."""
+    def observe(self, old: NamedArrays, new: NamedArrays, grads: Mapping[int, Sequence[float]] | None = None) -> None:
+        """Score the round's shared active modules by their aggregated change (gradient: every
+        module by the mean of the clients' normalised `grads`; no vector, no change)."""
         if self.per_client:
             return
-        self.scores.update(module_scores(old, new, self._active, self.score))
+        if self.gradient:
+            vectors = [v for v in (gradient_scores(self.modules, g) for g in (grads or {}).values()) if v is not None]
+            if vectors:
+                self.scores = {m: math.fsum(v[m] for v in vectors) / len(vectors) for m in self.modules}
+        else:
+            self.scores.update(module_scores(old, new, self._active, self.score))
         self.last_active.update({m: self._round for m in self._active})
 
-    def observe_clients(self, old: NamedArrays, updates: Mapping[int, NamedArrays]) -> None:
-        """Per-client: score each client's modules by its own update (its trained arrays) from `old`."""
+    def observe_clients(self, old: NamedArrays, updates: Mapping[int, NamedArrays], grads: Mapping[int, Sequence[float]] | None = None) -> None:
+        """Per-client: score each client's modules by its own update (its trained arrays) from
+        `old`; gradient: every module by the client's normalised `grads` (kept if it sent none)."""
         if not self.per_client:
             return
         for client, update in updates.items():
             active = self._by_client.get(client, [])
-            self.client_scores.setdefault(client, {}).update(module_scores(old, update, active, self.score))
+            if not self.gradient:
+                self.client_scores.setdefault(client, {}).update(module_scores(old, update, active, self.score))
+            elif (vector := gradient_scores(self.modules, (grads or {}).get(client, ()))) is not None:
+                self.client_scores[client] = vector
             self.client_last_active.setdefault(client, {}).update({m: self._round for m in active})
 
     def record(self) -> dict[str, Any]:

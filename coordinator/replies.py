@@ -11,6 +11,8 @@ raises on what a client sent:
   is dropped too: records name a client by its Flower node id, or the partition id the
   coordinator learned for that node (`coordinator.directory`), never by what a reply says;
 - the local-DP metrics (`dp-*`) come all together or the reply is refused;
+- the one list metric, Kill-and-Revive's `kr-grad-norms`, is read only where the run asks
+  for it (`grad_len`): exactly one finite, non-negative number per LoRA module;
 - arrays are read with a byte budget from the global arrays' shapes and `max-update-mb`
   (`payload_budget`) before anything is allocated (`protos.tensors`), decoded with the shapes
   the client was sent (`protos.updates`), then validated (`aggregation.validate`);
@@ -31,6 +33,7 @@ from flwr.app import Message
 from aggregation.validate import global_l2_norm, validate_update
 from protos.codecs import CodecError
 from protos.profile import ACCELERATORS
+from protos.selection import GRAD_NORMS_KEY
 from protos.tensors import TensorError, from_array_record
 from protos.updates import decode_update
 
@@ -103,6 +106,7 @@ TRAIN_METRICS = {
 }
 EVAL_METRICS = {"num-examples": COUNT, "eval-loss": SCALAR, "eval-accuracy": Metric(high=1.0), "eval-seconds": SCALAR}
 DROPPED_KEYS = frozenset({"client-id"})  # clients name themselves; records never use it
+VECTOR_KEYS = frozenset({GRAD_NORMS_KEY})  # list metrics: read by `read_vector`, never into `Metrics`
 
 
 def _check(key: str, value: object, spec: Metric) -> tuple[int | float | None, str | None]:
@@ -144,7 +148,7 @@ def read_metrics(record: object, schema: Mapping[str, Metric], required: tuple[s
     dropped = 0
     for key, value in record.items():
         if not isinstance(key, str) or key not in schema:
-            dropped += key not in DROPPED_KEYS
+            dropped += key not in DROPPED_KEYS | VECTOR_KEYS
             continue
         number, reason = _check(key, value, schema[key])
         if reason is not None:
@@ -154,6 +158,25 @@ def read_metrics(record: object, schema: Mapping[str, Metric], required: tuple[s
     if missing:
         return metrics, dropped, f"missing metric {missing[0]}"
     return metrics, dropped, None
+
+
+def read_vector(record: Mapping, key: str, length: int) -> tuple[tuple[float, ...], str | None]:
+    """((values...), None) for a list metric of exactly `length` finite numbers in [0, MAX_SCALAR]
+    (empty when absent), or ((), reason)."""
+    value = record.get(key)
+    if value is None:
+        return (), None
+    if not isinstance(value, (list, tuple)):
+        return (), f"metric {key}: a {type(value).__name__}, expected a list of numbers"
+    if len(value) != length:
+        return (), f"metric {key}: {len(value)} values, expected {length} (one per LoRA module)"
+    out = []
+    for item in value:
+        number, reason = _check(key, item, SCALAR)
+        if reason is not None:
+            return (), reason
+        out.append(float(number))  # type: ignore[arg-type]
+    return tuple(out), None
 
 
 @dataclass(frozen=True)
@@ -203,6 +226,7 @@ class TrainReply:
     norm: float  # L2 norm of the delta from the arrays the client was sent
     dp: DPReport | None = None
     dropped: int = 0
+    grad_norms: tuple[float, ...] = ()  # kr-score "gradient": one per LoRA module (sorted), empty if not sent
 
 
 @dataclass
@@ -242,11 +266,13 @@ def payload_budget(base: Mapping[str, np.ndarray], max_update_bytes: int | None 
     return min(structural, int(max_update_bytes) + overhead) if max_update_bytes else structural
 
 
-def read_train_reply(msg: Message, base: Mapping[str, np.ndarray], *, max_update_bytes: int | None = None, max_norm: float | None = None) -> TrainReply | Rejected:
+def read_train_reply(msg: Message, base: Mapping[str, np.ndarray], *, max_update_bytes: int | None = None, max_norm: float | None = None,
+                     grad_len: int = 0) -> TrainReply | Rejected:
     """The checked training reply to `base` (the arrays this client was sent), or why not.
 
     `max_update_bytes` bounds the payload and the decoded update; `max_norm`, when given, is an
-    absolute bound on the delta's L2 norm (the round-relative bound is the strategy's).
+    absolute bound on the delta's L2 norm (the round-relative bound is the strategy's);
+    `grad_len` > 0 reads `kr-grad-norms`, if sent, as that many module norms.
     """
     reason = error_reason(msg)
     if reason is not None:
@@ -263,6 +289,9 @@ def read_train_reply(msg: Message, base: Mapping[str, np.ndarray], *, max_update
         return Rejected(reason, metrics, None, dropped)
     if not metrics["num-examples"] > 0:
         return Rejected(f"num-examples must be positive, got {metrics['num-examples']}", metrics, dp, dropped)
+    grads, reason = read_vector(record, GRAD_NORMS_KEY, grad_len) if grad_len else ((), None)
+    if reason is not None:
+        return Rejected(reason, metrics, dp, dropped)
     arrays = content.array_records.get("arrays")
     if arrays is None:
         return Rejected("malformed reply: no 'arrays' array record", metrics, dp, dropped)
@@ -277,7 +306,7 @@ def read_train_reply(msg: Message, base: Mapping[str, np.ndarray], *, max_update
     reason = validate_update(update, base, max_norm=max_norm, max_bytes=max_update_bytes or None, relative=True)
     if reason is not None:
         return Rejected(one_line(reason), metrics, dp, dropped)
-    return TrainReply(update, metrics, int(metrics["num-examples"]), global_l2_norm(update, base), dp, dropped)
+    return TrainReply(update, metrics, int(metrics["num-examples"]), global_l2_norm(update, base), dp, dropped, grads)
 
 
 def read_evaluate_reply(msg: Message) -> EvalReply | Rejected | None:

@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from aggregation.partial import under
 from coordinator.aggregate import Aggregator, train_factors
 from coordinator.client_dp import ClientLevelDP
 from coordinator.directory import QUERY_TIMEOUT, ClientDirectory
@@ -124,7 +125,7 @@ class FedsiteStrategy(FedAvg):
     def load_state_dict(self, state: dict[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> None:
         if self.offsite is not None:
             restore_track(self.offsite, self.offsite_aggregator, state.get("offsite") or {},
-                          {k[len("offsite/") :]: v for k, v in (arrays or {}).items() if k.startswith("offsite/")}, self.recorder.config)
+                          under(arrays or {}, "offsite/"), self.recorder.config)
         self.ledger.load_state_dict(state.get("ledger", {}))
         self._norm_reference = {str(k): float(v) for k, v in state.get("norm_reference", {}).items()}
         self.selection.load_state_dict(state.get("selection", {}))
@@ -233,7 +234,8 @@ class FedsiteStrategy(FedAvg):
         base, row.rank = self.planner.base_for(row.node_id, track) if self.planner else (track, 0)
         if self.module_selection is not None and row.kind == KIND_LORA:  # exactly the round's active modules, no more, no less
             base = restrict(base, self.module_selection.current_for(row.client))
-        outcome = read_train_reply(msg, base, max_update_bytes=self.bounds.max_update_bytes or None, max_norm=self.bounds.absolute_norm)
+        grad_len = len(self.module_selection.modules) if self.module_selection is not None and self.module_selection.gradient and row.kind == KIND_LORA else 0
+        outcome = read_train_reply(msg, base, max_update_bytes=self.bounds.max_update_bytes or None, max_norm=self.bounds.absolute_norm, grad_len=grad_len)
         row.metrics, row.dropped = outcome.metrics, outcome.dropped
         if isinstance(outcome, Rejected):
             row.reason, row.dp = outcome.reason, outcome.dp
@@ -307,8 +309,9 @@ class FedsiteStrategy(FedAvg):
             return self._rule(self._global, group, server_round)
         per_key = self.client_dp is None and self.aggregator.rule in MEAN_RULES
         new_global = aggregate_selected(self._global, updates, weights, lambda sub: self._rule(sub, group, server_round), per_key=per_key)
-        self.module_selection.observe(self._global, new_global)
-        self.module_selection.observe_clients(self._global, {row.client: row.reply.update for row in group})
+        grads = {row.client: row.reply.grad_norms for row in group}  # kr-score "gradient" (else empty)
+        self.module_selection.observe(self._global, new_global, grads)
+        self.module_selection.observe_clients(self._global, {row.client: row.reply.update for row in group}, grads)
         return new_global
 
     def _rule(self, current: dict[str, np.ndarray], group: list[ReplyRow], server_round: int) -> dict[str, np.ndarray]:

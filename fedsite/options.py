@@ -58,7 +58,7 @@ FIELD_HELP = {
     "client-selection": "who trains each round: uniform (Flower's sample of --fraction-train) or energy-aware (batteries above the threshold, low-carbon power, within --selection-fairness-rounds)",
     "module-selection": "LoRA modules clients train and send: all, or kill-revive (DLoRA: only the most sensitive share, killed ones periodically revived)",
     "kr-active-share": "kill-revive: share of the LoRA modules active each round (e.g. 0.25)",
-    "kr-score": "kill-revive: a module's sensitivity, update-norm (L2 norm of its aggregated update) or update-rms (that norm per value)",
+    "kr-score": "kill-revive: a module's sensitivity, update-norm (L2 norm of its aggregated update), update-rms (that norm per value) or gradient (every module's gradient norm at each client's first step)",
     "kr-lowest-block": "kill-revive: modules in blocks below this one stay killed, so the clients' backward stops there (0 = any block)",
     "kr-revive-every": "kill-revive: every n-th round half the active slots go to the longest-killed modules (0 = never)",
     "kr-assign": "kill-revive: shared (one selection per round, works with --secure) or per-client (each client its own, scored by its own updates; fedavg/fedprox)",

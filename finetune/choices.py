@@ -27,7 +27,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "client-selection": ("uniform", "energy-aware"),
     "selection-objective": ("carbon", "energy"),
     "module-selection": ("all", "kill-revive"),  # Kill-and-Revive (coordinator/module_selection.py)
-    "kr-score": ("update-norm", "update-rms"),
+    "kr-score": ("update-norm", "update-rms", "gradient"),  # gradient: each client's first-step gradient norm per module
     "kr-assign": ("shared", "per-client"),  # one selection per round, or one per client from its own updates
     "kr-prior": ("none", "federation"),  # per-client: how a client ranks the modules it has not scored yet
     "dp": ("none", "local", "client"),

@@ -101,7 +101,7 @@ class FedsiteConfig:
     # DLoRA Kill-and-Revive: clients train and send only the round's active LoRA modules
     module_selection: str = "all"  # all | kill-revive
     kr_active_share: float = 0.5  # share of the LoRA modules active each round
-    kr_score: str = "update-norm"  # a module's sensitivity: update-norm | update-rms of its aggregated update
+    kr_score: str = "update-norm"  # a module's sensitivity: update-norm | update-rms of its aggregated update | gradient (clients' first-step gradient norms)
     kr_revive_every: int = 3  # every n-th round half the active slots go to the longest-killed modules; 0 = never
     kr_lowest_block: int = 0  # modules in blocks below this stay killed (never trained or revived): backward stops there
     kr_assign: str = "shared"  # shared (one selection per round, SecAgg+-safe) | per-client (each client its own, from its own updates)
@@ -274,6 +274,8 @@ class FedsiteConfig:
             ("module-selection", self.module_selection in MODULE_SELECTIONS, " or ".join(MODULE_SELECTIONS)),
             ("kr-active-share", 0.0 < self.kr_active_share <= 1.0, "in (0, 1]"),
             ("kr-score", self.kr_score in KR_SCORES, " or ".join(KR_SCORES)),
+            ("kr-score", not kr or self.kr_score != "gradient" or (self.dp == "none" and not self.secure),
+             "not gradient with DP or secure aggregation (each client's gradient norms would reach the coordinator unprotected)"),
             ("kr-revive-every", self.kr_revive_every >= 0, "non-negative (0 = never revive)"),
             ("kr-lowest-block", self.kr_lowest_block >= 0, "a non-negative block index"),
             ("kr-assign", self.kr_assign in KR_ASSIGNS, " or ".join(KR_ASSIGNS)),

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -48,6 +48,7 @@ class TrainResult:
     final_loss: float  # mean over the last quarter of steps
     seconds: float
     flops: float = 0.0  # training FLOPs counted from the linear layers (finetune/flops.py); 0 = not counted
+    probe_norms: dict[str, float] = field(default_factory=dict)  # `probe`: each group's gradient L2 norm at the first step
 
 
 class NoGradient(RuntimeError):
@@ -81,14 +82,39 @@ def proximal_term(params: list[torch.nn.Parameter], anchors: list[torch.Tensor],
     return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
 
 
+def _unfreeze(probe: Mapping[str, Sequence[torch.nn.Parameter]]) -> list[torch.nn.Parameter]:
+    """Make the frozen parameters of `probe` require grad; the ones switched (`_refreeze` undoes it)."""
+    frozen = [p for group in probe.values() for p in group if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad = True
+    return frozen
+
+
+def _refreeze(params: list[torch.nn.Parameter]) -> None:
+    for p in params:
+        p.requires_grad, p.grad = False, None
+
+
+def probe_norms(probe: Mapping[str, Sequence[torch.nn.Parameter]]) -> dict[str, float]:
+    """Each group's gradient L2 norm (0 where no gradient reached it)."""
+    return {name: math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in group if p.grad is not None)) for name, group in probe.items()}
+
+
 def train(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     settings: TrainSettings,
     on_step: Callable[[int, float], None] | None = None,
+    probe: Mapping[str, Sequence[torch.nn.Parameter]] | None = None,
 ) -> TrainResult:
-    """Train the parameters that require grad for the configured steps; return loss and timing."""
+    """Train the parameters that require grad for the configured steps; return loss and timing.
+
+    `probe` (Kill-and-Revive's gradient score): named groups of parameters, frozen ones
+    included, whose gradient norms the first step measures. The frozen ones require grad for that
+    step's backward only (it runs down to the lowest of them) and are never stepped: the
+    optimizer holds only the parameters that required grad on entry.
+    """
     started = time.perf_counter()
     encoded = [encode_example(tokenizer, ex, settings.max_seq_len) for ex in examples]
     batches = batch_stream(encoded, settings.batch_size, tokenizer.pad_token_id, settings.seed)
@@ -100,27 +126,34 @@ def train(
     anchors = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
     steps = settings.num_steps(len(encoded))
     losses: list[float] = []
-    per_token, tokens = token_flops(model).total, 0
+    per_token, flops, norms = token_flops(model).total, 0.0, {}
+    probed = _unfreeze(probe) if probe else []
     model.train()
-    for step in range(steps):
-        batch = next(batches)
-        tokens += batch_tokens(batch)
-        loss = answer_loss(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"train: loss became {loss.item()} at step {step + 1}; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        objective = loss + proximal_term(params, anchors, settings.proximal_mu) if anchors else loss
-        if not objective.requires_grad:
-            raise NoGradient("training: the loss does not depend on any trainable parameter (no gradient can flow)")
-        objective.backward()
-        if step == 0:
-            check_gradients(named)
-        if settings.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step + 1, losses[-1])
+    try:
+        for step in range(steps):
+            batch = next(batches)
+            flops += (token_flops(model).total if probed and step == 0 else per_token) * batch_tokens(batch)
+            loss = answer_loss(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"train: loss became {loss.item()} at step {step + 1}; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            objective = loss + proximal_term(params, anchors, settings.proximal_mu) if anchors else loss
+            if not objective.requires_grad:
+                raise NoGradient("training: the loss does not depend on any trainable parameter (no gradient can flow)")
+            objective.backward()
+            if step == 0:
+                check_gradients(named)
+                norms = probe_norms(probe) if probe else {}
+                _refreeze(probed)
+                probed = []
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(step + 1, losses[-1])
+    finally:
+        _refreeze(probed)
     model.eval()
     tail = losses[-max(1, len(losses) // 4):]
     return TrainResult(
@@ -129,5 +162,6 @@ def train(
         loss=sum(losses) / len(losses),
         final_loss=sum(tail) / len(tail),
         seconds=time.perf_counter() - started,
-        flops=per_token * tokens,
+        flops=flops,
+        probe_norms=norms,
     )

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 
 ACTIVE_KEY = "active-modules"
+GRAD_NORMS_KEY = "kr-grad-norms"  # reply metric (kr-score "gradient"): every module's gradient norm, in `sorted(modules)` order
 MAX_SELECTION_CHARS = 1 << 20  # far above any adapter's module list; a larger string is refused unread
 _FACTOR = re.compile(r"\.lora_[AB](\.[^.]+)?\.weight$")
 

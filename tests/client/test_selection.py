@@ -12,13 +12,13 @@ from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 
 from client.client_app import train_handler
 from client.secure import secure_train
-from client.selection import apply_selection
+from client.selection import apply_selection, probe_groups
 from finetune.cache import initial_lora_arrays, lora_model
 from finetune.config import FedsiteConfig
 from finetune.lora import set_trainable_factors
 from finetune.train import TrainSettings, train
 from finetune.sources import client_splits
-from protos.selection import ACTIVE_KEY, SelectionError, encode_selection, keys_of, modules_of
+from protos.selection import ACTIVE_KEY, GRAD_NORMS_KEY, SelectionError, encode_selection, keys_of, module_of, modules_of
 from protos.tensors import from_array_record, to_array_record
 from protos.updates import decode_update
 from tests.client.test_secure import context as secure_context
@@ -106,3 +106,41 @@ def test_the_secure_handler_masks_only_the_selected_arrays_in_key_order():
     sent = parameters_to_ndarrays(res.parameters)
     keys = keys_of(arrays, top_modules())
     assert [a.shape for a in sent] == [arrays[k].shape for k in keys]
+
+
+def test_a_gradient_probe_measures_every_module_at_the_first_step_and_steps_only_the_active_ones():
+    model, tokenizer = lora_model(CONFIG.model, CONFIG.lora_settings(), CONFIG.seed)
+    active = apply_selection(model, encode_selection(top_modules()))
+    examples = client_splits(CONFIG, {"partition-id": 0, "num-partitions": 2})[0]
+    try:
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        plain_flops = train(model, tokenizer, examples, TrainSettings(steps=2, batch_size=2, seed=3)).flops
+        with torch.no_grad():  # back to the same start, so both runs take the same first step
+            for name, param in model.named_parameters():
+                if name in before:
+                    param.copy_(before[name])
+        result = train(model, tokenizer, examples, TrainSettings(steps=2, batch_size=2, seed=3), probe=probe_groups(model))
+        modules = modules_of(initial())
+        assert list(result.probe_norms) == sorted(modules)
+        assert all(result.probe_norms[m] > 0 for m in modules)  # B's gradient, killed modules included
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                moved = not torch.equal(param, before[name])
+                assert moved == (module_of(name) in active) == param.requires_grad, name  # killed: measured, never stepped, frozen again
+                assert (param.grad is None) == (module_of(name) not in active), name
+        assert result.flops > plain_flops  # the first step's backward reached block 0
+    finally:
+        set_trainable_factors(model, "AB")
+
+
+def test_a_gradient_run_replies_with_one_norm_per_module_and_a_plain_run_with_none(tmp_path):
+    def reply(**changes):
+        config = {**CONFIG.to_flat(), **changes, "server-round": 1, ACTIVE_KEY: encode_selection(top_modules())}
+        msg = Message(content=RecordDict({"arrays": to_array_record(initial()), "config": ConfigRecord(config)}), dst_node_id=5, message_type="train")
+        return train_handler(msg, context(tmp_path)).content["metrics"]
+
+    norms = reply(**{"kr-score": "gradient"})[GRAD_NORMS_KEY]
+    assert len(norms) == len(modules_of(initial())) and all(v > 0 for v in norms)
+    assert GRAD_NORMS_KEY not in reply()
+    ffa = probe_groups(lora_model(CONFIG.model, CONFIG.lora_settings(), CONFIG.seed)[0], "B")
+    assert all(len(ps) == 1 for ps in ffa.values())  # FFA-LoRA: only B is probed

@@ -8,11 +8,11 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 
 from coordinator.aggregate import Aggregator
-from coordinator.module_selection import KillRevive, kill_revive, module_scores, selection_for, with_selections
+from coordinator.module_selection import KillRevive, gradient_scores, kill_revive, module_scores, selection_for, with_selections
 from coordinator.results import RunRecorder
 from coordinator.strategy import FedsiteStrategy
 from finetune.config import ConfigError, FedsiteConfig
-from protos.selection import decode_selection, keys_of
+from protos.selection import GRAD_NORMS_KEY, decode_selection, keys_of
 from protos.tensors import from_array_record, to_array_record
 from protos.updates import encode_update
 
@@ -129,10 +129,10 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
 
 
-def reply(node: int, trained: dict, examples: int) -> Message:
+def reply(node: int, trained: dict, examples: int, **extra) -> Message:
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
     payload = encode_update(trained, {k: arrays()[k] for k in trained}, "fp32")
-    content = RecordDict({"arrays": to_array_record(payload), "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0})})
+    content = RecordDict({"arrays": to_array_record(payload), "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0, **extra})})
     return Message(content=content, reply_to=request)
 
 
@@ -278,3 +278,44 @@ def test_per_client_assignment_is_refused_where_updates_must_line_up():
         with pytest.raises(ConfigError, match=what):
             FedsiteConfig(module_selection="kill-revive", kr_assign=extra.pop("kr_assign", "per-client"), **extra).validate()
     FedsiteConfig(module_selection="kill-revive", kr_assign="per-client", aggregation="fedprox").validate()
+
+
+def test_gradient_scores_rank_every_module_from_the_clients_normalised_norms_and_never_revive():
+    ranked = sorted(MODULES)  # kr-grad-norms come in sorted module order
+    assert gradient_scores(MODULES, [0.0] * 8) is None and gradient_scores(MODULES, ()) is None
+    assert gradient_scores(MODULES, [1.0] * 4 + [3.0] * 4) == {m: (0.0625 if i < 4 else 0.1875) for i, m in enumerate(ranked)}
+    shared = KillRevive(MODULES, 0.25, score="gradient", revive_every=1, seed=0)
+    shared.active(1)
+    big = {1: [float(i == 2) * 100 + 1 for i in range(8)], 2: [float(i == 5) + 0.01 for i in range(8)]}  # client 1's scale is ignored
+    shared.observe(arrays(), arrays(), big)
+    assert set(shared.scores) == set(MODULES) and shared.scores[ranked[2]] == pytest.approx((101 / 108 + 0.01 / 1.08) / 2)
+    assert shared.active(2) == [m for m in MODULES if m in (ranked[2], ranked[5])]  # the two largest mean scores, revival off
+    shared.observe(arrays(), arrays(), {3: [0.0] * 8})  # no signal: the scores stay
+    assert shared.scores[ranked[2]] == pytest.approx((101 / 108 + 0.01 / 1.08) / 2)
+    per = KillRevive(MODULES, 0.25, score="gradient", revive_every=1, seed=0, assign="per-client", prior="federation")
+    per.active_for(1, 7), per.active_for(1, 8)
+    per.observe_clients(arrays(), {7: {}, 8: {}}, {7: [float(i) for i in range(8)]})  # 8 sent none: it keeps no score
+    assert set(per.client_scores) == {7} and sum(per.client_scores[7].values()) == pytest.approx(1.0)
+    assert per.active_for(2, 9) == [m for m in MODULES if m in ranked[-2:]]  # a new client starts from the federation's top two
+    with pytest.raises(ConfigError, match="not gradient with DP or secure"):
+        FedsiteConfig(module_selection="kill-revive", kr_score="gradient", dp="local").validate()
+    with pytest.raises(ConfigError, match="not gradient with DP or secure"):
+        FedsiteConfig(module_selection="kill-revive", kr_score="gradient", secure=True, clients=4).validate()
+
+
+def test_a_gradient_round_reads_each_clients_norms_and_rejects_a_malformed_vector(tmp_path):
+    config = FedsiteConfig(module_selection="kill-revive", kr_active_share=0.25, kr_assign="per-client", kr_score="gradient")
+    strategy = FedsiteStrategy(RunRecorder(tmp_path, config), Aggregator("fedavg"), fraction_train=1.0, fraction_evaluate=0.0, min_train_clients=2, max_update_norm=0)
+    strategy.module_selection = selection_for(config, arrays())
+    strategy._global = arrays()
+    keys = {node: keys_of(arrays(), strategy.module_selection.active_for(1, node)) for node in (2, 3, 4)}
+    trained = {node: {k: arrays()[k] + 1 for k in ks} for node, ks in keys.items()}
+    good = [float(i + 1) for i in range(8)]
+    replies = [reply(2, trained[2], 10, **{GRAD_NORMS_KEY: good}), reply(3, trained[3], 10, **{GRAD_NORMS_KEY: good[:7]}),
+               reply(4, trained[4], 10, **{GRAD_NORMS_KEY: [1.0] * 7 + [float("nan")]})]
+    strategy.aggregate_train(1, replies)
+    assert set(strategy.module_selection.client_scores) == {2}  # 3 and 4 were rejected, 2 scored every module
+    assert strategy.module_selection.client_scores[2][sorted(MODULES)[7]] == pytest.approx(8 / 36)
+    rows = [json.loads(line) for line in (tmp_path / "clients.jsonl").read_text().splitlines()]
+    reasons = {row["node_id"]: row.get("reason", "") for row in rows}
+    assert "7 values, expected 8" in reasons[3] and "NaN" in reasons[4] and not reasons[2]

@@ -20,6 +20,7 @@ from coordinator.replies import (
     read_metrics,
     read_query_answer,
     read_train_reply,
+    read_vector,
 )
 from protos.tensors import to_array_record
 from protos.updates import encode_update
@@ -69,6 +70,26 @@ def test_bad_train_metrics_are_rejected_naming_the_key(metrics, words):
     outcome = read_train_reply(train_reply(metrics), GLOBAL)
     assert isinstance(outcome, Rejected) and words in outcome.reason, outcome
     assert "\n" not in outcome.reason
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [(3.0, "a float, expected a list"), ([1.0], "1 values, expected 2"), ([1.0, -1.0], "-1.0 is outside"), ([1.0, float("inf")], "expected a finite number"),
+     ([1.0, float("nan")], "NaN"), ([1] * 70000, "70000 values")],
+)
+def test_kill_revive_gradient_norms_are_one_checked_number_per_module(value, words):
+    outcome = read_train_reply(train_reply({"num-examples": 10, "kr-grad-norms": value}), GLOBAL, grad_len=2)
+    assert isinstance(outcome, Rejected) and outcome.reason.startswith("metric kr-grad-norms:") and words in outcome.reason, outcome
+    for raw, what in [("1,2", "a str, expected a list"), ([1.0, "x"], "a str, expected a number"), ([0.5, True], "a bool")]:  # what a MetricRecord would not hold
+        assert what in read_vector({"kr-grad-norms": raw}, "kr-grad-norms", 2)[1]
+
+
+def test_kill_revive_gradient_norms_are_read_only_when_asked_for():
+    metrics = {"num-examples": 10, "kr-grad-norms": [0.5, 2.0]}
+    assert read_train_reply(train_reply(metrics), GLOBAL, grad_len=2).grad_norms == (0.5, 2.0)
+    plain = read_train_reply(train_reply(metrics), GLOBAL)
+    assert plain.grad_norms == () and plain.dropped == 0 and "kr-grad-norms" not in plain.metrics
+    assert read_train_reply(train_reply({"num-examples": 10}), GLOBAL, grad_len=2).grad_norms == ()  # not sent: no score, no rejection
 
 
 def test_unknown_metric_keys_are_dropped_and_ids_never_read():
