@@ -80,6 +80,16 @@ def client_energy(profile: DeviceProfile, seconds: float, upload_bytes: float, d
     )
 
 
+def reply_energy(profile: DeviceProfile, metrics: Mapping[str, Any], simulated: bool, config: Any, upload_bytes: float, download_bytes: float) -> tuple[Energy, float]:
+    """A client's round from its checked reply metrics (`train-seconds`, `train-gflops`) and the run
+    config (`simulated-gflops` applies to simulated clients only, `round-timeout` caps the seconds):
+    (its energy, its compute seconds at speed 1 for the battery and selection model)."""
+    train_seconds, gflops = float(metrics.get("train-seconds", 0.0)), float(metrics.get("train-gflops", 0.0))
+    sim_gflops = float(getattr(config, "simulated_gflops", 0.0)) if simulated else 0.0
+    seconds = compute_seconds(profile, train_seconds, simulated, float(getattr(config, "round_timeout", 3600.0)), gflops, sim_gflops)
+    return client_energy(profile, seconds, upload_bytes, download_bytes), reference_seconds(train_seconds, gflops, sim_gflops)
+
+
 def total_fields(energies: Iterable[Energy]) -> dict[str, float]:
     """metrics.jsonl fields of a round (or run): summed joules, Wh and gCO2e."""
     items = list(energies)

@@ -50,7 +50,7 @@ from aggregation.partial import merge, subset
 from coordinator.aggregate import Aggregator, train_factors
 from coordinator.client_dp import ClientLevelDP
 from coordinator.directory import ClientDirectory
-from coordinator.energy import Energy, client_energy, compute_seconds, total_fields
+from coordinator.energy import Energy, reply_energy, total_fields
 from coordinator.ledger import PrivacyLedger
 from coordinator.module_selection import selection_for
 from coordinator.replies import TRAIN_METRICS, Rejected, error_text, read_dp, read_evaluate_metrics, read_metrics, record_fields
@@ -321,11 +321,8 @@ class SecureStrategy(LegacyFedAvg):
         """A contributor's round on the default profile: its (checked) compute seconds, every byte it
         sent through the SecAgg+ stages, and the global adapter it was sent."""
         simulated = self.counter.directory.partition_of(node) is not None
-        train_seconds, gflops = float(metrics.get("train-seconds", 0.0)), float(metrics.get("train-gflops", 0.0))
-        sim_gflops = float(self.config.simulated_gflops) if simulated else 0.0
-        seconds = compute_seconds(DEFAULT_PROFILE, train_seconds, simulated, float(self.config.round_timeout), gflops, sim_gflops)
         download = sum(int(v.nbytes) for v in self.current.values())
-        return client_energy(DEFAULT_PROFILE, seconds, self.counter.node_bytes.get(node, 0), download)
+        return reply_energy(DEFAULT_PROFILE, metrics, simulated, self.config, self.counter.node_bytes.get(node, 0), download)[0]
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict] | None:
         seconds = time.perf_counter() - self._started if server_round else None

@@ -26,7 +26,7 @@ from aggregation.partial import under
 from coordinator.aggregate import Aggregator, train_factors
 from coordinator.client_dp import ClientLevelDP
 from coordinator.directory import QUERY_TIMEOUT, ClientDirectory
-from coordinator.energy import Energy, client_energy, compute_seconds, reference_seconds, total_fields
+from coordinator.energy import Energy, reply_energy, total_fields
 from coordinator.ledger import PrivacyLedger
 from coordinator.module_selection import MEAN_RULES, KillRevive, aggregate_selected, with_selections
 from coordinator.offsite import KIND_EMULATOR, KIND_LORA, OffsiteTrack, join_tracks, restore_track, split_tracks, track_state
@@ -262,16 +262,12 @@ class FedsiteStrategy(FedAvg):
         seconds from the checked metrics, the bytes it was sent and the bytes its reply carries."""
         sent = self.planner.sent_to(row.node_id) if self.planner is not None else None
         profile, download, simulated = sent or (DEFAULT_PROFILE, self._download_bytes, self.directory.partition_of(row.node_id) is not None)
-        config = self.recorder.config
-        train_seconds, gflops = float(row.metrics.get("train-seconds", 0.0)), float(row.metrics.get("train-gflops", 0.0))
-        sim_gflops = float(getattr(config, "simulated_gflops", 0.0)) if simulated else 0.0
-        seconds = compute_seconds(profile, train_seconds, simulated, float(getattr(config, "round_timeout", 3600.0)), gflops, sim_gflops)
         arrays = msg.content.array_records.get("arrays") if msg.has_content() else None
         upload = sum(len(a.data) for a in arrays.values()) if arrays is not None else 0
-        energy = client_energy(profile, seconds, upload, download)
+        energy, reference = reply_energy(profile, row.metrics, simulated, self.recorder.config, upload, download)
         row.extra.update(energy.fields())
         pid = self.planner.partition_of(row.node_id) if self.planner is not None else -1
-        self.selection.spend(pid if pid >= 0 else row.node_id, profile, energy.joules, reference_seconds(train_seconds, gflops, sim_gflops))
+        self.selection.spend(pid if pid >= 0 else row.node_id, profile, energy.joules, reference)
         return energy
 
     def _limit_of(self, row: ReplyRow) -> int | None:
