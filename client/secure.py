@@ -13,6 +13,7 @@ cannot send a valid update raises, which the protocol treats as a dropout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -89,6 +90,8 @@ def secure_train(msg: Message, context: Context) -> Message:
     received = named_arrays(fitins.parameters, values)
     selection = values.get(ACTIVE_KEY)  # Kill-and-Revive: every client of the round has the same one
     config, server_round, factors = run_config_from(values)
+    # a secure round never reveals a client's gradient norms, whatever the message's config says
+    config = dataclasses.replace(config, kr_score="update-norm") if config.kr_score == "gradient" else config
     trained, result, privacy = local_training(config, server_round, factors, received, context, None, selection)  # BudgetExhausted: drop out
     weight = secure_weight(config, result.examples)
     keys = [k for k in received if k in trained]  # the selected modules' arrays, in the coordinator's key order

@@ -106,6 +106,9 @@ def test_the_secure_handler_masks_only_the_selected_arrays_in_key_order():
     sent = parameters_to_ndarrays(res.parameters)
     keys = keys_of(arrays, top_modules())
     assert [a.shape for a in sent] == [arrays[k].shape for k in keys]
+    msg = fit_message(small(module_selection="kill-revive", kr_score="gradient", secure=False), arrays)  # a coordinator asking for gradient norms
+    msg.content["fitins.config"][ACTIVE_KEY] = encode_selection(top_modules())
+    assert GRAD_NORMS_KEY not in recorddict_to_fitres(secure_train(msg, secure_context()).content, keep_input=True).metrics
 
 
 def test_a_gradient_probe_measures_every_module_at_the_first_step_and_steps_only_the_active_ones():
