@@ -171,7 +171,7 @@ def local_training(
         if config.dp == "local":
             result, privacy = train_locally_private(model, tokenizer, train_examples, settings, config, context)
         else:
-            probe = probe_groups(model, factors) if active is not None and offsite is None and config.kr_score == "gradient" else None
+            probe = probe_groups(model, factors, config.kr_lowest_block) if active is not None and offsite is None and config.kr_score == "gradient" else None
             result = train(model, tokenizer, train_examples, settings, probe=probe)
     finally:
         set_trainable_factors(model, "AB")  # the cached model is shared with the next client

@@ -13,27 +13,37 @@ step, never stepped), and the reply's `kr-grad-norms` lists each module's gradie
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 from peft import get_peft_model_state_dict
 
-from protos.selection import GRAD_NORMS_KEY, decode_selection, module_of, modules_of, restrict
+from protos.selection import GRAD_NORMS_KEY, decode_selection, layer_of, module_of, modules_of, restrict
 
 
-def probe_groups(model: torch.nn.Module, factors: str = "AB") -> dict[str, list[torch.nn.Parameter]]:
-    """Every LoRA module's trainable factors (of `factors`, as FFA-LoRA trains only B), by module name, sorted."""
+def probe_groups(model: torch.nn.Module, factors: str = "AB", lowest_block: int = 0) -> dict[str, list[torch.nn.Parameter]]:
+    """Every LoRA module's factors to probe, by module name, sorted: those the run trains (FFA-LoRA
+    only B), and B always (in RoLoRA's A rounds A's gradient is 0 wherever B still is). Modules
+    below `lowest_block` (`kr-lowest-block`: never selectable) get no parameters, so their norm
+    is 0 and the probe's backward still stops at that block."""
     groups: dict[str, list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         module = module_of(name)
-        if module is not None and ("lora_A" in name and "A" in factors or "lora_B" in name and "B" in factors):
-            groups.setdefault(module, []).append(param)
+        if module is None:
+            continue
+        group = groups.setdefault(module, [])
+        if ("lora_A" in name and "A" in factors or "lora_B" in name) and (layer_of(module) or 0) >= lowest_block:
+            group.append(param)
     return dict(sorted(groups.items()))
 
 
 def grad_norms_metric(norms: Mapping[str, float]) -> dict[str, list[float]]:
-    """The reply metric of a gradient probe: the norms in sorted module order (nothing without a probe)."""
-    return {GRAD_NORMS_KEY: [float(norms[m]) for m in sorted(norms)]} if norms else {}
+    """The reply metric of a gradient probe: the norms in sorted module order (nothing without a
+    probe, or when a norm is not finite: a low-precision overflow on a killed module must not cost
+    the reply its update)."""
+    values = [float(norms[m]) for m in sorted(norms)]
+    return {GRAD_NORMS_KEY: values} if values and all(math.isfinite(v) for v in values) else {}
 
 
 def apply_selection(model: torch.nn.Module, selection: object) -> list[str] | None:

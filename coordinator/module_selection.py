@@ -11,7 +11,7 @@ matrices). A killed module keeps the score it had when it was last active. With
 every module's factors at its first step (`client.selection`) and the reply's `kr-grad-norms`
 carries them; a client's vector is normalised to sum 1 (every client has the same say, and no
 client can outweigh the rest by scale), and a shared selection ranks by the round's mean
-vector. As every module is scored afresh each round, nothing needs reviving: `kr-revive-every`
+vector (median under the median and trimmed-mean rules). As every module is scored afresh each round, nothing needs reviving: `kr-revive-every`
 does not apply.
 
 Selection, deterministic in (seed, round):
@@ -53,7 +53,6 @@ revived.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,13 +62,13 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from aggregation.partial import merge, partial_mean, subset
 from finetune.config import KR_SCORES
-from protos.selection import ACTIVE_KEY, encode_selection, keys_of, modules_of
+from protos.selection import ACTIVE_KEY, encode_selection, keys_of, layer_of, modules_of
 
 NamedArrays = Mapping[str, np.ndarray]
 SCORES = KR_SCORES
 # rules whose averaging is per key over the senders (partial sets need no merge step)
 MEAN_RULES = ("fedavg", "fedprox")
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
+ROBUST_RULES = ("median", "trimmed-mean")  # rules that bound one client's say: the gradient scores' centre follows
 
 
 def module_scores(old: NamedArrays, new: NamedArrays, modules: Sequence[str], score: str = "update-norm") -> dict[str, float]:
@@ -114,12 +113,6 @@ def kill_revive(
     return [m for m in modules if m in chosen]
 
 
-def layer_of(module: str) -> int | None:
-    """The transformer block index in a module name (`...layers.3.self_attn.q_proj` -> 3)."""
-    match = _LAYER.search(module)
-    return int(match.group(1)) if match else None
-
-
 def depth_of(modules: Sequence[str]) -> int:
     """How many blocks `modules` span: one more than the highest block index (modules in no block count as block 0)."""
     return 1 + max((layer_of(m) or 0) for m in modules)
@@ -143,6 +136,7 @@ class KillRevive:
     assign: str = "shared"
     lowest_block: int = 0
     prior: str = "none"
+    robust: bool = False  # gradient, shared: the clients' median vector instead of their mean
     client_scores: dict[int, dict[str, float]] = field(default_factory=dict)
     client_last_active: dict[int, dict[str, int]] = field(default_factory=dict)
     _round: int = field(default=-1, repr=False)
@@ -222,8 +216,9 @@ class KillRevive:
             return
         if self.gradient:
             vectors = [v for v in (gradient_scores(self.modules, g) for g in (grads or {}).values()) if v is not None]
-            if vectors:
-                self.scores = {m: math.fsum(v[m] for v in vectors) / len(vectors) for m in self.modules}
+            if vectors:  # a robust run (median, trimmed mean) ranks by the median vector, as it aggregates
+                center = (lambda xs: float(np.median(xs))) if self.robust else (lambda xs: math.fsum(xs) / len(xs))
+                self.scores = {m: center([v[m] for v in vectors]) for m in self.modules}
         else:
             self.scores.update(module_scores(old, new, self._active, self.score))
         self.last_active.update({m: self._round for m in self._active})
@@ -283,7 +278,7 @@ def selection_for(config: Any, arrays: NamedArrays) -> KillRevive | None:
         raise ValueError("module-selection 'kill-revive': the adapter has no LoRA modules")
     selector = KillRevive(modules, config.kr_active_share, config.kr_score, config.kr_revive_every, config.seed,
                           assign=getattr(config, "kr_assign", "shared"), lowest_block=getattr(config, "kr_lowest_block", 0),
-                          prior=getattr(config, "kr_prior", "none"))
+                          prior=getattr(config, "kr_prior", "none"), robust=getattr(config, "aggregation", "fedavg") in ROBUST_RULES)
     if not selector.candidates:
         raise ValueError(f"kr-lowest-block {selector.lowest_block}: the adapter has no LoRA module at or above that block (its blocks are 0-{depth_of(modules) - 1})")
     return selector

@@ -17,6 +17,7 @@ ACTIVE_KEY = "active-modules"
 GRAD_NORMS_KEY = "kr-grad-norms"  # reply metric (kr-score "gradient"): every module's gradient norm, in `sorted(modules)` order
 MAX_SELECTION_CHARS = 1 << 20  # far above any adapter's module list; a larger string is refused unread
 _FACTOR = re.compile(r"\.lora_[AB](\.[^.]+)?\.weight$")
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 class SelectionError(ValueError):
@@ -27,6 +28,12 @@ def module_of(key: str) -> str | None:
     """The module a LoRA factor key belongs to (`X.lora_A.weight` -> `X`), None for other keys."""
     match = _FACTOR.search(key)
     return key[: match.start()] if match else None
+
+
+def layer_of(module: str) -> int | None:
+    """The transformer block index in a module name (`...layers.3.self_attn.q_proj` -> 3)."""
+    match = _LAYER.search(module)
+    return int(match.group(1)) if match else None
 
 
 def modules_of(keys: Iterable[str]) -> list[str]:

@@ -12,7 +12,7 @@ from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 
 from client.client_app import train_handler
 from client.secure import secure_train
-from client.selection import apply_selection, probe_groups
+from client.selection import apply_selection, grad_norms_metric, probe_groups
 from finetune.cache import initial_lora_arrays, lora_model
 from finetune.config import FedsiteConfig
 from finetune.lora import set_trainable_factors
@@ -145,5 +145,11 @@ def test_a_gradient_run_replies_with_one_norm_per_module_and_a_plain_run_with_no
     norms = reply(**{"kr-score": "gradient"})[GRAD_NORMS_KEY]
     assert len(norms) == len(modules_of(initial())) and all(v > 0 for v in norms)
     assert GRAD_NORMS_KEY not in reply()
-    ffa = probe_groups(lora_model(CONFIG.model, CONFIG.lora_settings(), CONFIG.seed)[0], "B")
-    assert all(len(ps) == 1 for ps in ffa.values())  # FFA-LoRA: only B is probed
+    model = lora_model(CONFIG.model, CONFIG.lora_settings(), CONFIG.seed)[0]
+    b_only = lambda groups: all(len(ps) == 1 and ps[0] is dict(model.named_parameters())[n] for m, ps in groups.items() for n in [f"{m}.lora_B.default.weight"])  # noqa: E731
+    assert b_only(probe_groups(model, "B"))  # FFA-LoRA trains only B: only B is probed
+    assert all(len(ps) == 2 for ps in probe_groups(model, "A").values())  # RoLoRA's A rounds probe B too (A's gradient is 0 where B is)
+    low = probe_groups(model, "AB", lowest_block=3)
+    assert list(low) == sorted(modules_of(initial())) and all((len(ps) == 2) == (".layers.3." in m) for m, ps in low.items())
+    assert grad_norms_metric({"b": 1.0, "a": 2.0}) == {GRAD_NORMS_KEY: [2.0, 1.0]}
+    assert grad_norms_metric({"a": 1.0, "b": float("inf")}) == {} and grad_norms_metric({}) == {}  # an overflow costs the score, not the update

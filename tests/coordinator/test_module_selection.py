@@ -290,6 +290,11 @@ def test_gradient_scores_rank_every_module_from_the_clients_normalised_norms_and
     shared.observe(arrays(), arrays(), big)
     assert set(shared.scores) == set(MODULES) and shared.scores[ranked[2]] == pytest.approx((101 / 108 + 0.01 / 1.08) / 2)
     assert shared.active(2) == [m for m in MODULES if m in (ranked[2], ranked[5])]  # the two largest mean scores, revival off
+    robust = KillRevive(MODULES, 0.25, score="gradient", seed=0, robust=True)
+    robust.active(1)
+    robust.observe(arrays(), arrays(), {1: [0.0] * 7 + [1.0], 2: [1.0] * 8, 3: [1.0] * 8})  # client 1 puts all its mass on one module
+    assert robust.scores[ranked[7]] == 0.125 and robust.scores[ranked[0]] == 0.125  # the median: its say is bounded
+    assert selection_for(FedsiteConfig(module_selection="kill-revive", kr_score="gradient", aggregation="median"), arrays()).robust
     shared.observe(arrays(), arrays(), {3: [0.0] * 8})  # no signal: the scores stay
     assert shared.scores[ranked[2]] == pytest.approx((101 / 108 + 0.01 / 1.08) / 2)
     per = KillRevive(MODULES, 0.25, score="gradient", revive_every=1, seed=0, assign="per-client", prior="federation")
