@@ -87,8 +87,8 @@ def main() -> None:
 
     print()
     print(f"model {args.model}; {args.clients} clients, Dirichlet alpha={args.alpha}; {len(eval_set)} held-out examples")
-    print(f"| method | exact match | eval loss | optimizer steps | seconds |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| method | exact match | eval loss | optimizer steps | seconds |")
+    print("|---|---:|---:|---:|---:|")
     print(f"| base model | {base.accuracy:.3f} | {base.loss:.3f} | 0 | {rows[0][3]:.0f} |")
     print(f"| federated LoRA ({args.rounds} rounds x {args.per_round} clients x {args.local_steps} steps) | {final['eval_accuracy']:.3f} | {final['eval_loss']:.3f} | {fed_steps} | {fed_seconds:.0f} |")
     print(f"| centralized LoRA (pooled data) | {central.accuracy:.3f} | {central.loss:.3f} | {total_steps} | {central_seconds:.0f} |")

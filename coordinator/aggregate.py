@@ -19,7 +19,8 @@ from aggregation.hetero_rank import flora_stack, hetlora
 from aggregation.lora import factor_keys, fedex_lora, ffa_lora, product, rolora, rolora_trainable
 from aggregation.robust import coordinate_median, trimmed_mean
 from aggregation.rules import get_rule
-from finetune.base_delta import BASE_RULES, add_to_base, join_base, split_base
+from finetune.base_delta import add_to_base, join_base, split_base
+from finetune.choices import BASE_RULES
 
 NamedArrays = dict[str, np.ndarray]
 

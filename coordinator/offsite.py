@@ -37,7 +37,7 @@ from aggregation import server_opt
 from aggregation.partial import under
 from coordinator.aggregate import Aggregator
 from emulator.refresh import align_refresh, apply_refresh, manifest_digest, refresh_arrays, refresh_bytes, sign_refresh
-from finetune.backbone import load_backbone, resolve_model_path
+from finetune.backbone import load_backbone
 from finetune.config import FedsiteConfig
 from finetune.device import model_device, resolve_device
 from finetune.lora import export_adapter

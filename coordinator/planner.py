@@ -35,7 +35,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from aggregation.hetero_rank import pad_to_rank, truncate_to_rank
 from coordinator.energy import compute_seconds
 from coordinator.replies import read_query_answer
-from finetune.base_delta import BASE_PREFIX, BASE_RULES
+from finetune.base_delta import BASE_PREFIX
+from finetune.choices import BASE_RULES
 from protos.profile import DEFAULT_PROFILE, DeviceProfile
 from protos.tensors import from_array_record, to_array_record
 

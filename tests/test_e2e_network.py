@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import ssl
-import time
 
 import psutil
 import pytest

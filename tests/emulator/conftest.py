@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from emulator.layers import make_layer_map
-from emulator.package import generate_signing_key
+from emulator.keys import generate_signing_key
 from finetune.backbone import build_char_tokenizer, build_tiny_llama
 
 
