@@ -15,7 +15,7 @@
    (`kr-25`, `kr-50`) or one per client (`kr-25-client`, `kr-35-client`, `kr-50-client`; `kr-25-client-top` keeps blocks 0-14 killed;
    `kr-35-client-prior` ranks a client's unscored modules by the federation's scores; `kr-35-client-grad`,
    `kr-25-client-grad` and, one shared selection, `kr-35-grad` score every module by the clients'
-   first-step gradient norms); adaptive precision
+   first-step gradient norms, `kr-35-client-grad-top` too with blocks 0-9 killed); adaptive precision
    (`--upload-codec adaptive`); energy-aware client selection (`--client-selection
    energy-aware`). A row whose option this FedsiteConfig does not know is skipped, saying so.
    Energy and carbon come from the metrics rows' `energy_joules` and `gco2e` (per round,
@@ -63,6 +63,8 @@ ROWS = {
     "kr-35-client-prior": ("kill-revive 35% active, per client, federation prior", {"module_selection": "kill-revive", "kr_active_share": 0.35, "kr_assign": "per-client", "kr_prior": "federation"}),
     "kr-35-client-grad": ("kill-revive 35% active, per client, gradient score, federation prior",
                           {"module_selection": "kill-revive", "kr_active_share": 0.35, "kr_assign": "per-client", "kr_prior": "federation", "kr_score": "gradient"}),
+    "kr-35-client-grad-top": ("kill-revive 35% active, per client, gradient score, federation prior, blocks 10-29",
+                              {"module_selection": "kill-revive", "kr_active_share": 0.35, "kr_assign": "per-client", "kr_prior": "federation", "kr_score": "gradient", "kr_lowest_block": 10}),
     "kr-25-client-grad": ("kill-revive 25% active, per client, gradient score, federation prior",
                           {"module_selection": "kill-revive", "kr_active_share": 0.25, "kr_assign": "per-client", "kr_prior": "federation", "kr_score": "gradient"}),
     "kr-35-grad": ("kill-revive 35% active, gradient score", {"module_selection": "kill-revive", "kr_active_share": 0.35, "kr_score": "gradient"}),
