@@ -19,13 +19,13 @@ from collections.abc import Mapping
 import torch
 from peft import get_peft_model_state_dict
 
-from protos.selection import GRAD_NORMS_KEY, decode_selection, layer_of, module_of, modules_of, restrict
+from protos.selection import GRAD_NORMS_KEY, decode_selection, module_of, modules_of, restrict, selectable
 
 
 def probe_groups(model: torch.nn.Module, factors: str = "AB", lowest_block: int = 0) -> dict[str, list[torch.nn.Parameter]]:
     """Every LoRA module's factors to probe, by module name, sorted: those the run trains (FFA-LoRA
     only B), and B always (in RoLoRA's A rounds A's gradient is 0 wherever B still is). Modules
-    below `lowest_block` (`kr-lowest-block`: never selectable) get no parameters, so their norm
+    below `lowest_block` (`kr-lowest-block`: never selectable, `protos.selection.selectable`) get no parameters, so their norm
     is 0 and the probe's backward still stops at that block."""
     groups: dict[str, list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -33,7 +33,7 @@ def probe_groups(model: torch.nn.Module, factors: str = "AB", lowest_block: int 
         if module is None:
             continue
         group = groups.setdefault(module, [])
-        if ("lora_A" in name and "A" in factors or "lora_B" in name) and (layer_of(module) or 0) >= lowest_block:
+        if ("lora_A" in name and "A" in factors or "lora_B" in name) and selectable(module, lowest_block):
             group.append(param)
     return dict(sorted(groups.items()))
 

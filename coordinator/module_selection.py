@@ -62,7 +62,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from aggregation.partial import merge, partial_mean, subset
 from finetune.config import KR_SCORES
-from protos.selection import ACTIVE_KEY, encode_selection, keys_of, layer_of, modules_of
+from protos.selection import ACTIVE_KEY, encode_selection, keys_of, layer_of, modules_of, selectable
 
 NamedArrays = Mapping[str, np.ndarray]
 SCORES = KR_SCORES
@@ -150,7 +150,7 @@ class KillRevive:
     @property
     def candidates(self) -> list[str]:
         """The modules a selection may hold: those in block `lowest_block` or above (or in no block)."""
-        return [m for m in self.modules if (layer := layer_of(m)) is None or layer >= self.lowest_block]
+        return [m for m in self.modules if selectable(m, self.lowest_block)]
 
     @property
     def gradient(self) -> bool:

@@ -36,6 +36,12 @@ def layer_of(module: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def selectable(module: str, lowest_block: int) -> bool:
+    """Whether `module` may be selected under `kr-lowest-block`: in that block or above, or in no block."""
+    layer = layer_of(module)
+    return layer is None or layer >= lowest_block
+
+
 def modules_of(keys: Iterable[str]) -> list[str]:
     """The LoRA modules among `keys`, in first-seen order."""
     return list(dict.fromkeys(m for m in map(module_of, keys) if m is not None))
