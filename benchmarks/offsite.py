@@ -11,9 +11,11 @@ Rows (`--rows`, comma-separated; default all):
   drop, share        offsite clients on an emulator whose dropped middle blocks are dropped / shared
   drop+prox, share+prox   the same with the offsite proximal term (`--proximal-mu`, FedBiOT: 1)
   drop-sim, share-sim     as drop / share, the kept middle blocks chosen by output similarity (CRaSh)
+  drop-80, share-80, share-80+prox, share-80+align   the same with FedBiOT's mild compression: 80% of the
+                          middle kept (every fifth block dropped) instead of every --stride-th
   drop+align, share+align per-round alignment at the coordinator (FedBiOT, `--align-steps`), shipped
                           as a signed low-rank refresh of the middle; share+align+prox adds the proximal term
-  cost-drop, cost-share   emulator bytes / backbone bytes, client step time and peak memory
+  cost-drop, cost-share, cost-drop-80, cost-share-80   emulator bytes / backbone bytes, client step time and peak memory
                           of an emulator client vs a full-model LoRA client
 
 Per federated row: eval loss, exact match and teacher-forced answer-token accuracy of the
@@ -54,19 +56,24 @@ from finetune.loss import answer_logits
 from finetune.sources import central_eval_set, run_splits
 from finetune.train import TrainSettings, train
 
-FEDERATED = {  # row -> (emulator share, fill, offsite proximal term on, per-round alignment on, kept-block selection)
-    "full-lora": (0.0, "drop", False, False, "stride"),
-    "drop": (1.0, "drop", False, False, "stride"),
-    "share": (1.0, "share", False, False, "stride"),
-    "drop+prox": (1.0, "drop", True, False, "stride"),
-    "share+prox": (1.0, "share", True, False, "stride"),
-    "drop+align": (1.0, "drop", False, True, "stride"),
-    "share+align": (1.0, "share", False, True, "stride"),
-    "share+align+prox": (1.0, "share", True, True, "stride"),
-    "drop-sim": (1.0, "drop", False, False, "similarity"),
-    "share-sim": (1.0, "share", False, False, "similarity"),
+MILD = 0.8  # the "-80" rows keep this share of the middle blocks (FedBiOT's mild compression: 20% dropped)
+FEDERATED = {  # row -> (emulator share, fill, offsite proximal term on, per-round alignment on, kept-block selection, keep share or 0 = --stride)
+    "full-lora": (0.0, "drop", False, False, "stride", 0.0),
+    "drop": (1.0, "drop", False, False, "stride", 0.0),
+    "share": (1.0, "share", False, False, "stride", 0.0),
+    "drop+prox": (1.0, "drop", True, False, "stride", 0.0),
+    "share+prox": (1.0, "share", True, False, "stride", 0.0),
+    "drop+align": (1.0, "drop", False, True, "stride", 0.0),
+    "share+align": (1.0, "share", False, True, "stride", 0.0),
+    "share+align+prox": (1.0, "share", True, True, "stride", 0.0),
+    "drop-sim": (1.0, "drop", False, False, "similarity", 0.0),
+    "share-sim": (1.0, "share", False, False, "similarity", 0.0),
+    "drop-80": (1.0, "drop", False, False, "stride", MILD),
+    "share-80": (1.0, "share", False, False, "stride", MILD),
+    "share-80+prox": (1.0, "share", True, False, "stride", MILD),
+    "share-80+align": (1.0, "share", False, True, "stride", MILD),
 }
-COSTS = {"cost-drop": "drop", "cost-share": "share"}
+COSTS = {"cost-drop": ("drop", 0.0), "cost-share": ("share", 0.0), "cost-drop-80": ("drop", MILD), "cost-share-80": ("share", MILD)}
 ROWS = ("zero-shot", *FEDERATED, *COSTS)
 
 
@@ -97,7 +104,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_config(args: argparse.Namespace, row: str, share: float = 1.0, fill: str = "drop", prox: bool = False, align: bool = False, select: str = "stride") -> FedsiteConfig:
+def run_config(args: argparse.Namespace, row: str, share: float = 1.0, fill: str = "drop", prox: bool = False, align: bool = False, select: str = "stride", keep: float = 0.0) -> FedsiteConfig:
     return FedsiteConfig(
         model=args.model,
         clients=args.clients,
@@ -107,6 +114,7 @@ def run_config(args: argparse.Namespace, row: str, share: float = 1.0, fill: str
         emulator_share=share,
         emulator_adapter_layers=args.adapter_layers,
         emulator_stride=args.stride,
+        emulator_keep=keep,
         emulator_fill=fill,
         emulator_select=select,
         emulator_quantize=args.quantize,
@@ -153,8 +161,8 @@ def federated_row(args: argparse.Namespace, row: str) -> dict:
 
     from simulations.runner import simulate
 
-    share, fill, prox, align, select = FEDERATED[row]
-    config = run_config(args, row, share, fill, prox, align, select)
+    share, fill, prox, align, select, keep = FEDERATED[row]
+    config = run_config(args, row, share, fill, prox, align, select, keep)
     run = simulate(config)
     summary = json.loads((run / "summary.json").read_text())
     backbone, tokenizer = load_backbone(config.model)
@@ -191,12 +199,12 @@ def cost_row(args: argparse.Namespace, row: str) -> dict:
     """Bytes, step time (interleaved repeats, median) and peak RSS (fresh process per kind)."""
     from emulator.cli import build_package
 
-    fill = COSTS[row]
-    config = run_config(args, row, 1.0, fill)
+    fill, keep = COSTS[row]
+    config = run_config(args, row, 1.0, fill, keep=keep)
     folder = Path(config.out)
     package, key_file = folder / "emulator", folder / "keys" / "public_key.pem"
     if not (package / "manifest.sig").is_file():  # no distillation: costs do not depend on it
-        build_package(config.model, package, args.adapter_layers, args.stride, None if args.quantize == "none" else args.quantize, folder / "keys" / "signing_key.pem", fill=fill)
+        build_package(config.model, package, args.adapter_layers, args.stride, None if args.quantize == "none" else args.quantize, folder / "keys" / "signing_key.pem", fill=fill, keep=keep)
     manifest_bytes = load_package(package, key_file)[3]
     models = client_models(config, package, key_file)
     seconds = step_seconds(models, run_splits(config)[0], args, config.batch_size, config.max_seq_len)

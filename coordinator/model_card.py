@@ -45,7 +45,8 @@ def method_lines(config: FedsiteConfig) -> list[str]:
         f"- upload codec: {config.upload_codec}" + (f", top-{config.upload_topk:g} sparsified" if config.upload_topk else ""),
     ]
     if config.emulator_share > 0 or config.experiment:
-        lines.append(f"- offsite: {config.emulator_share:g} of the clients train against an emulator (stride {config.emulator_stride}, "
+        lines.append(f"- offsite: {config.emulator_share:g} of the clients train against an emulator ("
+                     f"{f'keep {config.emulator_keep:g}' if config.emulator_keep else f'stride {config.emulator_stride}'}, {config.emulator_fill} fill, "
                      f"{config.emulator_quantize} middle, offsite-train {config.offsite_train}); their plug-in adapter is `offsite_adapter/`")
     else:
         lines.append("- offsite: off (every client holds the backbone)")

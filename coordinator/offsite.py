@@ -209,6 +209,7 @@ def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
             device=config.device,
             fill=config.emulator_fill,
             select=config.emulator_select,
+            keep=config.emulator_keep,
         )
         public_key = load_public_key(out / "keys" / "public_key.pem")
         manifest = verify_package(package, public_key)

@@ -58,11 +58,12 @@ def build_command(
     device: str = "auto",
     fill: str = "drop",
     select: str = "stride",
+    keep: float = 0.0,
 ) -> dict[str, Any]:
     """`fedsite emulator build`: `build_package`, then print the summary."""
     summary = build_package(
         model_spec, out, adapter_layers, stride, quantize, key_path,
-        distill_steps=distill_steps, distill_data=distill_data, distill_objective=distill_objective, device=device, fill=fill, select=select,
+        distill_steps=distill_steps, distill_data=distill_data, distill_objective=distill_objective, device=device, fill=fill, select=select, keep=keep,
     )
     print(_describe(summary))
     return summary
@@ -82,6 +83,7 @@ def build_package(
     device: str = "auto",
     fill: str = "drop",
     select: str = "stride",
+    keep: float = 0.0,
 ) -> dict[str, Any]:
     """Build, sign and write the emulator package `out` for backbone `model_spec`; return a summary.
 
@@ -90,7 +92,8 @@ def build_package(
     the built-in task families drawn from their own seed (never a client's data), on `device`
     (finetune/device.py); the package is written from the CPU, in fp32, whatever the device.
     `fill` "share" keeps the backbone's depth, dropped slots running their nearest kept block.
-    `select` "similarity" keeps as many middle blocks as the stride would, chosen by the
+    `keep` > 0 keeps that share of the middle blocks, evenly spaced, instead of every `stride`-th.
+    `select` "similarity" keeps as many middle blocks as the stride (or `keep`) would, chosen by the
     similarity of their outputs on the distillation set (emulator/similarity.py, CRaSh).
     """
     from finetune.device import resolve_device
@@ -105,7 +108,7 @@ def build_package(
         raise ValueError(f"emulator: select must be 'stride' or 'similarity', got {select!r}")
     model, tokenizer = load_backbone(model_spec)
     num_layers = model.config.num_hidden_layers
-    layer_map = make_layer_map(num_layers, adapter_layers or default_adapter_layers(num_layers), stride, fill)
+    layer_map = make_layer_map(num_layers, adapter_layers or default_adapter_layers(num_layers), stride, fill, keep)
     batches = distillation_batches(tokenizer, distill_data) if select == "similarity" or distill_steps > 0 else []
     if select == "similarity":
         from emulator.similarity import select_by_similarity

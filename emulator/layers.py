@@ -6,7 +6,8 @@ that the emulator compresses. The middle is compressed by uniform layer drop wit
 of the middle blocks k .. L-k-1 the emulator keeps the first one and every n-th after it,
 i.e. original indices k, k+n, k+2n, ... < L-k (`range(k, L - k, n)`). Stride 1 keeps the whole
 middle (the emulator then equals the backbone); the last middle block is kept only when
-(L-2k-1) is a multiple of n.
+(L-2k-1) is a multiple of n. A keep share instead (FedBiOT's mild compression: 0.8 drops 20%)
+keeps that share of the middle, evenly spaced, its first and last block included.
 
 Fill: with "drop" (the paper's) the dropped blocks are simply gone and the emulator is
 shallower. With "share" (CRaSh, Zhang et al. 2023) the emulator keeps the backbone's depth:
@@ -135,9 +136,22 @@ def nearest_slots(num_layers: int, adapter_layers: int, middle_kept: tuple[int, 
     return tuple(i if i in kept else min(middle_kept, key=lambda m: (abs(m - i), m)) for i in range(L))
 
 
-def make_layer_map(num_layers: int, adapter_layers: int, stride: int, fill: str = "drop") -> LayerMap:
-    """k = `adapter_layers` trainable blocks at each end; keep middle blocks `range(k, L-k, stride)`;
-    with `fill` "share" every dropped slot runs its nearest kept middle block."""
+def evenly_kept(first: int, end: int, keep: float) -> tuple[int, ...]:
+    """round(keep x M) of the M blocks first .. end-1 (at least one), evenly spaced, the first and
+    the last included: keep 0.8 drops every fifth block, as FedBiOT's 20% drop."""
+    M = end - first
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"layer map: keep must be in (0, 1], got {keep}")
+    count = max(1, min(M, int(keep * M + 0.5)))
+    if count == 1:
+        return (first,)
+    return tuple(first + int(i * (M - 1) / (count - 1) + 0.5) for i in range(count))
+
+
+def make_layer_map(num_layers: int, adapter_layers: int, stride: int, fill: str = "drop", keep: float = 0.0) -> LayerMap:
+    """k = `adapter_layers` trainable blocks at each end; keep middle blocks `range(k, L-k, stride)`,
+    or with `keep` > 0 that share of them evenly spaced (`evenly_kept`); with `fill` "share"
+    every dropped slot runs its nearest kept middle block."""
     L, k = int(num_layers), int(adapter_layers)
     if k < 1:
         raise ValueError(f"layer map: adapter_layers must be >= 1, got {k}")
@@ -147,6 +161,6 @@ def make_layer_map(num_layers: int, adapter_layers: int, stride: int, fill: str 
         raise ValueError(f"layer map: stride must be >= 1, got {stride}")
     if fill not in FILLS:
         raise ValueError(f"layer map: fill must be one of {', '.join(FILLS)}, got {fill!r}")
-    middle = tuple(range(k, L - k, stride))
+    middle = evenly_kept(k, L - k, keep) if keep else tuple(range(k, L - k, stride))
     slots = nearest_slots(L, k, middle) if fill == "share" else ()
     return LayerMap(L, tuple(range(k)), middle, tuple(range(L - k, L)), fill, slots)

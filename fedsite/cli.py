@@ -51,7 +51,7 @@ def cmd_emulator_build(args: argparse.Namespace) -> int:
     from emulator.cli import build_command
 
     quantize = None if args.quantize == "none" else args.quantize
-    build_command(args.model, args.out, args.adapter_layers, args.stride, quantize, args.key, distill_steps=args.distill_steps, distill_data=args.distill_data, distill_objective=args.distill_objective, device=args.device, fill=args.fill, select=args.select)
+    build_command(args.model, args.out, args.adapter_layers, args.stride, quantize, args.key, distill_steps=args.distill_steps, distill_data=args.distill_data, distill_objective=args.distill_objective, device=args.device, fill=args.fill, select=args.select, keep=args.keep)
     return 0
 
 
@@ -119,6 +119,7 @@ def add_emulator_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--out", required=True, help="package folder to write")
     build.add_argument("--adapter-layers", type=int, default=None, help="adapter blocks kept at each end (default: 2, or 1 below 8 blocks)")
     build.add_argument("--stride", type=int, default=2, help="keep every n-th middle block (default: 2; 1 keeps all)")
+    build.add_argument("--keep", type=float, default=0.0, help="keep this share of the middle blocks instead, evenly spaced (0.8 drops every fifth, FedBiOT's mild compression) (default: 0, use --stride)")
     build.add_argument("--fill", choices=list(EMULATOR_FILLS), default="drop", help="dropped middle blocks: 'drop' them (shallower emulator) or 'share' (keep the depth, each dropped slot runs its nearest kept block; same bytes) (default: drop)")
     build.add_argument("--select", choices=list(EMULATOR_SELECTS), default="stride", help="which middle blocks to keep: every --stride-th ('stride'), or as many chosen by output similarity on the distillation set, one per run of similar blocks ('similarity', CRaSh) (default: stride)")
     build.add_argument("--quantize", choices=["none", "int8", "nf4", "4bit"], default="none", help="weight quantization of the frozen middle (default: none)")

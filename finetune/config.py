@@ -129,6 +129,7 @@ class FedsiteConfig:
     emulator_package: str = ""  # a package from `fedsite emulator build` ("" = build one into <out>/emulator)
     emulator_adapter_layers: int = 0  # trainable blocks kept at each end (0 = 2, or 1 below 8 blocks)
     emulator_stride: int = 2  # keep every n-th middle block
+    emulator_keep: float = 0.0  # > 0: keep this share of the middle blocks, evenly spaced, instead (FedBiOT: 0.8)
     emulator_fill: str = "drop"  # dropped middle blocks: "drop" (shallower) or "share" (depth kept, nearest kept block reused)
     emulator_select: str = "stride"  # kept middle blocks: every n-th ("stride") or one per run of similar blocks ("similarity", CRaSh)
     emulator_quantize: str = "none"  # storage of the emulator's frozen middle: none, int8 or nf4
@@ -244,6 +245,7 @@ class FedsiteConfig:
             ("emulator-share", 0.0 <= self.emulator_share <= 1.0, "in [0, 1]"),
             ("emulator-adapter-layers", self.emulator_adapter_layers >= 0, "non-negative (0 = default)"),
             ("emulator-stride", self.emulator_stride >= 1, "at least 1"),
+            ("emulator-keep", 0.0 <= self.emulator_keep <= 1.0, "in [0, 1] (0 = every --emulator-stride-th block)"),
             ("emulator-fill", self.emulator_fill in EMULATOR_FILLS, one_of(EMULATOR_FILLS)),
             ("emulator-select", self.emulator_select in EMULATOR_SELECTS, one_of(EMULATOR_SELECTS)),
             ("emulator-quantize", self.emulator_quantize in CHOICES["emulator-quantize"], one_of(CHOICES["emulator-quantize"])),

@@ -197,6 +197,11 @@ def test_share_fill_run_ships_a_full_depth_emulator_of_drop_bytes(tmp_path):
     assert all(np.array_equal(get_offsite_arrays(t.load(trained), t.layer_map, t.mode)[k], v) for k, v in trained.items())
 
 
+def test_emulator_keep_overrides_the_stride(tmp_path):
+    kept = prepare_offsite(FedsiteConfig(model="tiny", out=str(tmp_path / "run"), emulator_share=0.5, lora_rank=4, emulator_stride=1, emulator_keep=0.5).validate())
+    assert kept.layer_map.middle_kept == (1,) and kept.summary["layer_map"]["middle_kept"] == [1]
+
+
 def test_per_round_alignment_ships_a_signed_refresh_that_clients_apply(tmp_path, monkeypatch):
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID

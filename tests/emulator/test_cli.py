@@ -63,6 +63,14 @@ def test_build_share_then_verify(tmp_path, capsys):
     assert "depth kept by sharing" in capsys.readouterr().out
 
 
+def test_build_keep_share_sets_the_kept_middle(tmp_path, capsys):
+    summary = build_command("tiny", str(tmp_path / "pkg"), 1, 1, None, None, keep=0.5)  # 1 of the 2 middle blocks
+    assert summary["layer_map"]["middle_kept"] == [1]
+    assert summary["emulator_bytes"] < build_command("tiny", str(tmp_path / "all"), 1, 1, None, None)["emulator_bytes"]
+    capsys.readouterr()
+    assert verify_command(str(tmp_path / "pkg")) == 0
+
+
 def test_fedsite_emulator_build_fill_share_contract(tmp_path):
     import subprocess
     import sys

@@ -111,3 +111,20 @@ def test_invalid_share_slots_are_rejected(slots, needle):
         LayerMap(8, (0, 1), (2, 4), (6, 7), "drop", (0, 1, 2, 2, 4, 4, 6, 7))
     with pytest.raises(ValueError, match="fill must be one of"):
         make_layer_map(8, 2, 2, fill="copy")
+
+
+def test_keep_share_drops_evenly_spaced_blocks_first_and_last_kept():
+    lm = make_layer_map(30, 2, 3, keep=0.8)  # FedBiOT's mild compression: every fifth middle block dropped
+    assert len(lm.middle_kept) == 21 and lm.middle_kept[0] == 2 and lm.middle_kept[-1] == 27
+    assert lm.dropped() == (4, 9, 14, 19, 24)
+    assert make_layer_map(30, 2, 3, keep=1.0).middle_kept == make_layer_map(30, 2, 1).middle_kept
+    assert make_layer_map(4, 1, 1, keep=0.1).middle_kept == (1,)  # at least one block
+    shared = make_layer_map(30, 2, 3, "share", keep=0.8)
+    assert shared.middle_kept == lm.middle_kept and shared.slots[4] == 3 and shared.slots[9] == 8
+
+
+@pytest.mark.parametrize("keep", [-0.1, 1.5])
+def test_keep_out_of_range_raises_one_line(keep):
+    with pytest.raises(ValueError, match=r"keep must be in \(0, 1\]") as err:
+        make_layer_map(30, 2, 3, keep=keep)
+    assert "\n" not in str(err.value)

@@ -80,6 +80,13 @@ def test_offsite_lora_has_its_own_targets_and_the_runs_rank():
         FedsiteConfig(offsite_lora_targets=" , ").validate()
 
 
+def test_emulator_keep_is_a_share_or_off():
+    assert FedsiteConfig().emulator_keep == 0.0 and from_mapping({"emulator-keep": 0.8}).emulator_keep == 0.8
+    for value in (-0.1, 1.2):
+        with pytest.raises(ConfigError, match=r"'emulator-keep'.*in \[0, 1\]"):
+            from_mapping({"emulator-keep": value})
+
+
 def test_reply_bounds_fields_and_their_defaults():
     config = FedsiteConfig()
     assert (config.max_update_norm, config.max_update_norm_multiple, config.max_client_examples, config.max_weight_share) == (-1.0, 5.0, 100000, 0.0)
