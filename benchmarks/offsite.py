@@ -172,6 +172,8 @@ def federated_row(args: argparse.Namespace, row: str) -> dict:
     out = {"emulator_bytes": off["emulator_bytes"], "backbone_bytes": off["backbone_bytes"], "layer_map": off.get("layer_map")}
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     out["refresh_bytes"] = sum(int(r.get("emulator_refresh_bytes") or 0) for r in rounds)  # all rounds, per client
+    out["emulator_zero_shot_loss"] = rounds[0].get("emulator_eval_loss")  # the emulator as built (and distilled): how much of the backbone it gives away
+    out["plug_in_loss_by_round"] = [r.get("offsite_eval_loss") for r in rounds]
     layer_map = manifest_layer_map_of(run)
     if config.offsite_train == "blocks":
         arrays = load_file(str(run / "offsite_adapter" / "adapter_blocks.safetensors"))
@@ -282,7 +284,7 @@ def budget(args: argparse.Namespace) -> dict:
 def table(rows: dict[str, dict]) -> str:
     """The markdown tables of every finished row."""
     zs, full = rows.get("zero-shot", {}).get("plug_in_loss"), rows.get("full-lora", {}).get("plug_in_loss")
-    lines = ["| row | plug-in eval loss | exact match | answer-token acc | gain recovered | emulator eval loss | plug-in - emulator | refresh MB | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| row | plug-in eval loss | exact match | answer-token acc | gain recovered | emulator eval loss | plug-in - emulator | emulator zero-shot loss | refresh MB | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def f(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
@@ -293,7 +295,7 @@ def table(rows: dict[str, dict]) -> str:
         plug, emu = r.get("plug_in_loss"), r.get("emulator_loss")
         gain = (zs - plug) / (zs - full) if None not in (zs, full, plug) and zs != full and name not in ("zero-shot", "full-lora") else None
         gap = plug - emu if None not in (plug, emu) else None
-        lines.append(f"| {name} | {f(plug)} | {f(r.get('plug_in_exact_match'))} | {f(r.get('plug_in_token_accuracy'))} | {f(gain, 2)} | {f(emu)} | {f(gap)} | {f((r.get('refresh_bytes') or 0) / 1e6, 2)} | {f(r.get('wall_seconds'), 0)} |")
+        lines.append(f"| {name} | {f(plug)} | {f(r.get('plug_in_exact_match'))} | {f(r.get('plug_in_token_accuracy'))} | {f(gain, 2)} | {f(emu)} | {f(gap)} | {f(r.get('emulator_zero_shot_loss'))} | {f((r.get('refresh_bytes') or 0) / 1e6, 2)} | {f(r.get('wall_seconds'), 0)} |")
     costs = [(n, r) for n, r in rows.items() if n in COSTS]
     if costs:
         lines += ["", "| cost | emulator / backbone bytes | step s full | step s emulator | emulator / full step | peak RSS MB full | peak RSS MB emulator |", "|---|---:|---:|---:|---:|---:|---:|"]
