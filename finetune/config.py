@@ -28,9 +28,7 @@ KR_SCORES = CHOICES["kr-score"]
 KR_ASSIGNS = CHOICES["kr-assign"]
 KR_PRIORS = CHOICES["kr-prior"]
 KR_UNSUPPORTED_RULES = ("hetlora", "flora", "fedex-lora")  # per-client ranks or base-weight folds of every module
-# what an emulator does with the middle blocks it drops (emulator/layers.py)
-EMULATOR_FILLS = CHOICES["emulator-fill"]
-EMULATOR_SELECTS = CHOICES["emulator-select"]
+EMULATOR_FILLS, EMULATOR_SELECTS = CHOICES["emulator-fill"], CHOICES["emulator-select"]  # an emulator's dropped middle blocks (emulator/layers.py)
 
 
 class ConfigError(ValueError):
