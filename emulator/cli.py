@@ -18,17 +18,9 @@ from typing import Any
 
 from emulator.build import build_emulator, quantize_middle, unique_parameters
 from emulator.distill import distill_middle, example_batches
+from emulator.keys import PackageError, generate_signing_key, key_id, load_signing_key, public_key_pem
 from emulator.layers import make_layer_map
-from emulator.package import (
-    PUBLIC_KEY,
-    PackageError,
-    generate_signing_key,
-    key_id,
-    load_signing_key,
-    public_key_pem,
-    verify_package,
-    write_package,
-)
+from emulator.package import PUBLIC_KEY, verify_package, write_package
 from emulator.quantize import canonical
 from finetune.backbone import SMOLLM2_ID, load_backbone
 from finetune.config import DEFAULT_DISTILL_OBJECTIVE

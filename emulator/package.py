@@ -35,14 +35,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from emulator.build import compact_view, decoder_layers, expand_shared, freeze_non_adapter, middle_linear_weights, unique_parameters
-from emulator.keys import (  # noqa: F401 - key helpers re-exported as part of the package API
-    PackageError,
-    generate_signing_key,
-    key_id,
-    load_public_key,
-    load_signing_key,
-    public_key_pem,
-)
+from emulator.keys import PackageError, key_id, load_public_key, public_key_pem
 from emulator.layers import LayerMap
 from emulator.quantize import METHODS, dequantize_tensor, quantize_tensor
 from protos import manifest_pb2

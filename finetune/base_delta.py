@@ -24,7 +24,6 @@ from peft import PeftModel
 from safetensors.numpy import save_file
 
 from aggregation.lora import pair_keys, product
-from finetune.choices import BASE_RULES  # noqa: F401 (re-exported) rules whose aggregate changes the frozen base weights
 
 BASE_PREFIX = "base/"
 

@@ -9,16 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from emulator.build import build_emulator, decoder_layers
 from emulator.layers import make_layer_map
-from emulator.package import (
-    PackageError,
-    generate_signing_key,
-    key_id,
-    load_package,
-    load_public_key,
-    load_signing_key,
-    verify_package,
-    write_package,
-)
+from emulator.keys import PackageError, generate_signing_key, key_id, load_public_key, load_signing_key
+from emulator.package import load_package, verify_package, write_package
 from emulator.quantize import canonical, fake_quantize
 from tests.emulator.conftest import logits
 
