@@ -13,6 +13,7 @@ Rows (`--rows`, comma-separated; default all):
   drop-sim, share-sim     as drop / share, the kept middle blocks chosen by output similarity (CRaSh)
   drop-80, share-80, share-80+prox, share-80+align   the same with FedBiOT's mild compression: 80% of the
                           middle kept (every fifth block dropped) instead of every --stride-th
+  share-80-lora           share-80 with offsite clients training LoRA on the adapter blocks, whatever --train says
   drop+align, share+align per-round alignment at the coordinator (FedBiOT, `--align-steps`), shipped
                           as a signed low-rank refresh of the middle; share+align+prox adds the proximal term
   cost-drop, cost-share, cost-drop-80, cost-share-80   emulator bytes / backbone bytes, client step time and peak memory
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.numpy import load_file
@@ -57,23 +59,38 @@ from finetune.sources import central_eval_set, run_splits
 from finetune.train import TrainSettings, train
 
 MILD = 0.8  # the "-80" rows keep this share of the middle blocks (FedBiOT's mild compression: 20% dropped)
-FEDERATED = {  # row -> (emulator share, fill, offsite proximal term on, per-round alignment on, kept-block selection, keep share or 0 = --stride)
-    "full-lora": (0.0, "drop", False, False, "stride", 0.0),
-    "drop": (1.0, "drop", False, False, "stride", 0.0),
-    "share": (1.0, "share", False, False, "stride", 0.0),
-    "drop+prox": (1.0, "drop", True, False, "stride", 0.0),
-    "share+prox": (1.0, "share", True, False, "stride", 0.0),
-    "drop+align": (1.0, "drop", False, True, "stride", 0.0),
-    "share+align": (1.0, "share", False, True, "stride", 0.0),
-    "share+align+prox": (1.0, "share", True, True, "stride", 0.0),
-    "drop-sim": (1.0, "drop", False, False, "similarity", 0.0),
-    "share-sim": (1.0, "share", False, False, "similarity", 0.0),
-    "drop-80": (1.0, "drop", False, False, "stride", MILD),
-    "share-80": (1.0, "share", False, False, "stride", MILD),
-    "share-80+prox": (1.0, "share", True, False, "stride", MILD),
-    "share-80+align": (1.0, "share", False, True, "stride", MILD),
+
+
+class Row(NamedTuple):
+    """What a federated row sets on top of the command line's budget."""
+
+    share: float = 1.0  # emulator share of the clients (0: the full-model LoRA reference)
+    fill: str = "drop"
+    prox: bool = False  # the offsite proximal term at --proximal-mu
+    align: bool = False  # per-round alignment, --align-steps
+    select: str = "stride"
+    keep: float = 0.0  # share of the middle kept, evenly spaced; 0 = every --stride-th
+    train: str = ""  # what offsite clients train; "" = --train
+
+
+FEDERATED = {
+    "full-lora": Row(share=0.0),
+    "drop": Row(),
+    "share": Row(fill="share"),
+    "drop+prox": Row(prox=True),
+    "share+prox": Row(fill="share", prox=True),
+    "drop+align": Row(align=True),
+    "share+align": Row(fill="share", align=True),
+    "share+align+prox": Row(fill="share", prox=True, align=True),
+    "drop-sim": Row(select="similarity"),
+    "share-sim": Row(fill="share", select="similarity"),
+    "drop-80": Row(keep=MILD),
+    "share-80": Row(fill="share", keep=MILD),
+    "share-80-lora": Row(fill="share", keep=MILD, train="lora"),
+    "share-80+prox": Row(fill="share", keep=MILD, prox=True),
+    "share-80+align": Row(fill="share", keep=MILD, align=True),
 }
-COSTS = {"cost-drop": ("drop", 0.0), "cost-share": ("share", 0.0), "cost-drop-80": ("drop", MILD), "cost-share-80": ("share", MILD)}
+COSTS = {"cost-drop": Row(), "cost-share": Row(fill="share"), "cost-drop-80": Row(keep=MILD), "cost-share-80": Row(fill="share", keep=MILD)}
 ROWS = ("zero-shot", *FEDERATED, *COSTS)
 
 
@@ -104,27 +121,27 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_config(args: argparse.Namespace, row: str, share: float = 1.0, fill: str = "drop", prox: bool = False, align: bool = False, select: str = "stride", keep: float = 0.0) -> FedsiteConfig:
+def run_config(args: argparse.Namespace, row: str, spec: Row = Row()) -> FedsiteConfig:
     return FedsiteConfig(
         model=args.model,
         clients=args.clients,
         num_server_rounds=args.rounds,
         local_steps=args.local_steps,
         eval_examples=args.eval_examples,
-        emulator_share=share,
+        emulator_share=spec.share,
         emulator_adapter_layers=args.adapter_layers,
         emulator_stride=args.stride,
-        emulator_keep=keep,
-        emulator_fill=fill,
-        emulator_select=select,
+        emulator_keep=spec.keep,
+        emulator_fill=spec.fill,
+        emulator_select=spec.select,
         emulator_quantize=args.quantize,
         emulator_distill_steps=args.distill_steps,
         emulator_distill_data=args.distill_data,
         emulator_distill_objective=args.distill_objective,
-        offsite_train=args.train,
+        offsite_train=spec.train or args.train,
         offsite_lr=args.offsite_lr,
-        offsite_proximal_mu=args.proximal_mu if prox else 0.0,
-        emulator_align_steps=args.align_steps if align else 0,
+        offsite_proximal_mu=args.proximal_mu if spec.prox else 0.0,
+        emulator_align_steps=args.align_steps if spec.align else 0,
         emulator_align_rank=args.align_rank,
         out=str(Path(args.out) / "runs" / row),
     ).validate()
@@ -151,7 +168,7 @@ def scores(model, tokenizer, config: FedsiteConfig, prefix: str) -> dict:
 
 
 def zero_shot_row(args: argparse.Namespace) -> dict:
-    config = run_config(args, "zero-shot", 0.0)
+    config = run_config(args, "zero-shot", Row(share=0.0))
     model, tokenizer = load_backbone(config.model)
     return scores(model, tokenizer, config, "plug_in")  # "plug_in" columns: the model a user ends up with
 
@@ -161,12 +178,11 @@ def federated_row(args: argparse.Namespace, row: str) -> dict:
 
     from simulations.runner import simulate
 
-    share, fill, prox, align, select, keep = FEDERATED[row]
-    config = run_config(args, row, share, fill, prox, align, select, keep)
+    config = run_config(args, row, FEDERATED[row])
     run = simulate(config)
     summary = json.loads((run / "summary.json").read_text())
     backbone, tokenizer = load_backbone(config.model)
-    if share == 0.0:  # full-model LoRA: the run's adapter on the backbone
+    if config.emulator_share == 0.0:  # full-model LoRA: the run's adapter on the backbone
         return {**scores(PeftModel.from_pretrained(backbone, str(run / "adapter")), tokenizer, config, "plug_in"), "seconds_federated": summary.get("seconds")}
     off = summary["offsite"]
     out = {"emulator_bytes": off["emulator_bytes"], "backbone_bytes": off["backbone_bytes"], "layer_map": off.get("layer_map")}
@@ -182,7 +198,7 @@ def federated_row(args: argparse.Namespace, row: str) -> dict:
     else:  # LoRA on the adapter blocks: the exported PEFT adapter fits the full backbone
         plug_in = PeftModel.from_pretrained(backbone, str(run / "offsite_adapter"))
     out.update(scores(plug_in, tokenizer, config, "plug_in"))
-    if config.offsite_train == "blocks" and not align:  # an aligned emulator's refresh lives only in the run: its own scores
+    if config.offsite_train == "blocks" and not config.emulator_align_steps:  # an aligned emulator's refresh lives only in the run: its own scores
         emulator = load_package(run / "emulator", run / "keys" / "public_key.pem")[0]
         load_adapter_state(emulator, arrays, layer_map)
         out.update(scores(emulator, tokenizer, config, "emulator"))
@@ -201,16 +217,15 @@ def cost_row(args: argparse.Namespace, row: str) -> dict:
     """Bytes, step time (interleaved repeats, median) and peak RSS (fresh process per kind)."""
     from emulator.cli import build_package
 
-    fill, keep = COSTS[row]
-    config = run_config(args, row, 1.0, fill, keep=keep)
+    config = run_config(args, row, COSTS[row])
     folder = Path(config.out)
     package, key_file = folder / "emulator", folder / "keys" / "public_key.pem"
     if not (package / "manifest.sig").is_file():  # no distillation: costs do not depend on it
-        build_package(config.model, package, args.adapter_layers, args.stride, None if args.quantize == "none" else args.quantize, folder / "keys" / "signing_key.pem", fill=fill, keep=keep)
+        build_package(config.model, package, args.adapter_layers, args.stride, None if args.quantize == "none" else args.quantize, folder / "keys" / "signing_key.pem", fill=config.emulator_fill, keep=config.emulator_keep)
     manifest_bytes = load_package(package, key_file)[3]
     models = client_models(config, package, key_file)
     seconds = step_seconds(models, run_splits(config)[0], args, config.batch_size, config.max_seq_len)
-    memory = {kind: peak_memory_mb(kind, args, package, fill) for kind in ("full", "emulator")}
+    memory = {kind: peak_memory_mb(kind, args, package) for kind in ("full", "emulator")}
     return {
         "emulator_bytes": manifest_bytes.emulator_bytes, "backbone_bytes": manifest_bytes.backbone_bytes,
         "byte_ratio": manifest_bytes.emulator_bytes / manifest_bytes.backbone_bytes,
@@ -243,7 +258,7 @@ def step_seconds(models: dict, examples, args: argparse.Namespace, batch_size: i
     return {kind: statistics.median(values) for kind, values in times.items()}
 
 
-def peak_memory_mb(kind: str, args: argparse.Namespace, package: Path, fill: str) -> float:
+def peak_memory_mb(kind: str, args: argparse.Namespace, package: Path) -> float:
     """Peak RSS of a fresh process that loads one kind of client and trains a few steps."""
     command = [sys.executable, __file__, "--measure", kind, "--package", str(package), "--model", args.model, "--train", args.train,
                "--steps", "2", "--out", args.out, "--adapter-layers", str(args.adapter_layers), "--stride", str(args.stride), "--quantize", args.quantize]
