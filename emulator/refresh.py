@@ -3,8 +3,10 @@
 The coordinator keeps aligning the emulator to the backbone between rounds (with the current
 adapter plugged into both). Re-quantizing the int8/NF4 middle would erase such small updates,
 and re-sending the package would cost its bytes every round. So the change travels as LoRA
-factors on the frozen middle Linears: every slot running kept middle block i computes with
-W_i + B_i A_i, W_i as the package stores it (dequantized), A_i, B_i in fp32. A refresh holds
+factors on the frozen middle Linears: every slot running kept middle block i computes
+W_i x + B_i (A_i x), W_i as the package stores it (dequantized), A_i, B_i in fp32. The factors
+sit beside the Linear (a forward hook), as PEFT's LoRA does, never folded into a W-sized
+tensor: a forward costs O(tokens x rank) more, and training them needs no gradient of W. A refresh holds
 the factors of all kept middle blocks (keyed by ORIGINAL block index, as adapters are) and
 replaces the previous one: a client applies it to the emulator it already holds.
 
@@ -24,7 +26,6 @@ import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from torch import nn
-from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
 from emulator.build import LAYER_PREFIX, decoder_layers
@@ -33,18 +34,24 @@ from emulator.layers import LayerMap
 
 DOMAIN = b"fedsite-emulator-refresh/1"
 _ATTR = "_fedsite_refresh"
+CHILD = "fedsite_refresh"  # the factors' module under each refreshed Linear
 
 
 class LowRankDelta(nn.Module):
-    """Parametrization W -> W + B A (B starts at zero, so a fresh refresh changes nothing)."""
+    """x -> B (A x), added to a frozen Linear's output (B starts at zero, so a fresh refresh changes nothing)."""
 
     def __init__(self, out_features: int, in_features: int, rank: int, generator: torch.Generator) -> None:
         super().__init__()
         self.A = nn.Parameter(torch.randn(rank, in_features, generator=generator) / in_features**0.5)
         self.B = nn.Parameter(torch.zeros(out_features, rank))
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (self.B @ self.A).to(weight.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.A.dtype) @ self.A.t()) @ self.B.t()
+
+
+def _add_delta(linear: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of a refreshed Linear: W x (+ bias) + B (A x)."""
+    return output + getattr(linear, CHILD)(inputs[0]).to(output.dtype)
 
 
 def _slot_linears(model: PreTrainedModel, layer_map: LayerMap) -> list[tuple[str, nn.Linear]]:
@@ -58,7 +65,8 @@ def _slot_linears(model: PreTrainedModel, layer_map: LayerMap) -> list[tuple[str
 
 
 def attach_refresh(model: PreTrainedModel, layer_map: LayerMap, rank: int, seed: int = 0) -> dict[str, LowRankDelta]:
-    """LoRA factors on the middle Linears of `model` (an emulator), once; shared slots share them.
+    """LoRA factors beside the middle Linears of `model` (an emulator), once; shared slots share
+    them (one module, registered under every Linear that runs it, so `.to()` moves it once).
 
     Pass the plain emulator (for a PeftModel, its `get_base_model()`)."""
     deltas: dict[str, LowRankDelta] | None = getattr(model, _ATTR, None)
@@ -70,7 +78,8 @@ def attach_refresh(model: PreTrainedModel, layer_map: LayerMap, rank: int, seed:
         if key not in deltas:
             deltas[key] = LowRankDelta(linear.out_features, linear.in_features, rank, generator).to(linear.weight.device)
             deltas[key].requires_grad_(False)  # frozen on clients; only `align_refresh` trains them
-        parametrize.register_parametrization(linear, "weight", deltas[key], unsafe=True)
+        linear.add_module(CHILD, deltas[key])
+        linear.register_forward_hook(_add_delta)
     setattr(model, _ATTR, deltas)
     return deltas
 

@@ -13,6 +13,7 @@ from emulator.keys import PackageError
 from emulator.layers import make_layer_map
 from emulator.package import load_package, write_package
 from emulator.refresh import (
+    CHILD,
     align_refresh,
     apply_refresh,
     attach_refresh,
@@ -59,14 +60,26 @@ def test_refresh_round_trips_verifies_and_applies_exactly(package, signing_key, 
     layers = decoder_layers(client)
     for slot, source in enumerate(lm.stack()):  # shared slots run the refreshed block too
         if source in lm.middle_kept:
-            assert torch.equal(layers[slot].mlp.up_proj.weight, layers[lm.emulator_index()[source]].mlp.up_proj.weight)
-    assert all(not p.requires_grad for name, p in client.named_parameters() if "parametrizations" in name)
+            assert getattr(layers[slot].mlp.up_proj, CHILD) is getattr(layers[lm.emulator_index()[source]].mlp.up_proj, CHILD)
+    assert all(not p.requires_grad for name, p in client.named_parameters() if CHILD in name)
     later = random_factors(coordinator, lm, seed=1)  # the next round's refresh replaces this one
     apply_refresh(client, lm, later)
     fresh, _, _, _ = load_package(folder, signing_key.public_key())
     apply_refresh(fresh, lm, later)
     assert torch.equal(logits(client, batch), logits(fresh, batch))
     assert refresh_bytes(arrays) < (folder / "emulator.safetensors").stat().st_size / 2
+
+
+def test_a_refresh_computes_w_plus_ba_beside_the_frozen_weight(package, signing_key):
+    lm, folder, _ = package
+    model, _, _, _ = load_package(folder, signing_key.public_key())
+    random_factors(model, lm)
+    linear = decoder_layers(model)[lm.emulator_index()[lm.middle_kept[0]]].self_attn.q_proj
+    delta = getattr(linear, CHILD)
+    x = torch.randn(2, 5, linear.in_features)
+    merged = torch.nn.functional.linear(x, linear.weight + delta.B @ delta.A, linear.bias)
+    assert torch.allclose(linear(x), merged, atol=1e-5)
+    assert not torch.allclose(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias), atol=1e-4)
 
 
 def test_tampered_refresh_is_refused(package, signing_key, tiny8):
@@ -118,8 +131,9 @@ def test_alignment_trains_only_the_refresh_and_brings_the_quantized_emulator_clo
     assert losses[-1] < losses[0] and kl() < 0.8 * before
     assert all(torch.equal(p, copy) for p, copy in frozen)  # the package's weights (int8 middle, adapters) untouched
     middle = decoder_layers(emulator)[2].mlp.up_proj
-    assert torch.equal(middle.parametrizations.weight.original, frozen[[id(p) for p, _ in frozen].index(id(middle.parametrizations.weight.original))][1])
-    assert not torch.equal(middle.weight, middle.parametrizations.weight.original)  # the refresh is what changed
+    x = torch.randn(3, middle.in_features)
+    assert not torch.allclose(middle(x), torch.nn.functional.linear(x, middle.weight, middle.bias))  # the refresh is what changed
+    assert not any(CHILD in name for name, _ in full.named_parameters())  # the backbone carries no refresh
     assert {id(p) for p in emulator.parameters() if p.requires_grad} - trainable == set()  # factors frozen again
     assert {id(p) for p in emulator.parameters() if p.requires_grad} == trainable
     assert any(np.abs(v).max() > 0 for k, v in refresh_arrays(emulator).items() if k.endswith("lora_B"))
