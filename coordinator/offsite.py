@@ -18,6 +18,8 @@ the offsite aggregator's server-optimizer moments.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,8 @@ PREFIX = "offsite/"
 REFRESH_PREFIX = "refresh/"
 REFRESH_SIGNATURE_KEY, REFRESH_ROUND_KEY = "emulator-refresh-signature", "emulator-refresh-round"
 KIND_LORA, KIND_EMULATOR = "lora", "emulator"
+
+log = logging.getLogger("fedsite.coordinator")
 
 
 def split_tracks(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -183,10 +187,47 @@ def restore_track(track: OffsiteTrack, aggregator: Aggregator, state: Mapping[st
         aggregator.state = moments
 
 
-def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
-    """Build and sign the run's emulator package (or verify `emulator-package`), set up the plug-in."""
+BUILT = "emulator.json"  # beside the run's package: the settings it was built with, and its build summary
+
+
+def build_settings(config: FedsiteConfig) -> dict[str, Any]:
+    """What a run's emulator package depends on (not the device it was distilled on)."""
+    return {
+        "model": config.model, "adapter_layers": config.emulator_adapter_layers, "stride": config.emulator_stride, "keep": config.emulator_keep,
+        "fill": config.emulator_fill, "select": config.emulator_select, "quantize": config.emulator_quantize, "distill_steps": config.emulator_distill_steps,
+        "distill_data": config.emulator_distill_data, "distill_objective": config.emulator_distill_objective,
+    }
+
+
+def _built_before(out: Path, package: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], Any, Any] | None:
+    """(summary, public key, manifest) of the package a resumed run built before, if it was built
+    with these settings and still verifies against the run's key; else None (it is rebuilt)."""
+    try:
+        record = json.loads((out / BUILT).read_text())
+        if not isinstance(record, dict) or record.get("settings") != settings or not isinstance(record.get("summary"), dict):
+            log.info("resumed: the emulator package was built with other settings; building it again")
+            return None
+        public_key = load_public_key(out / "keys" / "public_key.pem")
+        manifest = verify_package(package, public_key)
+    except (OSError, ValueError) as err:  # PackageError is a ValueError
+        log.info("resumed: the emulator package built before is not reused (%s); building it again", str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return None
+    log.info("resumed: reusing the emulator package built before (%s), not distilling it again", package)
+    return {**record["summary"], "reused": True}, public_key, manifest
+
+
+def prepare_offsite(config: FedsiteConfig, resumed: bool = False) -> OffsiteTrack:
+    """Build and sign the run's emulator package (or verify `emulator-package`), set up the plug-in.
+
+    A `resumed` run reuses the package it built before (same settings, still verifying), so it
+    does not distil the emulator again."""
     out = Path(config.out)
-    if config.emulator_package:
+    settings = build_settings(config)
+    reused = _built_before(out, (out / "emulator").resolve(), settings) if resumed and not config.emulator_package else None
+    if reused is not None:
+        package = (out / "emulator").resolve()
+        summary, public_key, manifest = reused
+    elif config.emulator_package:
         package = Path(config.emulator_package).expanduser().resolve()
         key_file = package.parent / "keys" / "public_key.pem"
         if not key_file.is_file():
@@ -213,6 +254,7 @@ def prepare_offsite(config: FedsiteConfig) -> OffsiteTrack:
         )
         public_key = load_public_key(out / "keys" / "public_key.pem")
         manifest = verify_package(package, public_key)
+        (out / BUILT).write_text(json.dumps({"settings": settings, "summary": summary}, indent=2))
     layer_map = manifest_layer_map(manifest)
     reference = str(package)
     if config.artifact_url:  # deployed clients fetch it by content hash from the artifact service

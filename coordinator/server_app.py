@@ -78,7 +78,7 @@ def run_federation(grid: Grid, config: FedsiteConfig, population: PopulationMode
     )
     strategy.module_selection = selection_for(config, initial)  # Kill-and-Revive (None: every module trains)
     if offsite_wanted(config, strategy.planner):  # some clients get an emulator instead of the backbone
-        strategy.offsite = prepare_offsite(config)
+        strategy.offsite = prepare_offsite(config, resumed=checkpoint is not None)
         strategy.offsite_aggregator = Aggregator(config.aggregation, config.server_lr, config.server_momentum, config.trim_fraction)
         initial = join_tracks(initial, strategy.offsite.initial)
         if strategy.module_selection is not None:  # population profiles without the backbone: offsite clients train their own adapter

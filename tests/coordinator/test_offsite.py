@@ -202,6 +202,36 @@ def test_emulator_keep_overrides_the_stride(tmp_path):
     assert kept.layer_map.middle_kept == (1,) and kept.summary["layer_map"]["middle_kept"] == [1]
 
 
+def test_a_resumed_run_reuses_its_package_only_if_built_alike_and_verifying(tmp_path, monkeypatch):
+    import json
+
+    import coordinator.offsite as offsite
+
+    config = FedsiteConfig(model="tiny", out=str(tmp_path / "run"), emulator_share=0.5, lora_rank=4, emulator_distill_steps=2).validate()
+    first = prepare_offsite(config)
+    builds = []
+    real_build = offsite.build_package
+    monkeypatch.setattr(offsite, "build_package", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    again = prepare_offsite(config, resumed=True)
+    assert builds == [] and again.summary["reused"] and again.layer_map == first.layer_map
+    assert again.summary["emulator_bytes"] == first.summary["emulator_bytes"]
+    assert all(np.array_equal(again.initial[k], v) for k, v in first.initial.items())
+    prepare_offsite(config)  # a fresh run always builds
+    assert builds == [1]
+    record = tmp_path / "run" / offsite.BUILT
+    changed = json.loads(record.read_text())
+    changed["settings"]["distill_steps"] = 3
+    record.write_text(json.dumps(changed))
+    prepare_offsite(config, resumed=True)  # built with other settings: rebuilt
+    assert builds == [1, 1]
+    tensors = tmp_path / "run" / "emulator" / "emulator.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-8] + b"\0" * 8)
+    assert prepare_offsite(config, resumed=True).summary.get("reused") is None  # no longer verifies: rebuilt
+    record.write_text("{not json")
+    prepare_offsite(config, resumed=True)
+    assert builds == [1, 1, 1, 1]
+
+
 def test_per_round_alignment_ships_a_signed_refresh_that_clients_apply(tmp_path, monkeypatch):
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
