@@ -89,6 +89,9 @@ FEDERATED = {
     "share-80-lora": Row(fill="share", keep=MILD, train="lora"),
     "share-80+prox": Row(fill="share", keep=MILD, prox=True),
     "share-80+align": Row(fill="share", keep=MILD, align=True),
+    "drop-80-lora": Row(keep=MILD, train="lora"),
+    "share-80-lora+prox": Row(fill="share", keep=MILD, train="lora", prox=True),
+    "share-80-lora+align": Row(fill="share", keep=MILD, train="lora", align=True),
 }
 COSTS = {"cost-drop": Row(), "cost-share": Row(fill="share"), "cost-drop-80": Row(keep=MILD), "cost-share-80": Row(fill="share", keep=MILD)}
 ROWS = ("zero-shot", *FEDERATED, *COSTS)
@@ -290,10 +293,15 @@ def run_row(args: argparse.Namespace, row: str) -> dict:
     return cost_row(args, row)
 
 
-def budget(args: argparse.Namespace) -> dict:
-    """What a row's numbers depend on: a cached row of another budget is not reused."""
-    keys = ("model", "clients", "rounds", "local_steps", "adapter_layers", "stride", "quantize", "distill_steps", "distill_objective", "distill_data", "train", "offsite_lr", "proximal_mu", "align_steps", "align_rank", "eval_examples")
-    return {key: getattr(args, key) for key in keys}
+REFERENCE_KEYS = {"zero-shot": ("model", "eval_examples"), "full-lora": ("model", "clients", "rounds", "local_steps", "eval_examples")}
+OFFSITE_KEYS = ("model", "clients", "rounds", "local_steps", "adapter_layers", "stride", "quantize", "distill_steps", "distill_objective", "distill_data", "train", "offsite_lr", "proximal_mu", "align_steps", "align_rank", "eval_examples")
+
+
+def budget(args: argparse.Namespace, row: str) -> dict:
+    """What a row's numbers depend on: a cached row of another budget is not reused. The
+    reference rows (no emulator) do not depend on the offsite settings, so one folder's can be
+    copied into another's that only changes those."""
+    return {key: getattr(args, key) for key in REFERENCE_KEYS.get(row, OFFSITE_KEYS)}
 
 
 def table(rows: dict[str, dict]) -> str:
@@ -336,13 +344,14 @@ def main() -> None:
         path = folder / f"{row}.json"
         if path.is_file():
             cached = json.loads(path.read_text())
-            if cached.get("budget") == budget(args):
+            wanted = budget(args, row)
+            if {key: (cached.get("budget") or {}).get(key) for key in wanted} == wanted:
                 print(f"row {row}: done before ({cached.get('wall_seconds', 0):.0f} s then), skipped")
                 done[row] = cached
                 continue
             sys.exit(f"error: {path} was measured at another budget; move it away or use another --out")
         started = time.perf_counter()
-        result = {**run_row(args, row), "budget": budget(args)}
+        result = {**run_row(args, row), "budget": budget(args, row)}
         result["wall_seconds"] = time.perf_counter() - started
         path.write_text(json.dumps(result, indent=2))
         print(f"row {row}: {result['wall_seconds']:.0f} s")
