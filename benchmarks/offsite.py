@@ -49,6 +49,7 @@ from client.offsite import OffsiteSpec, offsite_model
 from emulator.build import load_adapter_state
 from emulator.keys import load_public_key, public_key_pem
 from emulator.package import load_package
+from emulator.refresh import attach_refresh
 from finetune.backbone import load_backbone
 from finetune.batches import encode_example, fixed_batches
 from finetune.cache import lora_model
@@ -93,7 +94,15 @@ FEDERATED = {
     "share-80-lora+prox": Row(fill="share", keep=MILD, train="lora", prox=True),
     "share-80-lora+align": Row(fill="share", keep=MILD, train="lora", align=True),
 }
-COSTS = {"cost-drop": Row(), "cost-share": Row(fill="share"), "cost-drop-80": Row(keep=MILD), "cost-share-80": Row(fill="share", keep=MILD)}
+COSTS = {
+    "cost-drop": Row(),
+    "cost-share": Row(fill="share"),
+    "cost-drop-80": Row(keep=MILD),
+    "cost-share-80": Row(fill="share", keep=MILD),
+    "cost-drop-80-lora": Row(keep=MILD, train="lora"),
+    "cost-share-80-lora": Row(fill="share", keep=MILD, train="lora"),
+    "cost-share-80-lora+refresh": Row(fill="share", keep=MILD, train="lora", align=True),  # a client holding a rank --align-rank refresh
+}
 ROWS = ("zero-shot", *FEDERATED, *COSTS)
 
 
@@ -121,6 +130,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="results/bench-offsite")
     p.add_argument("--measure", choices=["full", "emulator"], help=argparse.SUPPRESS)  # child process: peak memory
     p.add_argument("--package", default="", help=argparse.SUPPRESS)  # child process: the emulator package
+    p.add_argument("--refresh-rank", type=int, default=0, help=argparse.SUPPRESS)  # child process: the emulator holds a refresh of this rank
     return p.parse_args(argv)
 
 
@@ -226,9 +236,10 @@ def cost_row(args: argparse.Namespace, row: str) -> dict:
     if not (package / "manifest.sig").is_file():  # no distillation: costs do not depend on it
         build_package(config.model, package, args.adapter_layers, args.stride, None if args.quantize == "none" else args.quantize, folder / "keys" / "signing_key.pem", fill=config.emulator_fill, keep=config.emulator_keep)
     manifest_bytes = load_package(package, key_file)[3]
-    models = client_models(config, package, key_file)
+    refresh_rank = args.align_rank if COSTS[row].align else 0
+    models = client_models(config, package, key_file, refresh_rank=refresh_rank)
     seconds = step_seconds(models, run_splits(config)[0], args, config.batch_size, config.max_seq_len)
-    memory = {kind: peak_memory_mb(kind, args, package) for kind in ("full", "emulator")}
+    memory = {kind: peak_memory_mb(kind, args, package, config.offsite_train, refresh_rank) for kind in ("full", "emulator")}
     return {
         "emulator_bytes": manifest_bytes.emulator_bytes, "backbone_bytes": manifest_bytes.backbone_bytes,
         "byte_ratio": manifest_bytes.emulator_bytes / manifest_bytes.backbone_bytes,
@@ -237,14 +248,17 @@ def cost_row(args: argparse.Namespace, row: str) -> dict:
     }
 
 
-def client_models(config: FedsiteConfig, package: Path, key_file: Path, kinds: tuple[str, ...] = ("full", "emulator")) -> dict:
-    """(model, tokenizer) of a full-model LoRA client and/or an offsite client, as clients load them."""
+def client_models(config: FedsiteConfig, package: Path, key_file: Path, kinds: tuple[str, ...] = ("full", "emulator"), refresh_rank: int = 0) -> dict:
+    """(model, tokenizer) of a full-model LoRA client and/or an offsite client, as clients load them
+    (`refresh_rank` > 0: the emulator holds a refresh of that rank, as after an aligned round)."""
     models = {}
     if "full" in kinds:
         models["full"] = lora_model(config.model, config.lora_settings(), config.seed)
     if "emulator" in kinds:
         spec = OffsiteSpec(str(package), public_key_pem(load_public_key(key_file)).decode(), config.offsite_train)
-        emulator, tokenizer, _ = offsite_model(spec, config.offsite_lora_settings(), config.seed)
+        emulator, tokenizer, layer_map = offsite_model(spec, config.offsite_lora_settings(), config.seed)
+        if refresh_rank:
+            attach_refresh(emulator.get_base_model() if hasattr(emulator, "get_base_model") else emulator, layer_map, refresh_rank)
         models["emulator"] = (emulator, tokenizer)
     return models
 
@@ -261,9 +275,9 @@ def step_seconds(models: dict, examples, args: argparse.Namespace, batch_size: i
     return {kind: statistics.median(values) for kind, values in times.items()}
 
 
-def peak_memory_mb(kind: str, args: argparse.Namespace, package: Path) -> float:
+def peak_memory_mb(kind: str, args: argparse.Namespace, package: Path, train_mode: str, refresh_rank: int = 0) -> float:
     """Peak RSS of a fresh process that loads one kind of client and trains a few steps."""
-    command = [sys.executable, __file__, "--measure", kind, "--package", str(package), "--model", args.model, "--train", args.train,
+    command = [sys.executable, __file__, "--measure", kind, "--package", str(package), "--model", args.model, "--train", train_mode, "--refresh-rank", str(refresh_rank),
                "--steps", "2", "--out", args.out, "--adapter-layers", str(args.adapter_layers), "--stride", str(args.stride), "--quantize", args.quantize]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]
@@ -272,7 +286,7 @@ def peak_memory_mb(kind: str, args: argparse.Namespace, package: Path) -> float:
 def measure_child(args: argparse.Namespace) -> None:
     config = run_config(args, "measure")
     package = Path(args.package)
-    model, tokenizer = client_models(config, package, package.parent / "keys" / "public_key.pem", (args.measure,))[args.measure]
+    model, tokenizer = client_models(config, package, package.parent / "keys" / "public_key.pem", (args.measure,), args.refresh_rank)[args.measure]
     train(model, tokenizer, run_splits(config)[0], TrainSettings(steps=args.steps, batch_size=config.batch_size, max_seq_len=config.max_seq_len, lr=1e-4))
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 
