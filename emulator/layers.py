@@ -137,12 +137,13 @@ def nearest_slots(num_layers: int, adapter_layers: int, middle_kept: tuple[int, 
 
 
 def evenly_kept(first: int, end: int, keep: float) -> tuple[int, ...]:
-    """round(keep x M) of the M blocks first .. end-1 (at least one), evenly spaced, the first and
-    the last included: keep 0.8 drops every fifth block, as FedBiOT's 20% drop."""
+    """round(keep x M) of the M blocks first .. end-1, evenly spaced, the first and the last
+    included: keep 0.8 drops every fifth block, as FedBiOT's 20% drop. At least one is kept, and
+    keep < 1 drops at least one (a shallow middle would otherwise round to the whole backbone)."""
     M = end - first
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"layer map: keep must be in (0, 1], got {keep}")
-    count = max(1, min(M, int(keep * M + 0.5)))
+    count = max(1, min(M if keep >= 1.0 else M - 1, int(keep * M + 0.5)))
     if count == 1:
         return (first,)
     return tuple(first + int(i * (M - 1) / (count - 1) + 0.5) for i in range(count))

@@ -127,7 +127,7 @@ class FedsiteConfig:
     emulator_package: str = ""  # a package from `fedsite emulator build` ("" = build one into <out>/emulator)
     emulator_adapter_layers: int = 0  # trainable blocks kept at each end (0 = 2, or 1 below 8 blocks)
     emulator_stride: int = 2  # keep every n-th middle block
-    emulator_keep: float = 0.0  # > 0: keep this share of the middle blocks, evenly spaced, instead (FedBiOT: 0.8)
+    emulator_keep: float = 0.8  # > 0: keep this share of the middle blocks, evenly spaced (FedBiOT's 0.8); 0: every emulator-stride-th
     emulator_fill: str = "drop"  # dropped middle blocks: "drop" (shallower) or "share" (depth kept, nearest kept block reused)
     emulator_select: str = "stride"  # kept middle blocks: every n-th ("stride") or one per run of similar blocks ("similarity", CRaSh)
     emulator_quantize: str = "none"  # storage of the emulator's frozen middle: none, int8 or nf4

@@ -119,6 +119,8 @@ def test_keep_share_drops_evenly_spaced_blocks_first_and_last_kept():
     assert lm.dropped() == (4, 9, 14, 19, 24)
     assert make_layer_map(30, 2, 3, keep=1.0).middle_kept == make_layer_map(30, 2, 1).middle_kept
     assert make_layer_map(4, 1, 1, keep=0.1).middle_kept == (1,)  # at least one block
+    assert make_layer_map(4, 1, 1, keep=0.8).middle_kept == (1,)  # keep < 1 drops at least one
+    assert make_layer_map(4, 1, 1, keep=1.0).middle_kept == (1, 2) and make_layer_map(5, 2, 1, keep=0.5).middle_kept == (2,)
     shared = make_layer_map(30, 2, 3, "share", keep=0.8)
     assert shared.middle_kept == lm.middle_kept and shared.slots[4] == 3 and shared.slots[9] == 8
 

@@ -81,7 +81,7 @@ def test_offsite_lora_has_its_own_targets_and_the_runs_rank():
 
 
 def test_emulator_keep_is_a_share_or_off():
-    assert FedsiteConfig().emulator_keep == 0.0 and from_mapping({"emulator-keep": 0.8}).emulator_keep == 0.8
+    assert FedsiteConfig().emulator_keep == 0.8 and from_mapping({"emulator-keep": 0.0}).emulator_keep == 0.0  # 0: every emulator-stride-th block
     for value in (-0.1, 1.2):
         with pytest.raises(ConfigError, match=r"'emulator-keep'.*in \[0, 1\]"):
             from_mapping({"emulator-keep": value})
