@@ -98,6 +98,8 @@ def build_package(
     quantize = canonical(quantize)
     if select not in ("stride", "similarity"):
         raise ValueError(f"emulator: select must be 'stride' or 'similarity', got {select!r}")
+    if keep > 0 and stride != 2:
+        log.warning(f"emulator: stride {stride} is not used, keep {keep:g} chooses the kept middle blocks (keep 0 uses the stride)")
     model, tokenizer = load_backbone(model_spec)
     num_layers = model.config.num_hidden_layers
     layer_map = make_layer_map(num_layers, adapter_layers or default_adapter_layers(num_layers), stride, fill, keep)

@@ -71,6 +71,17 @@ def test_build_keep_share_sets_the_kept_middle(tmp_path, capsys):
     assert verify_command(str(tmp_path / "pkg")) == 0
 
 
+def test_a_stride_that_keep_overrides_is_named_in_a_warning(tmp_path, caplog, capsys):
+    with caplog.at_level("WARNING", logger="fedsite.emulator"):
+        summary = build_command("tiny", str(tmp_path / "pkg"), 1, 3, None, None, keep=0.8)
+    assert summary["layer_map"]["middle_kept"] == [1]
+    assert any("stride 3 is not used, keep 0.8" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fedsite.emulator"):
+        build_command("tiny", str(tmp_path / "pkg2"), 1, 3, None, None, keep=0.0)
+    assert not caplog.records
+
+
 def test_fedsite_emulator_build_fill_share_contract(tmp_path):
     import subprocess
     import sys
