@@ -222,10 +222,10 @@ def prepare_offsite(config: FedsiteConfig, resumed: bool = False) -> OffsiteTrac
     A `resumed` run reuses the package it built before (same settings, still verifying), so it
     does not distil the emulator again."""
     out = Path(config.out)
-    settings = build_settings(config)
-    reused = _built_before(out, (out / "emulator").resolve(), settings) if resumed and not config.emulator_package else None
+    settings, own = build_settings(config), (out / "emulator").resolve()
+    reused = _built_before(out, own, settings) if resumed and not config.emulator_package else None
     if reused is not None:
-        package = (out / "emulator").resolve()
+        package = own
         summary, public_key, manifest = reused
     elif config.emulator_package:
         package = Path(config.emulator_package).expanduser().resolve()
@@ -236,7 +236,7 @@ def prepare_offsite(config: FedsiteConfig, resumed: bool = False) -> OffsiteTrac
         manifest = verify_package(package, public_key)
         summary = {"package": str(package), "emulator_bytes": manifest.emulator_bytes, "backbone_bytes": manifest.backbone_bytes}
     else:
-        package = (out / "emulator").resolve()
+        package = own
         summary = build_package(
             config.model,
             package,
