@@ -33,11 +33,13 @@ from peft import PeftModel
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
 
 from emulator.build import compact_view, decoder_layers, expand_shared, freeze_non_adapter, middle_linear_weights, unique_parameters
+from emulator.held import hold_quantized
 from emulator.keys import PackageError, key_id, load_public_key, public_key_pem
 from emulator.layers import LayerMap
-from emulator.quantize import METHODS, dequantize_tensor, quantize_tensor
+from emulator.quantize import METHODS, quantize_tensor
 from protos import manifest_pb2
 
 FORMAT_VERSION = "1"
@@ -237,25 +239,34 @@ def load_package(
     compact = layer_map.compact()  # what the weights file holds, whatever the fill
     if config.num_hidden_layers != len(layer_map.emulator_layers()):
         raise PackageError(f"config.json: {config.num_hidden_layers} blocks, manifest lists {len(layer_map.emulator_layers())}")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with no_init_weights():  # every tensor is loaded below: skip the random init (and its memory)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # skipped with the init
     stored = load_safetensors_bytes(data)
+    del data
     method = manifest.quantization
     state = model.state_dict()
+    codes = {}
     if method:
         for name in middle_linear_weights(model, compact):
-            if f"{name}.q" not in stored:
+            if f"{name}.q" not in stored or f"{name}.absmax" not in stored:
                 raise PackageError(f"{entry.name}: quantized weight '{name}' is missing")
-            parts = {"q": stored.pop(f"{name}.q"), "absmax": stored.pop(f"{name}.absmax")}
-            stored[name] = dequantize_tensor(parts, method, tuple(state[name].shape))
+            codes[name] = {"q": stored.pop(f"{name}.q"), "absmax": stored.pop(f"{name}.absmax")}
     unknown = sorted(set(stored) - set(state))
-    missing = sorted(set(state) - set(stored) - _tied_names(model))
+    missing = sorted(set(state) - set(stored) - set(codes) - _tied_names(model))
     if unknown or missing:
         what = f"unknown tensor '{unknown[0]}'" if unknown else f"missing tensor '{missing[0]}'"
         raise PackageError(f"{entry.name}: does not match config.json ({what})")
     for name, tensor in stored.items():
         if tuple(tensor.shape) != tuple(state[name].shape):
             raise PackageError(f"{entry.name}: '{name}' has shape {tuple(tensor.shape)}, config expects {tuple(state[name].shape)}")
+    del state
+    try:
+        hold_quantized(model, codes, method)  # the middle stays int8/NF4 in memory
+    except ValueError as err:
+        raise PackageError(f"{entry.name}: {err}") from None
     model.load_state_dict(stored, strict=False)
+    del stored
     if layer_map.fill == "share":
         expand_shared(model, layer_map)
     freeze_non_adapter(model, layer_map)
