@@ -14,6 +14,7 @@ Rows (`--rows`, comma-separated; default all):
   drop-80, share-80, share-80+prox, share-80+align   the same with FedBiOT's mild compression: 80% of the
                           middle kept (every fifth block dropped) instead of every --stride-th
   share-80-lora           share-80 with offsite clients training LoRA on the adapter blocks, whatever --train says
+  drop-80-lora, share-80-lora+prox, share-80-lora+align, drop-80-lora+align   the same LoRA clients, drop / share, with prox / alignment
   drop+align, share+align per-round alignment at the coordinator (FedBiOT, `--align-steps`), shipped
                           as a signed low-rank refresh of the middle; share+align+prox adds the proximal term
   cost-drop, cost-share, cost-drop-80, cost-share-80   emulator bytes / backbone bytes, client step time and peak memory
@@ -93,6 +94,7 @@ FEDERATED = {
     "drop-80-lora": Row(keep=MILD, train="lora"),
     "share-80-lora+prox": Row(fill="share", keep=MILD, train="lora", prox=True),
     "share-80-lora+align": Row(fill="share", keep=MILD, train="lora", align=True),
+    "drop-80-lora+align": Row(keep=MILD, train="lora", align=True),
 }
 COSTS = {
     "cost-drop": Row(),
