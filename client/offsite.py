@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from client.artifacts import fetch_ref
 from emulator.keys import PackageError
 from emulator.layers import LayerMap
-from emulator.offsite import trainable_model
+from emulator.offsite import base_model, trainable_model
 from emulator.package import MANIFEST, load_package
 from emulator.refresh import apply_refresh, manifest_digest, verify_refresh
 from finetune.lora import LoraSettings
@@ -147,7 +147,7 @@ def apply_round_refresh(model: PreTrainedModel, layer_map: LayerMap, spec: Offsi
         return
     if not refresh or not spec.refresh_signature:
         raise PackageError("offsite client: an emulator refresh without its signature (or a signature without factors); declined")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     try:
         signature = bytes.fromhex(spec.refresh_signature)
     except ValueError:

@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from emulator.cli import build_package
 from emulator.keys import load_public_key, load_signing_key, public_key_pem
 from emulator.layers import LayerMap
-from emulator.offsite import get_offsite_arrays, set_offsite_arrays, trainable_model
+from emulator.offsite import base_model, get_offsite_arrays, set_offsite_arrays, trainable_model
 from emulator.package import MANIFEST, load_package, manifest_layer_map, verify_package
 from aggregation import server_opt
 from aggregation.partial import under
@@ -58,11 +58,6 @@ def split_tracks(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray
     lora = {k: v for k, v in arrays.items() if not k.startswith(PREFIX)}
     offsite = under(arrays, PREFIX)
     return lora, offsite
-
-
-def _unwrapped(model: PreTrainedModel) -> PreTrainedModel:
-    """A PEFT model's underlying model (the modules a refresh addresses), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def join_tracks(lora: Mapping[str, np.ndarray], offsite: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -99,8 +94,8 @@ class OffsiteTrack:
         signs the resulting refresh for this round's offsite clients. Returns its bytes."""
         emulator = self.emulator(arrays, config.offsite_lora_settings(), config.seed)
         full = self.load(arrays)
-        base = _unwrapped(emulator)
-        align_refresh(base, _unwrapped(full), self.layer_map, batches, rank=config.emulator_align_rank, steps=config.emulator_align_steps, objective=config.emulator_distill_objective)
+        base = base_model(emulator)
+        align_refresh(base, base_model(full), self.layer_map, batches, rank=config.emulator_align_rank, steps=config.emulator_align_steps, objective=config.emulator_distill_objective)
         self._set_refresh(server_round, refresh_arrays(base))
         return refresh_bytes(self._refresh[1])
 
@@ -131,7 +126,7 @@ class OffsiteTrack:
             model, _, _, _ = load_package(self.package, self.public_key)
             self._emulator = trainable_model(model, self.layer_map, self.mode, settings, seed).to(model_device(self.plug_in))
             if self._refresh is not None:  # resumed: the next alignment warm-starts from the checkpoint's refresh
-                apply_refresh(_unwrapped(self._emulator), self.layer_map, self._refresh[1])
+                apply_refresh(base_model(self._emulator), self.layer_map, self._refresh[1])
         set_offsite_arrays(self._emulator, arrays, self.layer_map, self.mode)
         return self._emulator
 

@@ -54,10 +54,11 @@ def trainable_model(model: PreTrainedModel, layer_map: LayerMap, mode: str, sett
 
 
 def _to_original(model: PreTrainedModel, layer_map: LayerMap) -> dict[int, int]:
-    return {position: original for original, position in adapter_positions(_base(model), layer_map).items()}
+    return {position: original for original, position in adapter_positions(base_model(model), layer_map).items()}
 
 
-def _base(model: PreTrainedModel) -> PreTrainedModel:
+def base_model(model: PreTrainedModel) -> PreTrainedModel:
+    """The plain model under a PEFT wrapper (the model itself when it has none)."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
