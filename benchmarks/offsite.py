@@ -15,6 +15,8 @@ Rows (`--rows`, comma-separated; default all):
                           middle kept (every fifth block dropped) instead of every --stride-th
   share-80-lora           share-80 with offsite clients training LoRA on the adapter blocks, whatever --train says
   drop-80-lora, share-80-lora+prox, share-80-lora+align, drop-80-lora+align   the same LoRA clients, drop / share, with prox / alignment
+  keep-100-lora           nothing dropped: run with --quantize none --distill-steps 0, the emulator is the
+                          backbone itself, so this is the best a plug-in of these LoRA adapter blocks can reach
   drop+align, share+align per-round alignment at the coordinator (FedBiOT, `--align-steps`), shipped
                           as a signed low-rank refresh of the middle; share+align+prox adds the proximal term
   cost-drop, cost-share, cost-drop-80, cost-share-80   emulator bytes / backbone bytes, client step time and peak memory
@@ -49,6 +51,7 @@ from safetensors.numpy import load_file
 from client.offsite import OffsiteSpec, offsite_model
 from emulator.build import load_adapter_state
 from emulator.keys import load_public_key, public_key_pem
+from emulator.offsite import base_model
 from emulator.package import load_package
 from emulator.refresh import attach_refresh
 from finetune.backbone import load_backbone
@@ -95,6 +98,7 @@ FEDERATED = {
     "share-80-lora+prox": Row(fill="share", keep=MILD, train="lora", prox=True),
     "share-80-lora+align": Row(fill="share", keep=MILD, train="lora", align=True),
     "drop-80-lora+align": Row(keep=MILD, train="lora", align=True),
+    "keep-100-lora": Row(keep=1.0, train="lora"),  # nothing dropped: with --quantize none, the plug-in's ceiling
 }
 COSTS = {
     "cost-drop": Row(),
@@ -260,7 +264,7 @@ def client_models(config: FedsiteConfig, package: Path, key_file: Path, kinds: t
         spec = OffsiteSpec(str(package), public_key_pem(load_public_key(key_file)).decode(), config.offsite_train)
         emulator, tokenizer, layer_map = offsite_model(spec, config.offsite_lora_settings(), config.seed)
         if refresh_rank:
-            attach_refresh(emulator.get_base_model() if hasattr(emulator, "get_base_model") else emulator, layer_map, refresh_rank)
+            attach_refresh(base_model(emulator), layer_map, refresh_rank)
         models["emulator"] = (emulator, tokenizer)
     return models
 
