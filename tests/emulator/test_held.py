@@ -1,15 +1,20 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from emulator.build import build_emulator, decoder_layers
+from emulator.distill import text_batches
 from emulator.held import QuantizedLinear, hold_quantized
 from emulator.keys import PackageError
+from emulator.layers import make_layer_map
 from emulator.offsite import trainable_model
 from emulator.package import load_package, write_package
 from emulator.quantize import dequantize_tensor, quantize_tensor
+from emulator.refresh import align_refresh, refresh_arrays
 from finetune.lora import LoraSettings
 from tests.emulator.conftest import logits
+from tests.emulator.test_refresh import TEXTS
 
 
 @pytest.mark.parametrize("method", ["int8", "nf4"])
@@ -63,8 +68,6 @@ def test_malformed_codes_are_refused_not_run():
 
 @pytest.mark.parametrize("fill", ["drop", "share"])
 def test_a_loaded_quantized_package_holds_its_middle_as_codes(tiny8, signing_key, tmp_path, batch, fill):
-    from emulator.layers import make_layer_map
-
     lm = make_layer_map(8, 2, 2, fill=fill)
     emulator = build_emulator(tiny8[0], lm, quantize="int8")  # fp32, weights rounded in memory
     write_package(emulator, tiny8[1], lm, tmp_path / "q", signing_key, "tiny", 1)
@@ -121,3 +124,20 @@ def _resign(folder, signing_key):
     data = manifest.SerializeToString(deterministic=True)
     (folder / "manifest.pb").write_bytes(data)
     (folder / "manifest.sig").write_bytes(signing_key.sign(data))
+
+
+def test_alignment_on_a_held_middle_follows_the_fp32_one(tiny8, signing_key, tmp_path):
+    """The coordinator aligns the emulator it loaded from the package (held codes): the refresh
+    trains as on the in-memory emulator with the same rounded weights in fp32."""
+    full, tokenizer = tiny8
+    lm = make_layer_map(8, 2, 2, fill="share")
+    emulator = build_emulator(full, lm, quantize="int8")
+    write_package(emulator, tokenizer, lm, tmp_path / "q", signing_key, "tiny", 1)
+    held = load_package(tmp_path / "q", signing_key.public_key())[0]
+    batches = text_batches(tokenizer, TEXTS, batch_size=8, max_length=32)
+    losses = [align_refresh(model, full, lm, batches, rank=4, steps=5, lr=1e-2) for model in (emulator, held)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4, atol=1e-6)
+    assert losses[1][-1] < losses[1][0]
+    fp32, codes = refresh_arrays(emulator), refresh_arrays(held)
+    for name in fp32:
+        np.testing.assert_allclose(codes[name], fp32[name], atol=1e-5)
