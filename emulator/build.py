@@ -25,6 +25,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
 
+from emulator.held import Codes
 from emulator.layers import LayerMap
 from emulator.quantize import canonical, fake_quantize
 from finetune.lora import LoraSettings
@@ -77,8 +78,10 @@ def _set_layer_idx(layer: nn.Module, position: int) -> None:
 
 
 def _alias(layer: nn.Module, config: object) -> nn.Module:
-    """A new module tree running `layer`'s own parameters and buffers (nothing is copied but the modules)."""
+    """A new module tree running `layer`'s own parameters, buffers and held codes (nothing is copied
+    but the modules)."""
     memo = {id(t): t for t in itertools.chain(layer.parameters(), layer.buffers())}
+    memo.update({id(m): m for m in layer.modules() if isinstance(m, Codes)})  # held codes: one module, moved once
     memo[id(config)] = config
     return copy.deepcopy(layer, memo)
 

@@ -8,6 +8,7 @@ never saved for the backward pass), so only the codes stay resident. The math is
 loading the dequantized weight: the same fp32 weight enters the same `F.linear`. Each thread
 dequantizes into one scratch tensor per weight shape (a few MB), reused by every layer: fresh
 W-sized tensors per layer and step would fragment the heap and give the memory back to no one.
+The scratch is one fp32 weight per shape (about 12 MB on SmolLM2).
 
 It is an `nn.Linear` (for code that finds the middle's Linears, e.g. emulator/refresh.py) whose
 `weight` is a read-only, freshly dequantized tensor; the codes never train.
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from emulator.quantize import check_parts, dequantize_tensor
 
@@ -35,6 +37,7 @@ class _CodesMatmul(torch.autograd.Function):
         return F.linear(x, _scratch_weight(q, absmax, method, shape, x.dtype), bias)
 
     @staticmethod
+    @once_differentiable  # the scratch weight must not enter a graph: no double backward
     def backward(ctx, grad):  # type: ignore[override]
         q, absmax = ctx.saved_tensors
         grad_x = grad @ _scratch_weight(q, absmax, ctx.method, ctx.shape, grad.dtype) if ctx.needs_input_grad[0] else None
@@ -55,24 +58,41 @@ def _scratch_weight(q: torch.Tensor, absmax: torch.Tensor, method: str, shape: t
     return dequantize_tensor({"q": q, "absmax": absmax}, method, shape, out=buffers[key]).to(dtype)
 
 
+class Codes(nn.Module):
+    """The codes of one weight (buffers `q`, `absmax`). A module of its own so that the slots of a
+    fill-"share" emulator share one (emulator/build.py `_alias`), which `.to(device)` then moves
+    once; the absmax stays fp32 whatever dtype the model is cast to."""
+
+    def __init__(self, q: torch.Tensor, absmax: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("absmax", absmax)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        absmax = self.absmax
+        super()._apply(fn, recurse)
+        if self.absmax.dtype != torch.float32:  # a dtype cast of the model: scales are not weights
+            self.absmax = absmax.to(device=self.absmax.device)
+        return self
+
+
 class QuantizedLinear(nn.Linear):
-    """A frozen Linear whose weight lives as `quantize_tensor` codes (buffers `q`, `absmax`)."""
+    """A frozen Linear whose weight lives as `quantize_tensor` codes (child `codes`)."""
 
     def __init__(self, linear: nn.Linear, parts: Mapping[str, torch.Tensor], method: str) -> None:
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate an fp32 weight
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.method = method
-        self.register_buffer("q", parts["q"])
-        self.register_buffer("absmax", parts["absmax"])
+        self.codes = Codes(parts["q"], parts["absmax"])
         self.bias = linear.bias
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
         """The fp32 weight, dequantized anew at every read (a copy: writing to it changes nothing)."""
-        return dequantize_tensor({"q": self.q, "absmax": self.absmax}, self.method, (self.out_features, self.in_features))
+        return dequantize_tensor({"q": self.codes.q, "absmax": self.codes.absmax}, self.method, (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _CodesMatmul.apply(x, self.q, self.absmax, self.bias, self.method, (self.out_features, self.in_features))
+        return _CodesMatmul.apply(x, self.codes.q, self.codes.absmax, self.bias, self.method, (self.out_features, self.in_features))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, held={self.method}"

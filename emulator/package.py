@@ -36,7 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.initialization import no_init_weights
 
 from emulator.build import compact_view, decoder_layers, expand_shared, freeze_non_adapter, middle_linear_weights, unique_parameters
-from emulator.held import hold_quantized
+from emulator.held import QuantizedLinear, hold_quantized
 from emulator.keys import PackageError, key_id, load_public_key, public_key_pem
 from emulator.layers import LayerMap
 from emulator.quantize import METHODS, quantize_tensor
@@ -63,6 +63,8 @@ def write_package(
     backbone_params: int = 0,
 ) -> manifest_pb2.EmulatorManifest:
     """Write and sign the package folder `out_dir` (replaced atomically if it holds an old package)."""
+    if any(isinstance(m, QuantizedLinear) for m in emulator_model.modules()):
+        raise ValueError("write_package: this emulator was loaded from a package (its middle is held as codes); build a package from the backbone")
     if isinstance(emulator_model, PeftModel):
         raise PackageError("emulator: write the plain emulator, not a PeftModel (merge or drop LoRA first)")
     out_dir = Path(out_dir)

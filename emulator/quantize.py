@@ -11,6 +11,7 @@ round the weights in memory and `write_package` store them without drift.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -68,13 +69,20 @@ def dequantize_tensor(parts: Mapping[str, torch.Tensor], method: str, shape: tup
     state = bnbf.QuantState(
         absmax=parts["absmax"].to(torch.float32),
         shape=torch.Size(shape),
-        code=bnbf.get_4bit_type("nf4", device=device),
+        code=_nf4_code(device),
         blocksize=BLOCK,
         quant_type="nf4",
         dtype=torch.float32,
     )
-    weight = bnbf.dequantize_4bit(parts["q"].reshape(-1, 1), state).to(torch.float32).reshape(shape)
+    weight = bnbf.dequantize_4bit(parts["q"].reshape(-1, 1), state).to(torch.float32).reshape(shape)  # no CPU kernel with out=
     return weight if out is None else out.copy_(weight)
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_code(device: torch.device) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.get_4bit_type("nf4", device=device)
 
 
 def check_parts(parts: Mapping[str, torch.Tensor], method: str, shape: tuple[int, ...], name: str = "weight") -> None:
@@ -86,6 +94,8 @@ def check_parts(parts: Mapping[str, torch.Tensor], method: str, shape: tuple[int
     if not isinstance(q, torch.Tensor) or not isinstance(absmax, torch.Tensor):
         raise ValueError(f"{name}: codes or absmax missing")
     want_dtype, want_q = (torch.int8, numel) if method == "int8" else (torch.uint8, -(-numel // 2))
+    if q.dim() != 1 or absmax.dim() != 1:
+        raise ValueError(f"{name}: codes and absmax must be flat, got shapes {tuple(q.shape)} and {tuple(absmax.shape)}")
     if q.dtype != want_dtype or q.numel() != want_q:
         raise ValueError(f"{name}: {q.numel()} {q.dtype} codes, expected {want_q} {want_dtype} for shape {tuple(shape)}")
     if absmax.dtype != torch.float32 or absmax.numel() != blocks or not bool(torch.isfinite(absmax).all()):

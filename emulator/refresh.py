@@ -18,6 +18,7 @@ refuses anything else with a one-line PackageError before `apply_refresh` touche
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
 from collections.abc import Iterable, Mapping
 
@@ -76,7 +77,7 @@ def attach_refresh(model: PreTrainedModel, layer_map: LayerMap, rank: int, seed:
     deltas = {}
     for key, linear in _slot_linears(model, layer_map):
         if key not in deltas:
-            deltas[key] = LowRankDelta(linear.out_features, linear.in_features, rank, generator).to(linear.weight.device)
+            deltas[key] = LowRankDelta(linear.out_features, linear.in_features, rank, generator).to(next(itertools.chain(linear.parameters(), linear.buffers())).device)  # held codes have no weight
             deltas[key].requires_grad_(False)  # frozen on clients; only `align_refresh` trains them
         linear.add_module(CHILD, deltas[key])
         linear.register_forward_hook(_add_delta)

@@ -41,7 +41,7 @@ def test_a_held_linear_computes_and_backpropagates_as_its_dequantized_weight(met
         torch.testing.assert_close(held.bias.grad, plain.bias.grad, atol=1e-5, rtol=0)
     assert torch.equal(held.weight, plain.weight)
     assert isinstance(held, nn.Linear) and "weight" not in dict(held.named_parameters())
-    assert held.q.dtype == (torch.int8 if method == "int8" else torch.uint8)
+    assert held.codes.q.dtype == (torch.int8 if method == "int8" else torch.uint8)
 
 
 def test_a_short_last_block_is_padded_exactly():
@@ -58,6 +58,7 @@ def test_malformed_codes_are_refused_not_run():
         ({"q": good["q"].to(torch.int16), "absmax": good["absmax"]}, "codes"),
         ({"q": good["q"], "absmax": torch.full_like(good["absmax"], float("nan"))}, "absmax"),
         ({"q": good["q"]}, "missing"),
+        ({"q": good["q"], "absmax": good["absmax"][:, None]}, "flat"),  # would broadcast to blocks x blocks
     ]:
         with pytest.raises(ValueError, match=why):
             hold_quantized(model, {"0.weight": bad}, "int8")
@@ -141,3 +142,31 @@ def test_alignment_on_a_held_middle_follows_the_fp32_one(tiny8, signing_key, tmp
     fp32, codes = refresh_arrays(emulator), refresh_arrays(held)
     for name in fp32:
         np.testing.assert_allclose(codes[name], fp32[name], atol=1e-5)
+
+
+def test_shared_slots_keep_sharing_their_codes_through_a_move_and_a_cast(tiny8, signing_key, tmp_path, batch):
+    lm = make_layer_map(8, 2, 2, fill="share")
+    write_package(build_emulator(tiny8[0], lm, quantize="int8"), tiny8[1], lm, tmp_path / "q", signing_key, "tiny", 1)
+    loaded = load_package(tmp_path / "q", signing_key.public_key())[0]
+    before = logits(loaded, batch)
+
+    def code_storages(model):
+        return {m.codes.q.data_ptr() for m in model.modules() if isinstance(m, QuantizedLinear)}
+
+    count = len(code_storages(loaded))
+    loaded._apply(lambda t: t.clone())  # what .to(another device) does to every buffer
+    assert len(code_storages(loaded)) == count
+    assert decoder_layers(loaded)[5].mlp.up_proj.codes is decoder_layers(loaded)[4].mlp.up_proj.codes
+    torch.testing.assert_close(logits(loaded, batch), before, atol=0, rtol=0)
+    loaded.to(torch.bfloat16)
+    held = decoder_layers(loaded)[2].mlp.up_proj
+    assert held.codes.absmax.dtype == torch.float32 and held.codes.q.dtype == torch.int8  # scales are not weights
+    loaded.to(torch.float32)
+    torch.testing.assert_close(logits(loaded, batch).float(), before, atol=1e-2, rtol=0)  # only the bf16 round trip of the rest
+
+
+def test_a_loaded_emulator_is_not_repackaged(tiny8, signing_key, tmp_path, map8):
+    write_package(build_emulator(tiny8[0], map8, quantize="int8"), tiny8[1], map8, tmp_path / "q", signing_key, "tiny", 1)
+    loaded = load_package(tmp_path / "q", signing_key.public_key())[0]
+    with pytest.raises(ValueError, match="loaded from a package"):
+        write_package(loaded, tiny8[1], map8, tmp_path / "again", signing_key, "tiny", 1)

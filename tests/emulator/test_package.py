@@ -229,7 +229,7 @@ def test_shared_quantized_package_round_trips(tiny8, signing_key, tmp_path, batc
     write_package(emulator, tiny8[1], lm, tmp_path / "q", signing_key, "tiny", 1)
     loaded, _, _, _ = load_package(tmp_path / "q", signing_key.public_key())
     torch.testing.assert_close(logits(loaded, batch), logits(emulator, batch), atol=1e-5, rtol=0)
-    assert decoder_layers(loaded)[5].mlp.up_proj.q is decoder_layers(loaded)[4].mlp.up_proj.q  # the slots share the held codes
+    assert decoder_layers(loaded)[5].mlp.up_proj.codes is decoder_layers(loaded)[4].mlp.up_proj.codes  # the slots share the held codes
 
 
 def test_tampered_layer_map_is_refused(shared, signing_key, tmp_path):
