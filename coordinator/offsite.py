@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from emulator.cli import build_package
 from emulator.keys import load_public_key, load_signing_key, public_key_pem
 from emulator.layers import LayerMap
-from emulator.offsite import base_model, get_offsite_arrays, set_offsite_arrays, trainable_model
+from emulator.offsite import LORA_MODES, base_model, get_offsite_arrays, set_offsite_arrays, trainable_model
 from emulator.package import MANIFEST, load_package, manifest_layer_map, verify_package
 from aggregation import server_opt
 from aggregation.partial import under
@@ -138,7 +138,7 @@ class OffsiteTrack:
     def export(self, arrays: Mapping[str, np.ndarray], folder: Path, model_spec: str) -> Path:
         """LoRA mode: a PEFT adapter for the full backbone; blocks mode: the adapter blocks' weights."""
         model = self.load(arrays)
-        if self.mode == "lora":
+        if self.mode in LORA_MODES:
             return export_adapter(model, folder, model_spec)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / "adapter_blocks.safetensors"), metadata={"layer_map": str(self.layer_map.to_dict())})

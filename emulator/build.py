@@ -158,14 +158,16 @@ def quantize_middle(emulator: PreTrainedModel, layer_map: LayerMap, method: str)
     emulator.config.emulator_quantization = method
 
 
-def attach_adapter_lora(model: PreTrainedModel, layer_map: LayerMap, settings: LoraSettings, seed: int = 0) -> PeftModel:
-    """LoRA (via PEFT) on the adapter blocks only, for clients that train LoRA instead of full blocks.
+def attach_adapter_lora(model: PreTrainedModel, layer_map: LayerMap, settings: LoraSettings, seed: int = 0, *, top_only: bool = False) -> PeftModel:
+    """LoRA (via PEFT) on the adapter blocks only (`top_only`: the top ones), for clients that
+    train LoRA instead of full blocks.
 
     `model` is the emulator (client side) or the full backbone (the coordinator's plug-in):
     the same LoRA lands on the same original blocks, only their positions differ.
     """
     peft_config = settings.to_peft()
-    peft_config.layers_to_transform = sorted(adapter_positions(model, layer_map).values())
+    positions = adapter_positions(model, layer_map)
+    peft_config.layers_to_transform = sorted(p for original, p in positions.items() if not top_only or original in layer_map.top)
     peft_config.layers_pattern = "layers"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

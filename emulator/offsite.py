@@ -5,9 +5,12 @@ SmolLM2 is block 9 of a 12-block emulator). On the wire and in the aggregate the
 state is keyed by ORIGINAL block index, so the coordinator aggregates it and loads it into
 the full backbone (the plug-in) without caring where a client's emulator keeps the block.
 
-Two modes, chosen per run:
-- "lora":   LoRA (PEFT) on the adapter blocks; the arrays are the LoRA factors (small uploads);
-- "blocks": the adapter blocks themselves train, as in the paper; the arrays are their weights.
+Three modes, chosen per run:
+- "lora":     LoRA (PEFT) on the adapter blocks; the arrays are the LoRA factors (small uploads);
+- "lora-top": LoRA on the top adapter blocks only; the bottom ones ship exact and stay frozen, so
+              the blocks that train see the middle's output, which distillation matches to the
+              backbone's, and nothing trained sits before the emulated middle;
+- "blocks":   the adapter blocks themselves train, as in the paper; the arrays are their weights.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from emulator.build import adapter_positions, adapter_state, attach_adapter_lora
 from emulator.layers import LayerMap
 from finetune.lora import LoraSettings, get_lora_arrays, set_lora_arrays
 
-MODES = ("lora", "blocks")
+MODES = ("lora", "lora-top", "blocks")
+LORA_MODES = ("lora", "lora-top")
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -46,9 +50,9 @@ def renumber(arrays: Mapping[str, np.ndarray], mapping: Mapping[int, int]) -> di
 
 def trainable_model(model: PreTrainedModel, layer_map: LayerMap, mode: str, settings: LoraSettings, seed: int = 0) -> PreTrainedModel:
     """`model` (emulator or full backbone) made ready to train its adapter blocks in `mode`."""
-    if check_mode(mode) == "lora":
+    if check_mode(mode) in LORA_MODES:
         model.requires_grad_(False)
-        return attach_adapter_lora(model, layer_map, settings, seed)
+        return attach_adapter_lora(model, layer_map, settings, seed, top_only=mode == "lora-top")
     freeze_non_adapter(model, layer_map)
     return model
 
@@ -64,14 +68,14 @@ def base_model(model: PreTrainedModel) -> PreTrainedModel:
 
 def get_offsite_arrays(model: PreTrainedModel, layer_map: LayerMap, mode: str) -> dict[str, np.ndarray]:
     """The trainable state of `trainable_model(...)`, keyed by original block index."""
-    if check_mode(mode) == "lora":
+    if check_mode(mode) in LORA_MODES:
         return renumber(get_lora_arrays(model), _to_original(model, layer_map))
     return adapter_state(model, layer_map)
 
 
 def set_offsite_arrays(model: PreTrainedModel, arrays: Mapping[str, np.ndarray], layer_map: LayerMap, mode: str) -> None:
     """Load arrays from `get_offsite_arrays` (of any model with the same layer map) exactly."""
-    if check_mode(mode) == "lora":
+    if check_mode(mode) in LORA_MODES:
         to_position = {original: position for position, original in _to_original(model, layer_map).items()}
         set_lora_arrays(model, renumber(arrays, to_position))
     else:

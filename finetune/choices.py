@@ -36,7 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "emulator-fill": ("drop", "share"),
     "emulator-select": ("stride", "similarity"),  # which middle blocks an emulator keeps (emulator/similarity.py)  # what an emulator does with the middle blocks it drops (emulator/layers.py)
     "emulator-distill-objective": DISTILL_OBJECTIVES,
-    "offsite-train": ("lora", "blocks"),
+    "offsite-train": ("lora", "lora-top", "blocks"),
     "dtype": DTYPE_CHOICES,
 }
 

@@ -21,14 +21,17 @@ def perturb(arrays: dict[str, np.ndarray], seed: int = 1) -> dict[str, np.ndarra
     return {k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in arrays.items()}
 
 
-@pytest.mark.parametrize("mode", ["lora", "blocks"])
+@pytest.mark.parametrize("mode", ["lora", "lora-top", "blocks"])
 def test_keys_use_original_block_indices(tiny8, map8, mode):
     emulator = trainable_model(build_emulator(tiny8[0], map8), map8, mode, SETTINGS)
     blocks = {int(k.split(".layers.")[1].split(".")[0]) for k in get_offsite_arrays(emulator, map8, mode)}
-    assert blocks == set(map8.adapter_layers())  # (0, 1, 6, 7); emulator positions would be 4, 5 for the top
+    # (0, 1, 6, 7); emulator positions would be 4, 5 for the top; lora-top trains the top ones only
+    assert blocks == set(map8.top if mode == "lora-top" else map8.adapter_layers())
+    trainable = {int(n.split(".layers.")[1].split(".")[0]) for n, p in emulator.named_parameters() if p.requires_grad}
+    assert trainable == ({4, 5} if mode == "lora-top" else {0, 1, 4, 5})  # emulator positions
 
 
-@pytest.mark.parametrize("mode", ["lora", "blocks"])
+@pytest.mark.parametrize("mode", ["lora", "lora-top", "blocks"])
 def test_emulator_arrays_load_into_the_full_model_as_the_plug_in(tiny8, map8, batch, mode):
     full, _ = tiny8
     emulator = trainable_model(build_emulator(full, map8), map8, mode, SETTINGS)
