@@ -109,6 +109,7 @@ COSTS = {
     "cost-share-80": Row(fill="share", keep=MILD),
     "cost-drop-80-lora": Row(keep=MILD, train="lora"),
     "cost-share-80-lora": Row(fill="share", keep=MILD, train="lora"),
+    "cost-drop-80-lora-top": Row(keep=MILD, train="lora-top"),  # no backward below the top adapter blocks
     "cost-share-80-lora+refresh": Row(fill="share", keep=MILD, train="lora", align=True),  # a client holding a rank --align-rank refresh
 }
 ROWS = ("zero-shot", *FEDERATED, *COSTS)
