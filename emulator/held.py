@@ -6,9 +6,8 @@ took the backbone's memory per kept block. `QuantizedLinear` keeps the codes and
 one weight at a time, inside its forward and again inside its backward (the fp32 weight is
 never saved for the backward pass), so only the codes stay resident. The math is the same as
 loading the dequantized weight: the same fp32 weight enters the same `F.linear`. Each thread
-dequantizes into one scratch tensor per weight shape (a few MB), reused by every layer: fresh
-W-sized tensors per layer and step would fragment the heap and give the memory back to no one.
-The scratch is one fp32 weight per shape (about 12 MB on SmolLM2).
+dequantizes into one scratch tensor per weight shape (about 12 MB in all on SmolLM2), reused by
+every layer: fresh W-sized tensors per layer and step would fragment the heap.
 
 It is an `nn.Linear` (for code that finds the middle's Linears, e.g. emulator/refresh.py) whose
 `weight` is a read-only, freshly dequantized tensor; the codes never train.

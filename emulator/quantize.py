@@ -4,9 +4,10 @@ Only the Linear weights of the kept middle blocks are quantized, blockwise along
 flattened weight (64 values per block, one fp32 absmax each): "int8" is symmetric absmax
 int8 (own 5 lines), "nf4" is bitsandbytes' 4-bit NormalFloat (`quantize_4bit`, works on
 CPU). The package stores the quantized codes; a client holds them as they are and dequantizes
-one weight at a time when it runs (emulator/held.py), computing in fp32 with the rounded weights. Both schemes are idempotent
-(re-quantizing dequantized weights gives the same codes), which lets `build_emulator`
-round the weights in memory and `write_package` store them without drift.
+one weight at a time when it runs (emulator/held.py), computing in fp32 with the rounded
+weights. Both schemes are idempotent (re-quantizing dequantized weights gives the same
+codes), which lets `build_emulator` round the weights in memory and `write_package` store them
+without drift.
 """
 
 from __future__ import annotations
