@@ -64,10 +64,26 @@ def harmless_warnings_env() -> str:
     return ",".join(f"ignore:{message}:{category.__name__}" for message, category in HARMLESS_WARNINGS if not set(message) & {":", ","})
 
 
+class _Once(logging.Filter):
+    """Writes a record once though it reaches the handler twice: a run's file handler sits on the
+    root logger and on "fedsite", which propagates to the root where setup_logging never ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: logging.LogRecord | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record is self._last:
+            return False
+        self._last = record
+        return True
+
+
 def file_handler(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
     handler.setLevel(logging.DEBUG)
+    handler.addFilter(_Once())
     return handler
 
 

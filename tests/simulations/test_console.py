@@ -68,3 +68,18 @@ def test_verbose_console_shows_each_library_line_once(tmp_path, capsys, console_
     assert "Starting FedsiteStrategy strategy" not in text, text  # not a second time through the root logger (Flower's own handler shows it)
     assert text.count("round 1: training on 4 clients") == 1, text
     assert (tmp_path / "logs" / "fedsite.log").read_text().count("Starting FedsiteStrategy strategy") == 1
+
+
+def test_fedsite_lines_are_filed_once_when_fedsite_propagates(tmp_path):
+    """In-process runs (benchmarks, notebooks) never call setup_logging: "fedsite" propagates to
+    the root, where the run's file handler also sits."""
+    fedsite = logging.getLogger("fedsite")
+    saved = (list(fedsite.handlers), fedsite.propagate)
+    fedsite.handlers.clear()
+    fedsite.propagate = True
+    try:
+        with run_console(tmp_path):
+            logging.getLogger("fedsite.emulator").info("distillation step 10/100")
+    finally:
+        fedsite.handlers[:], fedsite.propagate = saved
+    assert (tmp_path / "logs" / "fedsite.log").read_text().count("distillation step 10/100") == 1
