@@ -17,7 +17,8 @@ Rows (`--rows`, comma-separated; default all):
   drop-80-lora, share-80-lora+prox, share-80-lora+align, drop-80-lora+align   the same LoRA clients, drop / share, with prox / alignment
   drop-80-lora-top        drop-80-lora with LoRA on the top adapter blocks only (the bottom ones frozen, exact)
   drop-80-lora-top+align  the same with per-round alignment: the middle's refresh keeps tracking the backbone
-  keep-100-lora           nothing dropped: run with --quantize none --distill-steps 0, the emulator is the
+  keep-100-lora           nothing dropped: the middle is only quantized (int8 by default: what quantization
+                          alone costs the transfer). With --quantize none --distill-steps 0 the emulator is the
                           backbone itself, so this is the best a plug-in of these LoRA adapter blocks can reach
   drop+align, share+align per-round alignment at the coordinator (FedBiOT, `--align-steps`), shipped
                           as a signed low-rank refresh of the middle; share+align+prox adds the proximal term
@@ -103,7 +104,7 @@ FEDERATED = {
     "drop-80-lora+align": Row(keep=MILD, train="lora", align=True),
     "drop-80-lora-top": Row(keep=MILD, train="lora-top"),
     "drop-80-lora-top+align": Row(keep=MILD, train="lora-top", align=True),
-    "keep-100-lora": Row(keep=1.0, train="lora"),  # nothing dropped: with --quantize none, the plug-in's ceiling
+    "keep-100-lora": Row(keep=1.0, train="lora"),  # nothing dropped: the quantization alone; with --quantize none, the plug-in's ceiling
 }
 COSTS = {
     "cost-drop": Row(),
