@@ -24,9 +24,10 @@ from transformers import PreTrainedModel
 
 from emulator.build import adapter_positions, adapter_state, attach_adapter_lora, freeze_non_adapter, load_adapter_state
 from emulator.layers import LayerMap
+from finetune.choices import CHOICES
 from finetune.lora import LoraSettings, get_lora_arrays, set_lora_arrays
 
-MODES = ("lora", "lora-top", "blocks")
+MODES = CHOICES["offsite-train"]  # ("lora", "lora-top", "blocks"): the run config checks the same tuple
 LORA_MODES = ("lora", "lora-top")
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
