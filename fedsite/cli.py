@@ -9,9 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from finetune.logs import filter_harmless_warnings, setup_logging
-from finetune.config import DEFAULT_DISTILL_OBJECTIVE, DISTILL_OBJECTIVES, EMULATOR_FILLS, EMULATOR_SELECTS, ConfigError
+from finetune.config import DEFAULT_DISTILL_OBJECTIVE, DISTILL_OBJECTIVES, EMULATOR_FILLS, EMULATOR_SELECTS, ConfigError, FedsiteConfig
 from fedsite.options import add_config_options, config_from_args, option_labels
 from fedsite.service_cli import add_service_parsers
+
+DEFAULTS = FedsiteConfig()  # `fedsite emulator build` builds what a run with default options would
+
 
 def start_live_dashboard(address: str | None, certs: str | None, out: str) -> Any:
     """`--dashboard [HOST:PORT]`: serve the dashboard over the run's folder from a thread of this
@@ -122,8 +125,8 @@ def add_emulator_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--keep", type=float, default=0.8, help="keep this share of the middle blocks, evenly spaced (0.8 drops every fifth, FedBiOT's mild compression; 0: every --stride-th) (default: 0.8)")
     build.add_argument("--fill", choices=list(EMULATOR_FILLS), default="drop", help="dropped middle blocks: 'drop' them (shallower emulator) or 'share' (keep the depth, each dropped slot runs its nearest kept block; same bytes) (default: drop)")
     build.add_argument("--select", choices=list(EMULATOR_SELECTS), default="stride", help="which middle blocks to keep: every --stride-th ('stride'), or as many chosen by output similarity on the distillation set, one per run of similar blocks ('similarity', CRaSh) (default: stride)")
-    build.add_argument("--quantize", choices=["none", "int8", "nf4", "4bit"], default="none", help="weight quantization of the frozen middle (default: none)")
-    build.add_argument("--distill-steps", type=int, default=0, help="distillation steps of the kept middle toward the full model (default: 0)")
+    build.add_argument("--quantize", choices=["none", "int8", "nf4", "4bit"], default=DEFAULTS.emulator_quantize, help=f"weight quantization of the frozen middle (default: {DEFAULTS.emulator_quantize})")
+    build.add_argument("--distill-steps", type=int, default=DEFAULTS.emulator_distill_steps, help=f"distillation steps of the kept middle toward the full model (default: {DEFAULTS.emulator_distill_steps}; 0: none)")
     build.add_argument("--distill-objective", choices=DISTILL_OBJECTIVES, default=DEFAULT_DISTILL_OBJECTIVE, help=f"what the distillation matches (default: {DEFAULT_DISTILL_OBJECTIVE})")
     build.add_argument("--distill-data", default="", help="examples to distil on: .jsonl or datasets folder (default: built-in task families, own seed)")
     build.add_argument("--key", default=None, help="Ed25519 signing key (PEM); default: created once in OUT/../keys/")
