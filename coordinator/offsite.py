@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emulator.cli import build_package
+from emulator.distill import split_held
 from emulator.keys import load_public_key, load_signing_key, public_key_pem
 from emulator.layers import LayerMap
 from emulator.offsite import LORA_MODES, base_model, get_offsite_arrays, set_offsite_arrays, trainable_model
@@ -95,7 +96,11 @@ class OffsiteTrack:
         emulator = self.emulator(arrays, config.offsite_lora_settings(), config.seed)
         full = self.load(arrays)
         base = base_model(emulator)
-        align_refresh(base, base_model(full), self.layer_map, batches, rank=config.emulator_align_rank, steps=config.emulator_align_steps, objective=config.emulator_distill_objective)
+        train, held = split_held(batches)
+        align_refresh(
+            base, base_model(full), self.layer_map, train, rank=config.emulator_align_rank, steps=config.emulator_align_steps,
+            objective=config.emulator_distill_objective, held=held,
+        )
         self._set_refresh(server_round, refresh_arrays(base))
         return refresh_bytes(self._refresh[1])
 

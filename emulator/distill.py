@@ -34,6 +34,9 @@ from finetune.device import model_device, to_device
 from finetune.examples import Example
 
 
+HELD_BATCHES = 2  # distillation batches never trained on, that choose which step's weights are kept
+
+
 def text_batches(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 8, max_length: int = 64
 ) -> list[dict[str, torch.Tensor]]:
@@ -54,6 +57,14 @@ def example_batches(
         batch = collate(encoded[i : i + batch_size], tokenizer.pad_token_id)
         batches.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
     return batches
+
+
+def split_held(batches: list, count: int = HELD_BATCHES) -> tuple[list, list]:
+    """(train, held): the last `count` batches held out to choose the distilled weights by, when
+    at least as many are left to train on; else every batch trains and none is held out."""
+    if len(batches) < 2 * count:
+        return batches, []
+    return batches[:-count], batches[-count:]
 
 
 def _schedule(steps: int) -> Callable[[int], float]:
@@ -90,6 +101,38 @@ def _standardized_error(hidden: torch.Tensor, target: torch.Tensor, mask: torch.
     return (((hidden - target) / spread) ** 2).mean(-1)
 
 
+def _loss(emulator: PreTrainedModel, full_model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], objective: str, emulator_in: int, full_in: int) -> torch.Tensor:
+    """The distillation objective on one batch (`inputs` on the emulator's device)."""
+    device = inputs["input_ids"].device
+    mask = torch.ones(inputs["input_ids"].shape, device=device) if inputs["attention_mask"] is None else inputs["attention_mask"].float()
+    with torch.no_grad():
+        full_out = full_model.model(**inputs, output_hidden_states=objective != "logits")
+    out = emulator.model(**inputs, output_hidden_states=objective != "logits")
+    loss = torch.zeros((), device=device)
+    if objective in ("logits", "logits+hidden"):
+        scored = _scored_positions(inputs["input_ids"], mask)
+        with torch.no_grad():
+            target = F.log_softmax(full_model.lm_head(full_out.last_hidden_state[scored]).float(), dim=-1)
+        log_probs = F.log_softmax(emulator.lm_head(out.last_hidden_state[scored]).float(), dim=-1)
+        loss = loss + F.kl_div(log_probs, target, log_target=True, reduction="batchmean")
+    if objective == "hidden":
+        error = (out.hidden_states[emulator_in] - full_out.hidden_states[full_in]) ** 2
+        loss = loss + _masked_mean(error.mean(-1), mask)
+    if objective == "logits+hidden":
+        loss = loss + _masked_mean(_standardized_error(out.hidden_states[emulator_in], full_out.hidden_states[full_in], mask), mask)
+    return loss
+
+
+def _held_loss(loss_on: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], held: Sequence[Mapping[str, torch.Tensor]], emulator: PreTrainedModel) -> float:
+    """Mean objective over the held-out batches, in eval mode and without gradients."""
+    was_training = emulator.training
+    emulator.eval()
+    with torch.no_grad():
+        value = sum(float(loss_on(b)) for b in held) / len(held)
+    emulator.train(was_training)
+    return value
+
+
 def distill_middle(
     emulator: PreTrainedModel,
     full_model: PreTrainedModel,
@@ -101,6 +144,8 @@ def distill_middle(
     objective: str = DEFAULT_DISTILL_OBJECTIVE,
     on_step: Callable[[int, float], None] | None = None,
     params: Sequence[torch.nn.Parameter] | None = None,
+    held: Iterable[Mapping[str, torch.Tensor] | torch.Tensor] | None = None,
+    on_held: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train the kept middle blocks toward `full_model` under `objective`, then freeze them again.
 
@@ -108,6 +153,13 @@ def distill_middle(
     Both models must be on one device (the emulator's); batches are moved there step by step.
     `params` trains these instead (emulator/refresh.py: low-rank factors on a frozen, maybe
     quantized middle) and leaves every parameter's trainability as it was.
+
+    `held` batches (never trained on) are scored before the first step and after every tenth of
+    the steps; the parameters that scored best are kept (`on_held(step, loss)` sees each score).
+    So distillation never hands back an emulator further from the backbone than it started: AdamW
+    moves every weight by about the learning rate whatever the gradient's size, and an emulator
+    that already matches (nothing dropped: loss 0, gradient rounding noise) is pushed away (SmolLM2,
+    nothing dropped: KL 0 after no step, 0.32 after one warm-up step at 3e-5, 0.64 after two).
     """
     refresh = params is not None
     if objective not in DISTILL_OBJECTIVES:
@@ -132,26 +184,18 @@ def distill_middle(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
     emulator.train()
     full_model.eval()
+
+    def loss_on(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return _loss(emulator, full_model, to_device({"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}, device), objective, emulator_in, full_in)
+
+    held = [b if isinstance(b, Mapping) else {"input_ids": b} for b in held or ()]
+    check = max(1, steps // 10)
+    best = (_held_loss(loss_on, held, emulator), 0, [p.detach().clone() for p in params]) if held else None
+    if best is not None and on_held is not None:
+        on_held(0, best[0])
     losses = []
     for step in range(steps):
-        batch = batches[step % len(batches)]
-        inputs = to_device({"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}, device)
-        mask = torch.ones(inputs["input_ids"].shape, device=device) if inputs["attention_mask"] is None else inputs["attention_mask"].float()
-        with torch.no_grad():
-            full_out = full_model.model(**inputs, output_hidden_states=objective != "logits")
-        out = emulator.model(**inputs, output_hidden_states=objective != "logits")
-        loss = torch.zeros((), device=device)
-        if objective in ("logits", "logits+hidden"):
-            scored = _scored_positions(inputs["input_ids"], mask)
-            with torch.no_grad():
-                target = F.log_softmax(full_model.lm_head(full_out.last_hidden_state[scored]).float(), dim=-1)
-            log_probs = F.log_softmax(emulator.lm_head(out.last_hidden_state[scored]).float(), dim=-1)
-            loss = loss + F.kl_div(log_probs, target, log_target=True, reduction="batchmean")
-        if objective == "hidden":
-            error = (out.hidden_states[emulator_in] - full_out.hidden_states[full_in]) ** 2
-            loss = loss + _masked_mean(error.mean(-1), mask)
-        if objective == "logits+hidden":
-            loss = loss + _masked_mean(_standardized_error(out.hidden_states[emulator_in], full_out.hidden_states[full_in], mask), mask)
+        loss = loss_on(batches[step % len(batches)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -160,6 +204,16 @@ def distill_middle(
         losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step + 1, losses[-1])
+        if best is not None and ((step + 1) % check == 0 or step + 1 == steps):
+            value = _held_loss(loss_on, held, emulator)
+            if on_held is not None:
+                on_held(step + 1, value)
+            if value < best[0]:
+                best = (value, step + 1, [p.detach().clone() for p in params])
+    if best is not None and best[1] != steps:  # a later step was worse on the held-out batches: go back
+        with torch.no_grad():
+            for p, saved in zip(params, best[2]):
+                p.copy_(saved)
     emulator.train(was_training)
     if refresh:
         for p, flag in trainable.items():

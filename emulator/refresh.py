@@ -165,10 +165,12 @@ def align_refresh(
     steps: int = 10,
     lr: float = 1e-3,
     objective: str = "logits+hidden",
+    held: Iterable | None = None,
 ) -> list[float]:
     """Warm-started alignment steps on the refresh factors only (the frozen, maybe quantized, middle
-    and the adapters stay as they are); plug the round's adapter into both models first."""
+    and the adapters stay as they are); plug the round's adapter into both models first. With
+    `held` batches the factors that score best on them are kept (the warm start included)."""
     from emulator.distill import distill_middle
 
     attach_refresh(emulator, layer_map, rank)
-    return distill_middle(emulator, full_model, layer_map, batches, steps=steps, lr=lr, objective=objective, params=refresh_parameters(emulator))
+    return distill_middle(emulator, full_model, layer_map, batches, steps=steps, lr=lr, objective=objective, params=refresh_parameters(emulator), held=held)

@@ -130,3 +130,40 @@ def test_distillation_batches_are_chat_examples_from_a_file_or_the_builtin_famil
     assert one["input_ids"][0].tolist() == encode_example(tokenizer, Example("Say it.", "7", "ok"), 128)["input_ids"]
     with pytest.raises(DataError, match="missing.jsonl"):
         distillation_batches(tokenizer, str(tmp_path / "missing.jsonl"))
+
+
+def test_held_out_batches_keep_an_emulator_that_already_matches_unchanged(tiny8):
+    """Nothing dropped: the loss starts at 0, and AdamW's steps on rounding noise would only push
+    the emulator away from the backbone. With held-out batches the start is kept; without, it drifts."""
+    from emulator.layers import make_layer_map
+
+    full, tokenizer = tiny8
+    lm = make_layer_map(8, 2, 2, "drop", 1.0)
+    assert not lm.dropped()
+    batches = text_batches(tokenizer, TEXTS, batch_size=4, max_length=32)
+    kept, drifted = build_emulator(full, lm), build_emulator(full, lm)
+    scores = []
+    distill_middle(kept, full, lm, batches[:2], steps=10, lr=3e-2, held=batches[2:], on_held=lambda step, loss: scores.append(step))
+    distill_middle(drifted, full, lm, batches[:2], steps=10, lr=3e-2)
+    assert scores == list(range(11))
+    assert output_kl(kept, full, batches) < 1e-9
+    assert output_kl(drifted, full, batches) > 1e-4
+
+
+def test_held_out_batches_keep_the_best_step_when_later_steps_get_worse(tiny8, map8):
+    full, tokenizer = tiny8
+    batches = text_batches(tokenizer, TEXTS, batch_size=4, max_length=32)
+    emulator = build_emulator(full, map8)
+    scores = {}
+    distill_middle(emulator, full, map8, batches[:2], steps=10, lr=1.0, objective="hidden", held=batches[2:], on_held=lambda step, loss: scores.update({step: loss}))
+    best = min(scores.values())
+    assert scores[10] > 1.5 * best, scores  # the run got worse at the end: going back matters
+    final = sum(middle_mse(emulator, full, map8, [b]) for b in batches[2:]) / 2  # unmasked: within padding's share
+    assert final == pytest.approx(best, rel=1e-2) and final < scores[10] / 1.4
+
+
+def test_split_held_leaves_enough_to_train_on():
+    from emulator.distill import split_held
+
+    assert split_held(list(range(10))) == (list(range(8)), [8, 9])
+    assert split_held([0, 1, 2]) == ([0, 1, 2], [])
