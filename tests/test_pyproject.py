@@ -14,6 +14,14 @@ def test_app_config_lists_every_field_and_parses():
     assert from_mapping(app_config).model == "smollm2"
 
 
+def test_app_config_values_are_the_dataclass_defaults():
+    """`flwr run` reads these, `fedsite simulate` the dataclass: one run's defaults, not two
+    (the emulator's int8 and 100 distillation steps were once only in the dataclass)."""
+    app_config, defaults = PYPROJECT["tool"]["flwr"]["app"]["config"], FedsiteConfig().to_flat()
+    differ = {k: (v, defaults[k]) for k, v in app_config.items() if k != "out" and v != defaults[k]}
+    assert not differ, differ
+
+
 def test_app_components_point_at_the_apps():
     components = PYPROJECT["tool"]["flwr"]["app"]["components"]
     assert components == {"serverapp": "simulations.server_app:app", "clientapp": "client.client_app:app"}
