@@ -131,6 +131,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize", default="int8", help="storage of the emulator's middle: none, int8 or nf4")
     p.add_argument("--distill-steps", type=int, default=100, help="pre-alignment of the emulator's middle at build time")
     p.add_argument("--distill-objective", default=DEFAULT_DISTILL_OBJECTIVE, choices=DISTILL_OBJECTIVES)
+    p.add_argument("--distill-rank", type=int, default=0, help="> 0: distil rank-r factors on the middle, folded in (0: every middle weight)")
     p.add_argument("--distill-data", default="", help="examples to distil on (default: built-in families, own seed)")
     p.add_argument("--train", default="blocks", help="offsite clients train the adapter 'blocks' (the paper's) or 'lora' on them")
     p.add_argument("--offsite-lr", type=float, default=0.0, help="learning rate of the offsite clients (0 = 1e-4 for blocks, the run's lr for lora)")
@@ -164,6 +165,7 @@ def run_config(args: argparse.Namespace, row: str, spec: Row = Row()) -> Fedsite
         emulator_distill_steps=args.distill_steps,
         emulator_distill_data=args.distill_data,
         emulator_distill_objective=args.distill_objective,
+        emulator_distill_rank=args.distill_rank,
         offsite_train=spec.train or args.train,
         offsite_lr=args.offsite_lr,
         offsite_proximal_mu=args.proximal_mu if spec.prox else 0.0,
@@ -322,7 +324,8 @@ def run_row(args: argparse.Namespace, row: str) -> dict:
 
 
 REFERENCE_KEYS = {"zero-shot": ("model", "eval_examples"), "full-lora": ("model", "clients", "rounds", "local_steps", "eval_examples")}
-OFFSITE_KEYS = ("model", "clients", "rounds", "local_steps", "adapter_layers", "stride", "quantize", "distill_steps", "distill_objective", "distill_data", "train", "offsite_lr", "proximal_mu", "align_steps", "align_rank", "eval_examples")
+LATER_KEYS = {"distill_rank": 0}  # budget keys added after rows were recorded: a row without one was measured at this value
+OFFSITE_KEYS = ("model", "clients", "rounds", "local_steps", "adapter_layers", "stride", "quantize", "distill_steps", "distill_objective", "distill_rank", "distill_data", "train", "offsite_lr", "proximal_mu", "align_steps", "align_rank", "eval_examples")
 
 
 def budget(args: argparse.Namespace, row: str) -> dict:
@@ -380,7 +383,7 @@ def main() -> None:
         if path.is_file():
             cached = json.loads(path.read_text())
             wanted = budget(args, row)
-            if {key: (cached.get("budget") or {}).get(key) for key in wanted} == wanted:
+            if {key: (cached.get("budget") or {}).get(key, LATER_KEYS.get(key)) for key in wanted} == wanted:
                 print(f"row {row}: done before ({cached.get('wall_seconds', 0):.0f} s then), skipped")
                 done[row] = cached
                 continue

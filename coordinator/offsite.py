@@ -196,6 +196,7 @@ def build_settings(config: FedsiteConfig) -> dict[str, Any]:
         "model": config.model, "adapter_layers": config.emulator_adapter_layers, "stride": config.emulator_stride, "keep": config.emulator_keep,
         "fill": config.emulator_fill, "select": config.emulator_select, "quantize": config.emulator_quantize, "distill_steps": config.emulator_distill_steps,
         "distill_data": config.emulator_distill_data, "distill_objective": config.emulator_distill_objective,
+        **({"distill_rank": config.emulator_distill_rank} if config.emulator_distill_rank else {}),  # absent at 0: runs from before it still match
     }
 
 
@@ -247,6 +248,7 @@ def prepare_offsite(config: FedsiteConfig, resumed: bool = False) -> OffsiteTrac
             distill_steps=config.emulator_distill_steps,
             distill_data=config.emulator_distill_data,
             distill_objective=config.emulator_distill_objective,
+            distill_rank=config.emulator_distill_rank,
             device=config.device,
             fill=config.emulator_fill,
             select=config.emulator_select,

@@ -47,6 +47,7 @@ def build_command(
     distill_steps: int = 0,
     distill_data: str = "",
     distill_objective: str = DEFAULT_DISTILL_OBJECTIVE,
+    distill_rank: int = 0,
     device: str = "auto",
     fill: str = "drop",
     select: str = "stride",
@@ -55,7 +56,7 @@ def build_command(
     """`fedsite emulator build`: `build_package`, then print the summary."""
     summary = build_package(
         model_spec, out, adapter_layers, stride, quantize, key_path,
-        distill_steps=distill_steps, distill_data=distill_data, distill_objective=distill_objective, device=device, fill=fill, select=select, keep=keep,
+        distill_steps=distill_steps, distill_data=distill_data, distill_objective=distill_objective, distill_rank=distill_rank, device=device, fill=fill, select=select, keep=keep,
     )
     print(_describe(summary))
     return summary
@@ -72,6 +73,7 @@ def build_package(
     distill_steps: int = 0,
     distill_data: str = "",
     distill_objective: str = DEFAULT_DISTILL_OBJECTIVE,
+    distill_rank: int = 0,
     device: str = "auto",
     fill: str = "drop",
     select: str = "stride",
@@ -83,6 +85,7 @@ def build_package(
     (a JSONL file or dataset folder the coordinator may use) or, without it, on examples of
     the built-in task families drawn from their own seed (never a client's data), on `device`
     (finetune/device.py); the package is written from the CPU, in fp32, whatever the device.
+    `distill_rank` > 0 distils rank-r factors on the middle and folds them in (emulator/distill.py).
     `fill` "share" keeps the backbone's depth, dropped slots running their nearest kept block.
     `keep` > 0 keeps that share of the middle blocks, evenly spaced, instead of every `stride`-th.
     `select` "similarity" keeps as many middle blocks as the stride (or `keep`) would, chosen by the
@@ -122,7 +125,7 @@ def build_package(
         held_scores: list[tuple[int, float]] = []
         train, held = split_held(batches)
         losses = distill_middle(
-            emulator, model, layer_map, train, steps=distill_steps, objective=distill_objective, on_step=report,
+            emulator, model, layer_map, train, steps=distill_steps, objective=distill_objective, rank=distill_rank, on_step=report,
             held=held, on_held=lambda step, loss: held_scores.append((step, loss)),
         )
         model.cpu()

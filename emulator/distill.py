@@ -140,16 +140,21 @@ def distill_middle(
     batches: Iterable[Mapping[str, torch.Tensor] | torch.Tensor],
     *,
     steps: int = 100,
-    lr: float = 3e-4,
+    lr: float | None = None,
     objective: str = DEFAULT_DISTILL_OBJECTIVE,
     on_step: Callable[[int, float], None] | None = None,
     params: Sequence[torch.nn.Parameter] | None = None,
+    rank: int = 0,
     held: Iterable[Mapping[str, torch.Tensor] | torch.Tensor] | None = None,
     on_held: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train the kept middle blocks toward `full_model` under `objective`, then freeze them again.
 
     Returns the loss of each step. Run before quantizing (the package stores the result).
+    `rank` > 0 trains rank-`rank` factors beside the middle Linears instead of their weights and
+    folds them in at the end (W += B A): the middle moves only along a low-rank change, as
+    FedBiOT's LoRA alignment and emulator/refresh.py's per-round refreshes do.
+    `lr` defaults to 3e-4 for the weights, 1e-3 for factors.
     Both models must be on one device (the emulator's); batches are moved there step by step.
     `params` trains these instead (emulator/refresh.py: low-rank factors on a frozen, maybe
     quantized middle) and leaves every parameter's trainability as it was.
@@ -161,7 +166,22 @@ def distill_middle(
     that already matches (nothing dropped: loss 0, gradient rounding noise) is pushed away (SmolLM2,
     nothing dropped: KL 0 after no step, 0.32 after one warm-up step at 3e-5, 0.64 after two).
     """
+    if rank > 0 and params is None:
+        from emulator.refresh import attach_refresh, fold_refresh, refresh_parameters
+
+        if emulator.config.emulator_quantization:
+            raise ValueError("emulator: distil before quantizing the middle")
+        attach_refresh(emulator, layer_map, rank)
+        losses = distill_middle(
+            emulator, full_model, layer_map, batches, steps=steps, lr=lr, objective=objective, on_step=on_step,
+            params=refresh_parameters(emulator), held=held, on_held=on_held,
+        )
+        fold_refresh(emulator, layer_map)
+        freeze_non_adapter(emulator, layer_map)
+        emulator.config.emulator_distilled = True
+        return losses
     refresh = params is not None
+    lr = (1e-3 if refresh else 3e-4) if lr is None else lr
     if objective not in DISTILL_OBJECTIVES:
         raise ValueError(f"emulator: distillation objective must be one of {', '.join(DISTILL_OBJECTIVES)}, got {objective!r}")
     if emulator.config.emulator_quantization and not refresh:

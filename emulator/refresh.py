@@ -80,9 +80,32 @@ def attach_refresh(model: PreTrainedModel, layer_map: LayerMap, rank: int, seed:
             deltas[key] = LowRankDelta(linear.out_features, linear.in_features, rank, generator).to(next(itertools.chain(linear.parameters(), linear.buffers())).device)  # held codes have no weight
             deltas[key].requires_grad_(False)  # frozen on clients; only `align_refresh` trains them
         linear.add_module(CHILD, deltas[key])
-        linear.register_forward_hook(_add_delta)
+        linear._fedsite_refresh_hook = linear.register_forward_hook(_add_delta)
     setattr(model, _ATTR, deltas)
     return deltas
+
+
+@torch.no_grad()
+def fold_refresh(model: PreTrainedModel, layer_map: LayerMap) -> int:
+    """Add every attached factor pair into its Linear's weight (W += B A, once per weight that
+    slots share) and take the factors off: the model then computes what it did with them, with
+    plain Linears (build-time low-rank distillation, before the middle is quantized). Returns
+    how many weights changed."""
+    if getattr(model, _ATTR, None) is None:
+        raise ValueError("emulator refresh: no refresh attached to this model")
+    folded: set[int] = set()
+    for _, linear in _slot_linears(model, layer_map):
+        delta = getattr(linear, CHILD, None)
+        if delta is None:
+            continue
+        if id(linear.weight) not in folded:
+            linear.weight.add_((delta.B @ delta.A).to(linear.weight.dtype))
+            folded.add(id(linear.weight))
+        linear._fedsite_refresh_hook.remove()
+        del linear._fedsite_refresh_hook
+        delattr(linear, CHILD)
+    delattr(model, _ATTR)
+    return len(folded)
 
 
 def refresh_arrays(model: PreTrainedModel) -> dict[str, np.ndarray]:

@@ -54,7 +54,7 @@ def cmd_emulator_build(args: argparse.Namespace) -> int:
     from emulator.cli import build_command
 
     quantize = None if args.quantize == "none" else args.quantize
-    build_command(args.model, args.out, args.adapter_layers, args.stride, quantize, args.key, distill_steps=args.distill_steps, distill_data=args.distill_data, distill_objective=args.distill_objective, device=args.device, fill=args.fill, select=args.select, keep=args.keep)
+    build_command(args.model, args.out, args.adapter_layers, args.stride, quantize, args.key, distill_steps=args.distill_steps, distill_data=args.distill_data, distill_objective=args.distill_objective, distill_rank=args.distill_rank, device=args.device, fill=args.fill, select=args.select, keep=args.keep)
     return 0
 
 
@@ -128,6 +128,7 @@ def add_emulator_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--quantize", choices=["none", "int8", "nf4", "4bit"], default=DEFAULTS.emulator_quantize, help=f"weight quantization of the frozen middle (default: {DEFAULTS.emulator_quantize})")
     build.add_argument("--distill-steps", type=int, default=DEFAULTS.emulator_distill_steps, help=f"distillation steps of the kept middle toward the full model (default: {DEFAULTS.emulator_distill_steps}; 0: none)")
     build.add_argument("--distill-objective", choices=DISTILL_OBJECTIVES, default=DEFAULT_DISTILL_OBJECTIVE, help=f"what the distillation matches (default: {DEFAULT_DISTILL_OBJECTIVE})")
+    build.add_argument("--distill-rank", type=int, default=DEFAULTS.emulator_distill_rank, help=f"> 0: distil rank-r factors on the middle, folded in before quantizing, instead of every middle weight (default: {DEFAULTS.emulator_distill_rank})")
     build.add_argument("--distill-data", default="", help="examples to distil on: .jsonl or datasets folder (default: built-in task families, own seed)")
     build.add_argument("--key", default=None, help="Ed25519 signing key (PEM); default: created once in OUT/../keys/")
     build.add_argument("--device", default="auto", help="where the distillation runs: auto (first CUDA GPU, else CPU), cpu, cuda, cuda:N or mps (default: auto)")

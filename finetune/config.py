@@ -133,6 +133,7 @@ class FedsiteConfig:
     emulator_quantize: str = "int8"  # storage of the emulator's frozen middle: none, int8 or nf4 (int8: 0.46 of SmolLM2's bytes at keep 0.8)
     emulator_distill_steps: int = 100  # distillation steps of the kept middle toward the full model (benchmarks/offsite.py's setting)
     emulator_distill_objective: str = DEFAULT_DISTILL_OBJECTIVE  # logits (KL), hidden (MSE into the top adapter) or both
+    emulator_distill_rank: int = 0  # > 0: distillation trains rank-r factors on the middle, folded in (a low-rank change); 0: every middle weight
     emulator_distill_data: str = ""  # examples to distil on (.jsonl or datasets folder; "" = built-in families, own seed)
     offsite_train: str = "lora"  # offsite clients train LoRA on the adapter blocks, or the "blocks" themselves
     # LoRA of offsite clients: every linear of the adapter blocks (LoRA on q/v of four blocks learns
@@ -248,6 +249,7 @@ class FedsiteConfig:
             ("emulator-select", self.emulator_select in EMULATOR_SELECTS, one_of(EMULATOR_SELECTS)),
             ("emulator-quantize", self.emulator_quantize in CHOICES["emulator-quantize"], one_of(CHOICES["emulator-quantize"])),
             ("emulator-distill-steps", self.emulator_distill_steps >= 0, "non-negative"),
+            ("emulator-distill-rank", self.emulator_distill_rank >= 0, "non-negative (0 = every middle weight)"),
             ("offsite-train", self.offsite_train in CHOICES["offsite-train"], one_of(CHOICES["offsite-train"])),
             ("offsite-lr", self.offsite_lr >= 0, "non-negative (0 = default)"),
             ("offsite-proximal-mu", self.offsite_proximal_mu >= 0, "non-negative (0 = off)"),

@@ -139,3 +139,10 @@ def test_help_groups_the_options_and_lists_every_accepted_value(capsys):
     entries = {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in re.split(r"\n(?=  -)", text[text.index("\nmodel and LoRA:"):])}
     for key in field_help():
         assert entries[f"--{key}" if key != "num-server-rounds" else "--rounds"].count("default") == 1, key
+
+
+def test_emulator_build_with_low_rank_distillation_verifies(tmp_path, capsys):
+    package = tmp_path / "pkg"
+    assert main(["emulator", "build", "--model", "tiny", "--out", str(package), "--distill-steps", "3", "--distill-rank", "2"]) == 0
+    assert "distilled True" in capsys.readouterr().out
+    assert main(["emulator", "verify", str(package)]) == 0

@@ -224,12 +224,18 @@ def test_a_resumed_run_reuses_its_package_only_if_built_alike_and_verifying(tmp_
     record.write_text(json.dumps(changed))
     prepare_offsite(config, resumed=True)  # built with other settings: rebuilt
     assert builds == [1, 1]
+    assert "distill_rank" not in json.loads(record.read_text())["settings"]  # absent at 0: records from before it still match
+    low_rank = FedsiteConfig(**{**config.__dict__, "emulator_distill_rank": 2}).validate()
+    prepare_offsite(low_rank, resumed=True)  # another distillation: rebuilt
+    assert builds == [1, 1, 1] and json.loads(record.read_text())["settings"]["distill_rank"] == 2
+    prepare_offsite(config, resumed=True)  # and back: rebuilt again
+    assert builds == [1] * 4
     tensors = tmp_path / "run" / "emulator" / "emulator.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:-8] + b"\0" * 8)
     assert prepare_offsite(config, resumed=True).summary.get("reused") is None  # no longer verifies: rebuilt
     record.write_text("{not json")
     prepare_offsite(config, resumed=True)
-    assert builds == [1, 1, 1, 1]
+    assert builds == [1] * 6
 
 
 def test_per_round_alignment_ships_a_signed_refresh_that_clients_apply(tmp_path, monkeypatch):

@@ -137,3 +137,37 @@ def test_alignment_trains_only_the_refresh_and_brings_the_quantized_emulator_clo
     assert {id(p) for p in emulator.parameters() if p.requires_grad} - trainable == set()  # factors frozen again
     assert {id(p) for p in emulator.parameters() if p.requires_grad} == trainable
     assert any(np.abs(v).max() > 0 for k, v in refresh_arrays(emulator).items() if k.endswith("lora_B"))
+
+
+@pytest.mark.parametrize("fill", ["drop", "share"])
+def test_fold_refresh_puts_the_factors_into_the_weights(tiny8, batch, fill):
+    from emulator.refresh import fold_refresh
+
+    lm = make_layer_map(8, 2, 2, fill=fill)
+    emulator = build_emulator(tiny8[0], lm)
+    before = {k: v.clone() for k, v in emulator.state_dict().items()}
+    random_factors(emulator, lm)
+    hooked = logits(emulator, batch)
+    assert fold_refresh(emulator, lm) == 7 * len(lm.middle_kept)  # once per unique weight, shared slots too
+    assert not any(hasattr(m, CHILD) for m in emulator.modules())
+    torch.testing.assert_close(logits(emulator, batch), hooked, rtol=1e-5, atol=1e-5)
+    changed = {k for k, v in emulator.state_dict().items() if k in before and not torch.equal(v, before[k])}
+    assert changed and all(".mlp." in k or ".self_attn." in k for k in changed)
+
+
+def test_low_rank_distillation_changes_the_middle_by_a_low_rank_delta_and_fits(tiny8):
+    from emulator.distill import distill_middle
+
+    full, tokenizer = tiny8
+    lm = make_layer_map(8, 2, 2)
+    emulator = build_emulator(full, lm)
+    weights = lambda m: {n: p.detach().clone() for n, p in m.named_parameters() if ".mlp." in n or ".self_attn." in n}
+    before = weights(emulator)
+    batches = text_batches(tokenizer, TEXTS, batch_size=8, max_length=32)
+    losses = distill_middle(emulator, full, lm, batches, steps=20, lr=3e-2, objective="logits", rank=2)
+    assert losses[-1] < 0.7 * losses[0], losses
+    after = weights(emulator)
+    moved = [n for n in before if not torch.equal(before[n], after[n])]
+    assert moved and all(torch.linalg.matrix_rank(after[n] - before[n], atol=1e-6) <= 2 for n in moved)
+    assert emulator.config.emulator_distilled and not any(hasattr(m, CHILD) for m in emulator.modules())
+    assert {n.split(".")[2] for n, p in emulator.named_parameters() if p.requires_grad} == {"0", "1", "4", "5"}
