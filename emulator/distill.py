@@ -153,7 +153,7 @@ def distill_middle(
     Returns the loss of each step. Run before quantizing (the package stores the result).
     `rank` > 0 trains rank-`rank` factors beside the middle Linears instead of their weights and
     folds them in at the end (W += B A): the middle moves only along a low-rank change, as
-    FedBiOT's LoRA alignment and emulator/refresh.py's per-round refreshes do.
+    it does under emulator/refresh.py's per-round refreshes.
     `lr` defaults to 3e-4 for the weights, 1e-3 for factors.
     Both models must be on one device (the emulator's); batches are moved there step by step.
     `params` trains these instead (emulator/refresh.py: low-rank factors on a frozen, maybe
