@@ -166,22 +166,9 @@ def distill_middle(
     that already matches (nothing dropped: loss 0, gradient rounding noise) is pushed away (SmolLM2,
     nothing dropped: KL 0 after no step, 0.32 after one warm-up step at 3e-5, 0.64 after two).
     """
-    if rank > 0 and params is None:
-        from emulator.refresh import attach_refresh, fold_refresh, refresh_parameters
-
-        if emulator.config.emulator_quantization:
-            raise ValueError("emulator: distil before quantizing the middle")
-        attach_refresh(emulator, layer_map, rank)
-        losses = distill_middle(
-            emulator, full_model, layer_map, batches, steps=steps, lr=lr, objective=objective, on_step=on_step,
-            params=refresh_parameters(emulator), held=held, on_held=on_held,
-        )
-        fold_refresh(emulator, layer_map)
-        freeze_non_adapter(emulator, layer_map)
-        emulator.config.emulator_distilled = True
-        return losses
     refresh = params is not None
-    lr = (1e-3 if refresh else 3e-4) if lr is None else lr
+    low_rank = rank > 0 and not refresh
+    lr = (1e-3 if refresh or low_rank else 3e-4) if lr is None else lr
     if objective not in DISTILL_OBJECTIVES:
         raise ValueError(f"emulator: distillation objective must be one of {', '.join(DISTILL_OBJECTIVES)}, got {objective!r}")
     if emulator.config.emulator_quantization and not refresh:
@@ -192,10 +179,18 @@ def distill_middle(
     emulator_in, full_in = layer_map.emulator_index()[layer_map.top[0]], layer_map.top[0]
     layers = decoder_layers(emulator)
     trainable = {p: p.requires_grad for p in emulator.parameters()}
-    params = list(params) if refresh else [p for position in layer_map.middle_positions() for p in layers[position].parameters()]
     device = model_device(emulator)
     if model_device(full_model) != device:
         raise ValueError(f"emulator: distillation needs both models on one device (emulator on {device}, backbone on {model_device(full_model)})")
+    if refresh:
+        params = list(params)
+    elif low_rank:
+        from emulator.refresh import attach_refresh, refresh_parameters
+
+        attach_refresh(emulator, layer_map, rank)
+        params = refresh_parameters(emulator)
+    else:
+        params = [p for position in layer_map.middle_positions() for p in layers[position].parameters()]
     was_training = emulator.training
     emulator.requires_grad_(False)
     for p in params:
@@ -239,6 +234,10 @@ def distill_middle(
         for p, flag in trainable.items():
             p.requires_grad_(flag)
         return losses
+    if low_rank:
+        from emulator.refresh import fold_refresh
+
+        fold_refresh(emulator, layer_map)
     freeze_non_adapter(emulator, layer_map)
     emulator.config.emulator_distilled = True
     return losses
