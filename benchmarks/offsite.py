@@ -219,6 +219,8 @@ def federated_row(args: argparse.Namespace, row: str) -> dict:
     out["refresh_bytes"] = sum(int(r.get("emulator_refresh_bytes") or 0) for r in rounds)  # all rounds, per client
     out["emulator_zero_shot_loss"] = rounds[0].get("emulator_eval_loss")  # the emulator as built (and distilled): how much of the backbone it gives away
     out["plug_in_loss_by_round"] = [r.get("offsite_eval_loss") for r in rounds]
+    if any("emulator_align_held" in r for r in rounds):  # +align rows: what each round's alignment kept
+        out["align_held_by_round"] = [r.get("emulator_align_held") for r in rounds]
     layer_map = manifest_layer_map_of(run)
     if config.offsite_train == "blocks":
         arrays = load_file(str(run / "offsite_adapter" / "adapter_blocks.safetensors"))

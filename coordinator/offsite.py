@@ -31,7 +31,7 @@ from safetensors.numpy import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emulator.cli import build_package
-from emulator.distill import split_held
+from emulator.distill import HeldScores, split_held
 from emulator.keys import load_public_key, load_signing_key, public_key_pem
 from emulator.layers import LayerMap
 from emulator.offsite import LORA_MODES, base_model, get_offsite_arrays, set_offsite_arrays, trainable_model
@@ -90,19 +90,28 @@ class OffsiteTrack:
             values.update({REFRESH_SIGNATURE_KEY: self._refresh[2], REFRESH_ROUND_KEY: str(self._refresh[0])})
         return values
 
-    def align(self, server_round: int, arrays: Mapping[str, np.ndarray], config: FedsiteConfig, batches: list) -> int:
+    def align(self, server_round: int, arrays: Mapping[str, np.ndarray], config: FedsiteConfig, batches: list) -> dict[str, Any]:
         """Warm-started alignment of the emulator toward the backbone, `arrays` plugged into both;
-        signs the resulting refresh for this round's offsite clients. Returns its bytes."""
+        signs the resulting refresh for this round's offsite clients. Returns its bytes and, when
+        batches were held out, their loss before and at the kept step."""
         emulator = self.emulator(arrays, config.offsite_lora_settings(), config.seed)
         full = self.load(arrays)
         base = base_model(emulator)
         train, held = split_held(batches)
+        scores = HeldScores()
         align_refresh(
             base, base_model(full), self.layer_map, train, rank=config.emulator_align_rank, steps=config.emulator_align_steps,
-            objective=config.emulator_distill_objective, held=held,
+            objective=config.emulator_distill_objective, held=held, on_held=scores,
         )
         self._set_refresh(server_round, refresh_arrays(base))
-        return refresh_bytes(self._refresh[1])
+        outcome: dict[str, Any] = {"refresh_bytes": refresh_bytes(self._refresh[1])}
+        if (chosen := scores.summary()) is not None:
+            outcome["held"] = chosen
+            log.info(
+                "round %d: alignment held-out loss %.4g before, %.4g at step %d of %d, the factors kept",
+                server_round, chosen["before"], chosen["kept"], chosen["kept_step"], config.emulator_align_steps,
+            )
+        return outcome
 
     def _set_refresh(self, server_round: int, factors: dict[str, np.ndarray]) -> None:
         digest = manifest_digest((self.package / MANIFEST).read_bytes())

@@ -338,8 +338,8 @@ class FedsiteStrategy(FedAvg):
             from emulator.cli import distillation_batches
 
             self._align_batches = distillation_batches(self.offsite.tokenizer, config.emulator_distill_data)
-        nbytes = self.offsite.align(server_round, self._offsite_global, config, self._align_batches)
-        self.recorder.record(emulator_refresh_bytes=nbytes)
+        outcome = self.offsite.align(server_round, self._offsite_global, config, self._align_batches)
+        self.recorder.record(emulator_refresh_bytes=outcome["refresh_bytes"], **({"emulator_align_held": outcome["held"]} if "held" in outcome else {}))
 
     def _offsite_records(self) -> Callable[[int], ArrayRecord]:
         """node -> the offsite arrays it trains: the track's global at its package's LoRA rank

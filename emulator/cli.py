@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from emulator.build import build_emulator, quantize_middle, unique_parameters
-from emulator.distill import distill_middle, example_batches, split_held
+from emulator.distill import HeldScores, distill_middle, example_batches, split_held
 from emulator.keys import PackageError, generate_signing_key, key_id, load_signing_key, public_key_pem
 from emulator.layers import make_layer_map
 from emulator.package import PUBLIC_KEY, verify_package, write_package
@@ -122,18 +122,17 @@ def build_package(
 
         model.to(where)
         emulator.to(where)
-        held_scores: list[tuple[int, float]] = []
+        held_scores = HeldScores()
         train, held = split_held(batches)
         losses = distill_middle(
             emulator, model, layer_map, train, steps=distill_steps, objective=distill_objective, rank=distill_rank, on_step=report,
-            held=held, on_held=lambda step, loss: held_scores.append((step, loss)),
+            held=held, on_held=held_scores,
         )
         model.cpu()
         emulator.cpu()
         summary = f"distillation ({distill_objective}): {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps"
-        if held_scores:
-            kept_step, kept_loss = min(held_scores, key=lambda score: score[1])
-            summary += f"; held-out loss {held_scores[0][1]:.4g} before, {kept_loss:.4g} at step {kept_step}, the weights kept"
+        if (chosen := held_scores.summary()) is not None:
+            summary += f"; held-out loss {chosen['before']:.4g} before, {chosen['kept']:.4g} at step {chosen['kept_step']}, the weights kept"
         log.info(summary)
     if quantize:
         quantize_middle(emulator, layer_map, quantize)

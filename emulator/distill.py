@@ -21,6 +21,7 @@ distilled on raw text matches the backbone there and not on the clients' prompts
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,24 @@ def split_held(batches: list, count: int = HELD_BATCHES) -> tuple[list, list]:
     if len(batches) < 2 * count:
         return batches, []
     return batches[:-count], batches[-count:]
+
+
+@dataclass
+class HeldScores:
+    """Collects `distill_middle`'s held-out scores (pass it as `on_held`): what the start scored,
+    and which step's weights were kept (the first lowest score, as `distill_middle` keeps)."""
+
+    scores: list[tuple[int, float]] = field(default_factory=list)
+
+    def __call__(self, step: int, loss: float) -> None:
+        self.scores.append((step, loss))
+
+    def summary(self) -> dict[str, float | int] | None:
+        """{"before", "kept", "kept_step"}, or None when nothing was held out."""
+        if not self.scores:
+            return None
+        kept_step, kept = min(self.scores, key=lambda score: score[1])
+        return {"before": self.scores[0][1], "kept": kept, "kept_step": kept_step}
 
 
 def _schedule(steps: int) -> Callable[[int], float]:

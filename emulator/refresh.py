@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -189,11 +189,15 @@ def align_refresh(
     lr: float = 1e-3,
     objective: str = "logits+hidden",
     held: Iterable | None = None,
+    on_held: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Warm-started alignment steps on the refresh factors only (the frozen, maybe quantized, middle
     and the adapters stay as they are); plug the round's adapter into both models first. With
-    `held` batches the factors that score best on them are kept (the warm start included)."""
+    `held` batches the factors that score best on them are kept (the warm start included), and
+    `on_held(step, loss)` sees each score."""
     from emulator.distill import distill_middle
 
     attach_refresh(emulator, layer_map, rank)
-    return distill_middle(emulator, full_model, layer_map, batches, steps=steps, lr=lr, objective=objective, params=refresh_parameters(emulator), held=held)
+    return distill_middle(
+        emulator, full_model, layer_map, batches, steps=steps, lr=lr, objective=objective, params=refresh_parameters(emulator), held=held, on_held=on_held,
+    )

@@ -254,7 +254,9 @@ def test_per_round_alignment_ships_a_signed_refresh_that_clients_apply(tmp_path,
                            emulator_quantize="int8", emulator_align_steps=3, emulator_align_rank=2).validate()
     t = prepare_offsite(config)
     assert "emulator-refresh-signature" not in t.client_config()  # nothing to refresh before the first alignment
-    nbytes = t.align(1, t.initial, config, distillation_batches(t.tokenizer)[:2])
+    outcome = t.align(1, t.initial, config, distillation_batches(t.tokenizer)[:2])
+    nbytes = outcome["refresh_bytes"]
+    assert "held" not in outcome  # two batches: both train, none is held out
     values = t.client_config()
     assert values["emulator-refresh-round"] == "1" and len(bytes.fromhex(values["emulator-refresh-signature"])) == 64
     msg = Message(content=RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"package-kind": "emulator"})}), message_type=MessageType.TRAIN, dst_node_id=5)

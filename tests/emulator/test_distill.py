@@ -154,12 +154,27 @@ def test_held_out_batches_keep_the_best_step_when_later_steps_get_worse(tiny8, m
     full, tokenizer = tiny8
     batches = text_batches(tokenizer, TEXTS, batch_size=4, max_length=32)
     emulator = build_emulator(full, map8)
-    scores = {}
-    distill_middle(emulator, full, map8, batches[:2], steps=10, lr=1.0, objective="hidden", held=batches[2:], on_held=lambda step, loss: scores.update({step: loss}))
+    from emulator.distill import HeldScores
+
+    held = HeldScores()
+    distill_middle(emulator, full, map8, batches[:2], steps=10, lr=1.0, objective="hidden", held=batches[2:], on_held=held)
+    scores = dict(held.scores)
     best = min(scores.values())
     assert scores[10] > 1.5 * best, scores  # the run got worse at the end: going back matters
     final = sum(middle_mse(emulator, full, map8, [b]) for b in batches[2:]) / 2  # unmasked: within padding's share
     assert final == pytest.approx(best, rel=1e-2) and final < scores[10] / 1.4
+    summary = held.summary()
+    assert summary["before"] == scores[0] and summary["kept"] == best and scores[summary["kept_step"]] == best
+
+
+def test_held_scores_report_the_first_lowest_step_as_distill_middle_keeps_it():
+    from emulator.distill import HeldScores
+
+    assert HeldScores().summary() is None  # nothing held out
+    held = HeldScores()
+    for step, loss in ((0, 2.0), (1, 0.5), (2, 0.7), (3, 0.5)):
+        held(step, loss)
+    assert held.summary() == {"before": 2.0, "kept": 0.5, "kept_step": 1}
 
 
 def test_split_held_leaves_enough_to_train_on():

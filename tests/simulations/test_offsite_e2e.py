@@ -67,5 +67,7 @@ def test_shared_emulator_with_per_round_alignment_and_proximal_term(tmp_path_fac
     baseline, *rows = read_jsonl(out / "metrics.jsonl")
     assert baseline["round"] == 0  # the initial evaluation; no refresh is sent before round 1
     assert [row["emulator_refresh_bytes"] > 0 for row in rows] == [True, True]
+    held = [row["emulator_align_held"] for row in rows]  # the built-in set holds two batches out: what each alignment kept
+    assert all(h["kept"] <= h["before"] and 0 <= h["kept_step"] <= 2 for h in held), held
     summary = json.loads((out / "summary.json").read_text())
     assert summary["offsite"]["layer_map"]["fill"] == "share"
