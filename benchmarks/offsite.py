@@ -138,6 +138,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--proximal-mu", type=float, default=1.0, help="lambda of the +prox rows' lambda*||adapter - round-start adapter||^2")
     p.add_argument("--align-steps", type=int, default=10, help="+align rows: alignment steps at the coordinator before every round (FedBiOT: about 10)")
     p.add_argument("--align-rank", type=int, default=4, help="+align rows: rank of the refresh's LoRA factors on the frozen middle")
+    p.add_argument("--align-lr", type=float, default=1e-3, help="+align rows: learning rate of the alignment steps")
     p.add_argument("--eval-examples", type=int, default=60)
     p.add_argument("--steps", type=int, default=4, help="cost rows: steps per timing repeat")
     p.add_argument("--repeats", type=int, default=3, help="cost rows: interleaved timing repeats")
@@ -171,6 +172,7 @@ def run_config(args: argparse.Namespace, row: str, spec: Row = Row()) -> Fedsite
         offsite_proximal_mu=args.proximal_mu if spec.prox else 0.0,
         emulator_align_steps=args.align_steps if spec.align else 0,
         emulator_align_rank=args.align_rank,
+        emulator_align_lr=args.align_lr,
         out=str(Path(args.out) / "runs" / row),
     ).validate()
 
@@ -326,8 +328,8 @@ def run_row(args: argparse.Namespace, row: str) -> dict:
 
 
 REFERENCE_KEYS = {"zero-shot": ("model", "eval_examples"), "full-lora": ("model", "clients", "rounds", "local_steps", "eval_examples")}
-LATER_KEYS = {"distill_rank": 0}  # budget keys added after rows were recorded: a row without one was measured at this value
-OFFSITE_KEYS = ("model", "clients", "rounds", "local_steps", "adapter_layers", "stride", "quantize", "distill_steps", "distill_objective", "distill_rank", "distill_data", "train", "offsite_lr", "proximal_mu", "align_steps", "align_rank", "eval_examples")
+LATER_KEYS = {"distill_rank": 0, "align_lr": 1e-3}  # budget keys added after rows were recorded: a row without one was measured at this value
+OFFSITE_KEYS = ("model", "clients", "rounds", "local_steps", "adapter_layers", "stride", "quantize", "distill_steps", "distill_objective", "distill_rank", "distill_data", "train", "offsite_lr", "proximal_mu", "align_steps", "align_rank", "align_lr", "eval_examples")
 
 
 def budget(args: argparse.Namespace, row: str) -> dict:

@@ -100,7 +100,7 @@ class OffsiteTrack:
         train, held = split_held(batches)
         scores = HeldScores()
         align_refresh(
-            base, base_model(full), self.layer_map, train, rank=config.emulator_align_rank, steps=config.emulator_align_steps,
+            base, base_model(full), self.layer_map, train, rank=config.emulator_align_rank, steps=config.emulator_align_steps, lr=config.emulator_align_lr,
             objective=config.emulator_distill_objective, held=held, on_held=scores,
         )
         self._set_refresh(server_round, refresh_arrays(base))

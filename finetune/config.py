@@ -142,6 +142,7 @@ class FedsiteConfig:
     offsite_lr: float = 0.0  # learning rate of offsite clients (0 = `lr` for LoRA, 1e-4 for whole blocks)
     emulator_align_steps: int = 0  # per-round alignment steps of the emulator at the coordinator (FedBiOT; 0 = off), shipped as a signed low-rank refresh
     emulator_align_rank: int = 4  # rank of that refresh's LoRA factors on the frozen middle
+    emulator_align_lr: float = 1e-3  # AdamW learning rate of those factors
     offsite_proximal_mu: float = 0.0  # offsite clients add lambda * ||adapter - round-start adapter||^2 (FedBiOT: 1; 0 = off)
     artifact_url: str = ""  # HOST:PORT of the coordinator's artifact service: emulators are published to <out>/artifacts and fetched by reference
     # evaluation
@@ -255,6 +256,7 @@ class FedsiteConfig:
             ("offsite-proximal-mu", self.offsite_proximal_mu >= 0, "non-negative (0 = off)"),
             ("emulator-align-steps", self.emulator_align_steps >= 0, "non-negative (0 = off)"),
             ("emulator-align-rank", self.emulator_align_rank >= 1, "at least 1"),
+            ("emulator-align-lr", self.emulator_align_lr > 0, "positive"),
             ("offsite-lora-targets", bool(module_names(self.offsite_lora_targets)), "at least one module name"),
             ("emulator-distill-objective", self.emulator_distill_objective in DISTILL_OBJECTIVES, one_of(DISTILL_OBJECTIVES)),
             ("aggregation", self.dp != "client" or self.aggregation == "fedavg", "fedavg with dp 'client' (DP-FedAvg)"),

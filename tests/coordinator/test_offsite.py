@@ -285,6 +285,31 @@ def test_per_round_alignment_ships_a_signed_refresh_that_clients_apply(tmp_path,
         apply_round_refresh(emulator, layer_map, spec, refresh)  # a replay of round 1's
 
 
+def test_the_alignment_learning_rate_reaches_the_refresh_factors(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from emulator.cli import distillation_batches
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    config = FedsiteConfig(model="tiny", out=str(tmp_path / "run"), emulator_share=1.0, lora_rank=4, emulator_quantize="int8",
+                           emulator_distill_steps=0, emulator_align_steps=3, emulator_align_rank=2).validate()
+    t = prepare_offsite(config)
+    batches = distillation_batches(t.tokenizer)[:2]  # no held-out batches: the last step's factors are kept
+
+    def largest_b(lr: float) -> float:  # B starts at 0; AdamW moves it by about lr a step (warm-started from the last call)
+        t.align(1, t.initial, replace(config, emulator_align_lr=lr), batches)
+        return max(float(np.abs(v).max()) for k, v in t._refresh[1].items() if k.endswith(".lora_B"))
+
+    assert largest_b(1e-9) < 1e-7
+    assert largest_b(1e-2) > 1e-3
+    with pytest.raises(ValueError, match="emulator-align-lr"):
+        FedsiteConfig(model="tiny", emulator_align_lr=0.0).validate()
+
+
 def test_a_checkpoint_keeps_the_refresh_and_the_offsite_moments_so_a_resumed_run_goes_on_exactly(tmp_path, monkeypatch):
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
