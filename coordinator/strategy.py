@@ -339,7 +339,9 @@ class FedsiteStrategy(FedAvg):
 
             self._align_batches = distillation_batches(self.offsite.tokenizer, config.emulator_distill_data)
         outcome = self.offsite.align(server_round, self._offsite_global, config, self._align_batches)
-        self.recorder.record(emulator_refresh_bytes=outcome["refresh_bytes"], **({"emulator_align_held": outcome["held"]} if "held" in outcome else {}))
+        self.recorder.record(emulator_refresh_bytes=outcome["refresh_bytes"])
+        if "held" in outcome:
+            self.recorder.record(emulator_align_held=outcome["held"])
 
     def _offsite_records(self) -> Callable[[int], ArrayRecord]:
         """node -> the offsite arrays it trains: the track's global at its package's LoRA rank

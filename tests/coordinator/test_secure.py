@@ -138,20 +138,22 @@ def test_a_masked_update_is_statistically_unrelated_to_the_plain_one(tmp_path):
     node, _, reply = next((n, s, r) for n, s, r in grid.sent if s == Stage.COLLECT_MASKED_VECTORS)
     from flwr.common import bytes_to_ndarray
 
-
     def masked_of(r) -> np.ndarray:
         return np.concatenate([bytes_to_ndarray(b).ravel() for b in r.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]][1:])
 
+    def plain_of(n: int) -> np.ndarray:
+        return np.concatenate([v.ravel() for v in updates[n - 1000].values()])
+
     sent = [(n, r) for n, s, r in grid.sent if s == Stage.COLLECT_MASKED_VECTORS]
     masked = masked_of(reply)
-    plain = np.concatenate([v.ravel() for v in updates[node - 1000].values()])
+    plain = plain_of(node)
     # key order on the wire is the initial dict's order, the same as updates'
     assert masked.shape == plain.shape
     uniform = masked.astype(np.float64) / 2**32
     # One client's vector has only 40 entries: its correlation has sd 0.16 and passed 0.4 in ~1% of
     # runs. Pooled over the round's 4 clients (160 pairs) the sd is 0.079, so 0.4 is 5 sigma.
     pooled = np.concatenate([masked_of(r) for _, r in sent]).astype(np.float64) / 2**32
-    pooled_plain = np.concatenate([np.concatenate([v.ravel() for v in updates[n - 1000].values()]) for n, _ in sent])
+    pooled_plain = np.concatenate([plain_of(n) for n, _ in sent])
     assert abs(np.corrcoef(pooled, pooled_plain)[0, 1]) < 0.4
     # Uniform on [0, 1): mean 0.5, std 0.289; the mean is checked over every client's masked vector.
     assert abs(pooled.mean() - 0.5) < 0.12 and 0.2 < uniform.std() < 0.38 and 0.24 < pooled.std() < 0.33
