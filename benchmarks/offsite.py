@@ -20,6 +20,7 @@ Rows (`--rows`, comma-separated; default all):
   keep-100-lora           nothing dropped: the middle is only quantized (int8 by default: what quantization
                           alone costs the transfer). With --quantize none --distill-steps 0 the emulator is the
                           backbone itself, so this is the best a plug-in of these LoRA adapter blocks can reach
+  keep-100-lora-top       the same with LoRA on the top adapter blocks only: lora-top's ceiling
   drop+align, share+align per-round alignment at the coordinator (FedBiOT, `--align-steps`), shipped
                           as a signed low-rank refresh of the middle; share+align+prox adds the proximal term
   cost-drop, cost-share, cost-drop-80, cost-share-80   emulator bytes / backbone bytes, client step time and peak memory
@@ -105,6 +106,7 @@ FEDERATED = {
     "drop-80-lora-top": Row(keep=MILD, train="lora-top"),
     "drop-80-lora-top+align": Row(keep=MILD, train="lora-top", align=True),
     "keep-100-lora": Row(keep=1.0, train="lora"),  # nothing dropped: the quantization alone; with --quantize none, the plug-in's ceiling
+    "keep-100-lora-top": Row(keep=1.0, train="lora-top"),  # the same for LoRA on the top adapter blocks only
 }
 COSTS = {
     "cost-drop": Row(),
